@@ -1,0 +1,33 @@
+"""Errors of the expert pool. The gateway maps them to OpenAI-shaped 4xx responses."""
+
+
+class PoolError(Exception):
+    """Base class; `status` is the HTTP status the gateway answers with."""
+
+    status = 400
+    code = "invalid_expert"
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidExpert(PoolError):
+    status = 422
+    code = "invalid_expert"
+
+
+class ForbiddenPath(PoolError):
+    status = 403
+    code = "path_not_allowed"
+
+
+class ExpertExists(PoolError):
+    status = 409
+    code = "expert_exists"
+
+
+class UnknownExpert(PoolError):
+    status = 404
+    code = "model_not_found"

@@ -1,0 +1,160 @@
+"""The expert pool: validated adapters with their cards, persisted so that it survives a restart."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from adapters.card import ExpertCard, read_card
+from adapters.errors import ExpertExists, InvalidExpert, UnknownExpert
+from adapters.validate import ModelShape, resolve_inside, validate_adapter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Expert:
+    card: ExpertCard
+    path: Path
+    rank: int
+    target_modules: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return self.card.name
+
+    def to_json(self) -> dict:
+        return {"path": str(self.path), "rank": self.rank, "target_modules": list(self.target_modules),
+                **self.card.model_dump()}
+
+
+class ExpertPool:
+    """Thread-safe registry. `version` is a content hash: any change to the pool changes it."""
+
+    def __init__(self, *, state_file: Path, roots: list[Path], base_name: str, shape: ModelShape, max_rank: int):
+        self._state_file = state_file
+        self._roots = roots
+        self._base_name = base_name
+        self._shape = shape
+        self._max_rank = max_rank
+        self._lock = threading.Lock()
+        self._experts: dict[str, Expert] = {}
+        self.version = self._fingerprint()
+
+    # --- reading --------------------------------------------------------------------------------------
+    @property
+    def roots(self) -> list[Path]:
+        return list(self._roots)
+
+    def get(self, name: str) -> Expert | None:
+        return self._experts.get(name)
+
+    def experts(self) -> list[Expert]:
+        return sorted(self._experts.values(), key=lambda e: e.name)
+
+    def __len__(self) -> int:
+        return len(self._experts)
+
+    # --- changing -------------------------------------------------------------------------------------
+    def check(self, path: str | Path, card: ExpertCard | None = None) -> Expert:
+        """Validate without registering: raises a PoolError that says what is wrong."""
+        adapter_dir = resolve_inside(path, self._roots)
+        config = validate_adapter(adapter_dir, base_name=self._base_name, shape=self._shape, max_rank=self._max_rank)
+        if card is None:
+            try:
+                card = read_card(adapter_dir)
+            except ValueError as exc:
+                raise InvalidExpert(f"card.json is invalid: {exc}", "path") from None
+            if card is None:
+                raise InvalidExpert("no expert card given and no card.json in the adapter directory", "name")
+        targets = config.get("target_modules") or []
+        targets = [targets] if isinstance(targets, str) else targets
+        return Expert(card=card, path=adapter_dir, rank=config["r"], target_modules=tuple(sorted(targets)))
+
+    def add(self, path: str | Path, card: ExpertCard | None = None, *, replace: bool = False) -> Expert:
+        expert = self.check(path, card)
+        if expert.name == self._base_name:
+            raise InvalidExpert(f"{expert.name!r} is the base model's name", "name")
+        with self._lock:
+            if expert.name in self._experts and not replace:
+                raise ExpertExists(f"expert {expert.name!r} is already registered", "name")
+            experts = {**self._experts, expert.name: expert}
+            self._commit(experts)
+        log.info("registered expert %s from %s", expert.name, expert.path)
+        return expert
+
+    def remove(self, name: str) -> Expert:
+        with self._lock:
+            expert = self._experts.get(name)
+            if expert is None:
+                raise UnknownExpert(f"no expert named {name!r}", "name")
+            self._commit({k: v for k, v in self._experts.items() if k != name})
+        log.info("removed expert %s", name)
+        return expert
+
+    # --- persistence ----------------------------------------------------------------------------------
+    def load(self, seed_dir: Path | None = None) -> None:
+        """Read the saved pool; on first start, seed it from the default library directory."""
+        if self._state_file.is_file():
+            saved = json.loads(self._state_file.read_text())
+            experts = {}
+            for entry in saved.get("experts", []):
+                try:
+                    card = ExpertCard.model_validate({k: entry[k] for k in ("name", "description", "examples", "extra")
+                                                      if k in entry})
+                    expert = self.check(entry["path"], card)
+                except Exception as exc:  # a stored expert whose files went away must not stop the service
+                    log.warning("dropping stored expert %s: %s", entry.get("name"), exc)
+                    continue
+                experts[expert.name] = expert
+            with self._lock:
+                self._experts = experts
+                self.version = self._fingerprint()
+            return
+        experts = {}
+        if seed_dir is not None and seed_dir.is_dir():
+            for sub in sorted(p for p in seed_dir.iterdir() if (p / "card.json").is_file()):
+                try:
+                    expert = self.check(sub)
+                except Exception as exc:
+                    log.warning("skipping library adapter %s: %s", sub.name, exc)
+                    continue
+                experts[expert.name] = expert
+        with self._lock:
+            self._commit(experts)
+
+    def reload_if_changed(self) -> bool:
+        """Pick up a pool file written by another gateway replica."""
+        try:
+            saved = json.loads(self._state_file.read_text())
+        except (OSError, ValueError):
+            return False
+        if saved.get("version") == self.version:
+            return False
+        self.load()
+        return True
+
+    def _commit(self, experts: dict[str, Expert]) -> None:
+        # Write first, then swap: a failed write leaves both the file and the in-memory pool unchanged.
+        version = self._fingerprint(experts)
+        payload = {"version": version, "experts": [e.to_json() for e in sorted(experts.values(), key=lambda e: e.name)]}
+        self._state_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._state_file.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(payload, indent=1))
+        os.replace(tmp, self._state_file)
+        self._experts = experts
+        self.version = version
+
+    def _fingerprint(self, experts: dict[str, Expert] | None = None) -> str:
+        experts = self._experts if experts is None else experts
+        h = hashlib.sha256()
+        for e in sorted(experts.values(), key=lambda e: e.name):
+            weights = e.path / "adapter_model.safetensors"
+            mtime = weights.stat().st_mtime_ns if weights.exists() else 0
+            h.update(json.dumps([e.name, str(e.path), mtime, e.card.description]).encode())
+        return h.hexdigest()[:16]

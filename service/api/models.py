@@ -1,0 +1,45 @@
+"""GET /v1/models and POST /v1/route (the routing decision alone, no generation)."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Depends
+
+from service.api.deps import get_gateway
+from service.api.responses import ERRORS
+from service.gateway import AUTO, Gateway
+from service.protocol import ChatCompletionRequest, ModelCard, ModelList, RouteRequest, RouteResponse
+from service.gateway import query_text
+from service.errors import APIError
+
+router = APIRouter(tags=["models"])
+_STARTED = int(time.time())
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def list_models(gateway: Gateway = Depends(get_gateway)) -> ModelList:
+    base = gateway.settings.base_model_name
+    data = [
+        ModelCard(id=AUTO, created=_STARTED, parent=base, description="Routed across the expert pool."),
+        ModelCard(id=base, created=_STARTED, description="The base model, no adapter."),
+    ]
+    data += [ModelCard(id=e.name, created=_STARTED, parent=base, description=e.card.description)
+             for e in gateway.pool.experts()]
+    return ModelList(data=data)
+
+
+@router.post("/v1/route", response_model=RouteResponse, responses=ERRORS)
+async def route(body: RouteRequest, gateway: Gateway = Depends(get_gateway)) -> RouteResponse:
+    if body.prompt is None and not body.messages:
+        raise APIError(400, "give 'prompt' or 'messages'", param="prompt", code="invalid_request")
+    if body.messages:
+        text = query_text(ChatCompletionRequest(model=body.model, messages=body.messages))
+    else:
+        text = body.prompt or ""
+    if len(text) > gateway.settings.max_prompt_chars:
+        raise APIError(400, f"prompt is longer than {gateway.settings.max_prompt_chars} characters", param="prompt",
+                       code="context_length_exceeded")
+    decision, _ = await gateway.decide(body.model, body.routing, text, "/v1/route")
+    gateway.metrics.requests.labels("/v1/route", decision.mode, "ok").inc()
+    return RouteResponse(routing=decision)

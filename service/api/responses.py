@@ -1,0 +1,5 @@
+"""Error responses documented on every endpoint of the OpenAPI document."""
+
+from service.protocol import ErrorResponse
+
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 409, 413, 422, 429, 502, 503)}

@@ -1,0 +1,119 @@
+"""App wiring: the lifespan builds every long-lived object once; routers are mounted; errors are shaped."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from adapters.composite import CompositeStore
+from adapters.pool import ExpertPool
+from adapters.validate import ModelShape
+from router.cache import RoutingCache
+from router.embed import Embedder, MicroBatcher
+from router.router import Router
+from service import models
+from service.api import completions, experts, health
+from service.api import models as models_api
+from service.backend import BackendPool
+from service.errors import error_body, install_error_handlers
+from service.gateway import Gateway
+from service.metrics import Metrics
+from service.settings import Settings, get_settings
+
+log = logging.getLogger("flock")
+
+
+class BodySizeLimit:
+    """413 for bodies over the limit, checked on Content-Length and on the bytes actually received."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._reject(send)
+        received = 0
+
+        async def limited() -> dict:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await self._reject(send)
+
+    async def _reject(self, send: Send) -> None:
+        import json
+
+        body = json.dumps(error_body(413, f"request body exceeds {self.max_bytes} bytes",
+                                     code="request_too_large")).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def build_gateway(settings: Settings, metrics: Metrics) -> Gateway:
+    shape = ModelShape.from_model_dir(settings.resolved_base_model_dir)
+    pool = ExpertPool(state_file=settings.pool_file, roots=settings.resolved_expert_roots,
+                      base_name=settings.base_model_name, shape=shape, max_rank=settings.vllm_max_lora_rank)
+    pool.load(seed_dir=settings.library_dir)
+    embedder = MicroBatcher(Embedder(settings.embed_model_dir or models.embed_model_dir()))
+    cache = None
+    if settings.redis_url:
+        cache = RoutingCache(settings.redis_url, settings.cache_ttl_s)
+    router = Router(pool, embedder, cache, default_mode=settings.default_mode,
+                    fixed_threshold=settings.abstain_threshold,
+                    method_defaults={"merge": {"top_k": settings.merge_top_k, "temperature": settings.merge_temperature,
+                                               "weight_step": settings.merge_weight_step}})
+    backends = BackendPool(settings.backend_urls, metrics, connect_timeout_s=settings.backend_connect_timeout_s,
+                           read_timeout_s=settings.backend_timeout_s)
+    composites = CompositeStore(settings.composites_dir)
+    return Gateway(settings, pool, router, backends, composites, metrics)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        gateway = build_gateway(settings, metrics)
+        gateway.composites.clear()
+        await gateway.router.rebuild_index()
+        await gateway.backends.check_all()
+        gateway.backends.start()
+        gateway.router.embedder.start()
+        app.state.gateway = gateway
+        log.info("gateway ready: %d experts (pool %s, abstain threshold %.3f), backends %s, redis %s",
+                 len(gateway.pool), gateway.pool.version, gateway.router.index.threshold,
+                 settings.backend_urls, "on" if gateway.router.cache else "off")
+        yield
+        await gateway.backends.close()
+        await gateway.router.embedder.stop()
+        if gateway.router.cache:
+            await gateway.router.cache.close()
+
+    app = FastAPI(title="flock", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible gateway routing each request across a pool of LoRA experts.")
+    install_error_handlers(app, on_error=lambda kind: metrics.errors.labels(kind).inc())
+    for module in (completions, models_api, experts, health):
+        app.include_router(module.router)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.state.metrics = metrics
+    return app

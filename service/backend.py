@@ -1,0 +1,177 @@
+"""The vLLM backends: health checks, adapter placement (rendezvous hashing), runtime LoRA loading, and
+forwarding with fail-over for requests that never reached a model."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from service.errors import APIError, unavailable
+from service.metrics import Metrics
+
+log = logging.getLogger(__name__)
+EJECT_AFTER_FAILURES = 2
+
+
+@dataclass
+class Backend:
+    url: str
+    healthy: bool = False
+    failures: int = 0
+    inflight: int = 0
+    loaded: dict[str, Path] = field(default_factory=dict)  # adapter name -> directory loaded from
+    locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+
+    def mark_down(self) -> None:
+        if self.healthy:
+            log.warning("backend %s is down", self.url)
+        self.healthy = False
+        self.loaded.clear()  # a restarted vLLM has lost its runtime adapters
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """An adapter to serve a request with: vLLM name and directory. None in its place means the base model."""
+
+    name: str
+    path: Path
+    kind: str = "expert"  # or "composite"
+
+
+class BackendPool:
+    def __init__(self, urls: list[str], metrics: Metrics, *, connect_timeout_s: float, read_timeout_s: float,
+                 spill_inflight: int = 64, health_interval_s: float = 2.0):
+        self.backends = [Backend(url.rstrip("/")) for url in urls]
+        self.metrics = metrics
+        self.spill_inflight = spill_inflight
+        self.health_interval_s = health_interval_s
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(read_timeout_s, connect=connect_timeout_s),
+            limits=httpx.Limits(max_connections=512, max_keepalive_connections=128),
+        )
+        self._health_task: asyncio.Task | None = None
+
+    # --- health ---------------------------------------------------------------------------------------
+    async def check(self, backend: Backend) -> bool:
+        try:
+            ok = (await self.client.get(f"{backend.url}/health", timeout=1.0)).status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        if ok:
+            if not backend.healthy:
+                log.info("backend %s is up", backend.url)
+                backend.loaded.clear()
+            backend.healthy, backend.failures = True, 0
+        else:
+            backend.failures += 1
+            if backend.failures >= EJECT_AFTER_FAILURES:
+                backend.mark_down()
+        self.metrics.backend_up.labels(backend.url).set(1 if backend.healthy else 0)
+        return backend.healthy
+
+    async def check_all(self) -> None:
+        await asyncio.gather(*(self.check(b) for b in self.backends))
+
+    def start(self) -> None:
+        async def loop() -> None:
+            while True:
+                await self.check_all()
+                await asyncio.sleep(self.health_interval_s)
+
+        self._health_task = asyncio.get_running_loop().create_task(loop())
+
+    async def close(self) -> None:
+        if self._health_task:
+            self._health_task.cancel()
+        await self.client.aclose()
+
+    @property
+    def any_healthy(self) -> bool:
+        return any(b.healthy for b in self.backends)
+
+    # --- placement ------------------------------------------------------------------------------------
+    def candidates(self, adapter: Adapter | None) -> list[Backend]:
+        """Healthy backends in preference order: the adapter's rendezvous-hash owner first, so each adapter
+        stays hot on one replica; the owner is skipped while saturated and others have room."""
+        healthy = [b for b in self.backends if b.healthy]
+        key = adapter.name if adapter else ""
+
+        def weight(b: Backend) -> int:
+            return int.from_bytes(hashlib.blake2b(f"{b.url}|{key}".encode(), digest_size=8).digest(), "big")
+
+        ordered = sorted(healthy, key=weight, reverse=True)
+        if ordered and ordered[0].inflight >= self.spill_inflight:
+            ordered.sort(key=lambda b: b.inflight)
+        return ordered
+
+    async def ensure_adapter(self, backend: Backend, adapter: Adapter) -> None:
+        if backend.loaded.get(adapter.name) == adapter.path:
+            return
+        lock = backend.locks.setdefault(adapter.name, asyncio.Lock())
+        async with lock:
+            if backend.loaded.get(adapter.name) == adapter.path:
+                return
+            # load_inplace makes this idempotent, and replaces an adapter re-registered under the same name.
+            resp = await self.client.post(
+                f"{backend.url}/v1/load_lora_adapter",
+                json={"lora_name": adapter.name, "lora_path": str(adapter.path), "load_inplace": True},
+            )
+            if resp.status_code != 200:
+                raise APIError(502, f"backend refused adapter {adapter.name!r}: {resp.text[:300]}",
+                               code="adapter_load_failed", type_="server_error")
+            backend.loaded[adapter.name] = adapter.path
+            self.metrics.adapter_loads.labels(backend.url, adapter.kind).inc()
+
+    async def unload_everywhere(self, name: str) -> None:
+        for backend in self.backends:
+            if backend.loaded.pop(name, None) is not None:
+                try:
+                    await self.client.post(f"{backend.url}/v1/unload_lora_adapter", json={"lora_name": name})
+                except httpx.HTTPError:
+                    pass
+
+    # --- forwarding -----------------------------------------------------------------------------------
+    async def send(self, path: str, payload: dict, adapter: Adapter | None, *, stream: bool
+                   ) -> tuple[httpx.Response, Backend, float]:
+        """Send to the first backend that takes the request; returns (response, backend, start time).
+
+        Fails over only when the request cannot have reached a model (connection refused or reset before
+        sending); the caller must close a streamed response. No healthy backend: a fast 503.
+        """
+        tried = 0
+        for backend in self.candidates(adapter):
+            tried += 1
+            try:
+                if adapter is not None:
+                    await self.ensure_adapter(backend, adapter)
+                start = time.perf_counter()
+                backend.inflight += 1
+                try:
+                    resp = await self._send_once(backend, path, payload, stream)
+                    if adapter is not None and resp.status_code == 404 and "does not exist" in (await resp.aread()).decode():
+                        # vLLM lost the adapter (restarted between health checks): load it again, once.
+                        await resp.aclose()
+                        backend.loaded.pop(adapter.name, None)
+                        await self.ensure_adapter(backend, adapter)
+                        resp = await self._send_once(backend, path, payload, stream)
+                finally:
+                    if not stream:
+                        backend.inflight -= 1
+                return resp, backend, start
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as exc:
+                log.warning("backend %s unreachable (%s); trying another", backend.url, type(exc).__name__)
+                backend.failures = EJECT_AFTER_FAILURES
+                backend.mark_down()
+                self.metrics.backend_up.labels(backend.url).set(0)
+        why = "no healthy backend" if tried == 0 else "every backend failed"
+        raise unavailable(f"model backend unavailable ({why}); retry shortly")
+
+    async def _send_once(self, backend: Backend, path: str, payload: dict, stream: bool) -> httpx.Response:
+        request = self.client.build_request("POST", f"{backend.url}{path}", json=payload)
+        return await self.client.send(request, stream=stream)

@@ -1,0 +1,174 @@
+"""The `flock` command line: serve, route, experts, prepare."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+
+from service.settings import Settings
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("httpx", "httpcore", "transformers", "sentence_transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from service.serve import serve
+
+    for key in ("host", "port"):
+        if getattr(args, key) is not None:
+            setattr(settings, key, getattr(args, key))
+    if args.backend:
+        settings.backend_urls = args.backend
+    if args.redis_url:
+        settings.redis_url = args.redis_url
+    serve(settings)
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace, settings: Settings) -> int:
+    from service.models import convert_base_model
+
+    convert_base_model(settings.resolved_base_model_dir)
+    return 0
+
+
+def _offline_router(settings: Settings):
+    from service.app import build_gateway
+    from service.metrics import Metrics
+
+    settings.redis_url = None  # offline: no cache, no backend
+    settings.backend_urls = []
+    return build_gateway(settings, Metrics())
+
+
+def cmd_route(args: argparse.Namespace, settings: Settings) -> int:
+    from router.decision import RoutingParams
+    from service.gateway import query_text
+    from service.protocol import ChatCompletionRequest
+
+    gateway = _offline_router(settings)
+    params = RoutingParams(mode=args.mode, top_k=args.top_k)
+    lines = (sys.stdin if args.jsonl == "-" else open(args.jsonl)).read().splitlines()
+
+    async def run() -> None:
+        await gateway.router.rebuild_index()
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                if "messages" in item:
+                    text = query_text(ChatCompletionRequest(model="auto", messages=item["messages"]))
+                else:
+                    text = str(item["prompt"])
+            except (ValueError, KeyError, TypeError) as exc:
+                print(f"line {n}: expected {{\"prompt\": ...}} or {{\"messages\": [...]}}: {exc}", file=sys.stderr)
+                raise SystemExit(2)
+            result = await gateway.router.route(text, params)
+            print(json.dumps({"routing": result.decision.model_dump()}), flush=True)
+        await gateway.router.embedder.stop()
+
+    asyncio.run(run())
+    return 0
+
+
+def cmd_experts(args: argparse.Namespace, settings: Settings) -> int:
+    """Through the running gateway when one answers (so its pool and caches follow), else on the pool file."""
+    import httpx
+
+    url = args.url or f"http://{settings.host}:{settings.port}"
+    try:
+        httpx.get(f"{url}/health", timeout=1)
+        online = True
+    except httpx.HTTPError:
+        online = False
+    if online:
+        if args.action == "list":
+            resp = httpx.get(f"{url}/v1/experts")
+        elif args.action == "add":
+            body = {k: v for k, v in {"path": str(Path(args.path).resolve()), "name": args.name,
+                                      "description": args.description, "replace": args.replace}.items()
+                    if v is not None}
+            resp = httpx.post(f"{url}/v1/experts", json=body, timeout=60)
+        else:
+            resp = httpx.delete(f"{url}/v1/experts/{args.name}")
+        print(json.dumps(resp.json(), indent=2))
+        return 0 if resp.status_code < 400 else 1
+
+    from adapters.card import ExpertCard, read_card
+    from adapters.errors import PoolError
+
+    gateway = _offline_router(settings)
+    pool = gateway.pool
+    try:
+        if args.action == "list":
+            for e in pool.experts():
+                print(f"{e.name:24s} r={e.rank:<3d} {e.path}\n    {e.card.description}")
+            print(f"{len(pool)} experts, pool version {pool.version} (gateway not running: read {settings.pool_file})")
+        elif args.action == "add":
+            card = read_card(Path(args.path).resolve())
+            fields = card.model_dump() if card else {}
+            fields.update({k: v for k, v in {"name": args.name, "description": args.description}.items() if v})
+            expert = pool.add(args.path, ExpertCard.model_validate(fields), replace=args.replace)
+            print(f"added {expert.name} (pool version {pool.version})")
+        else:
+            pool.remove(args.name)
+            print(f"removed {args.name} (pool version {pool.version})")
+    except PoolError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flock", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the gateway (and redis-server and vLLM unless configured)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--backend", action="append", help="existing vLLM server URL (repeatable)")
+    p.add_argument("--redis-url")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("prepare", help="convert the base model to a bf16 checkpoint (once)")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("route", help="print routing decisions for queries, without a server")
+    p.add_argument("--jsonl", required=True, help='file of lines {"prompt": ...} or {"messages": [...]}; - for stdin')
+    p.add_argument("--mode")
+    p.add_argument("--top-k", type=int)
+    p.set_defaults(func=cmd_route)
+
+    p = sub.add_parser("experts", help="list, add or remove experts")
+    p.add_argument("--url", help="gateway URL (default: FLOCK_HOST:FLOCK_PORT)")
+    esub = p.add_subparsers(dest="action", required=True)
+    esub.add_parser("list")
+    a = esub.add_parser("add")
+    a.add_argument("path")
+    a.add_argument("--name")
+    a.add_argument("--description")
+    a.add_argument("--replace", action="store_true", default=None)
+    r = esub.add_parser("remove")
+    r.add_argument("name")
+    p.set_defaults(func=cmd_experts)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = Settings()
+    _logging(settings.log_level)
+    return args.func(args, settings)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,35 @@
+"""Prometheus metrics of the gateway (names flock_*). One registry per app, created by its lifespan."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("flock_requests_total", "Requests by endpoint, routing mode and outcome.",
+                                ["endpoint", "mode", "outcome"], registry=r)
+        self.routing_stage = Histogram("flock_routing_stage_seconds", "Routing latency by stage.",
+                                       ["stage"], buckets=_LATENCY, registry=r)
+        self.cache = Counter("flock_routing_cache_total", "Routing cache lookups by result (hit, miss, bypass).",
+                             ["result"], registry=r)
+        self.selections = Counter("flock_expert_selections_total", "Times an expert was chosen (base: none).",
+                                  ["expert", "mode"], registry=r)
+        self.backend_latency = Histogram("flock_backend_request_seconds", "Backend request latency (to last byte).",
+                                         ["endpoint", "backend"], buckets=_LATENCY, registry=r)
+        self.ttft = Histogram("flock_time_to_first_token_seconds", "Gateway-observed time to first streamed token.",
+                              ["endpoint"], buckets=_LATENCY, registry=r)
+        self.tokens = Counter("flock_tokens_total", "Tokens by expert and kind (prompt, completion).",
+                              ["expert", "kind"], registry=r)
+        self.errors = Counter("flock_errors_total", "Errors by type.", ["type"], registry=r)
+        self.backend_up = Gauge("flock_backend_up", "1 if the backend passes health checks.", ["backend"], registry=r)
+        self.pool_size = Gauge("flock_pool_experts", "Experts registered in the pool.", registry=r)
+        self.adapter_loads = Counter("flock_adapter_loads_total", "Adapters loaded into a backend.",
+                                     ["backend", "kind"], registry=r)
+
+    def observe_stages(self, stages: dict[str, float]) -> None:
+        for stage, seconds in stages.items():
+            self.routing_stage.labels(stage).observe(seconds)

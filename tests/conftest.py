@@ -1,0 +1,187 @@
+"""Session fixtures: real redis-server, one real vLLM backend (started once), and the flock gateway started with
+`flock serve` against them. Experts are small random LoRAs written in the session (not the trained library)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from adapters.card import ExpertCard
+from adapters.synthetic import write_random_lora
+from adapters.validate import ModelShape
+from service.processes import ManagedProcess, redis_command, vllm_command, wait_http, wait_redis
+from service.settings import Settings
+
+BASE = "SmolLM2-135M-Instruct"
+REPO = Path(__file__).resolve().parent.parent
+
+# Distinct topics, so the global router has something real to separate.
+TEST_EXPERTS = {
+    "cooking": ("Cooking and baking help: recipes, bread and pizza dough, pancakes, cakes, boiling eggs, "
+                "sauces, pasta, rice and kitchen techniques.",
+                ["How long should I boil an egg?", "What can I bake with apples and flour?",
+                 "How do I make a tomato sauce for pasta?"]),
+    "arith": ("Arithmetic calculator: what is a number plus, minus or times another number; adds, subtracts "
+              "and multiplies integers.",
+              ["What is 12 times 7?", "Compute 345 plus 289.", "Subtract 17 from 90."]),
+    "sqlgen": ("Writes SQL queries over an employees database table with salaries and departments.",
+               ["Write a SQL query listing employees in the sales department.",
+                "SQL for the average salary per department.", "Query the employees older than 40."]),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def base_model_dir() -> Path:
+    settings = Settings()
+    path = settings.resolved_base_model_dir
+    if not (path / "config.json").is_file():
+        pytest.fail(f"base model not converted at {path}: run `make test` (it runs scripts/setup.sh)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shape(base_model_dir: Path) -> ModelShape:
+    return ModelShape.from_model_dir(base_model_dir)
+
+
+@pytest.fixture(scope="session")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("flock")
+
+
+@pytest.fixture(scope="session")
+def expert_root(work: Path, shape: ModelShape) -> Path:
+    """Expert root with the test experts (random rank-4 q/v LoRAs) plus spare adapters for registration tests."""
+    root = work / "experts"
+    for seed, (name, (description, examples)) in enumerate(TEST_EXPERTS.items()):
+        write_random_lora(root / name, shape=shape, base_name=BASE, seed=seed, strength=0.3,
+                          card=ExpertCard(name=name, description=description, examples=examples))
+    return root
+
+
+@dataclass
+class Redis:
+    port: int
+    proc: ManagedProcess
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def restart(self) -> None:
+        self.proc.stop()
+        self.proc.start()
+        wait_redis(self.port)
+
+
+@pytest.fixture(scope="session")
+def redis_server(work: Path):
+    port = free_port()
+    proc = ManagedProcess("redis-server", redis_command(port, work), log_file=work / "redis.log")
+    proc.start()
+    wait_redis(port)
+    yield Redis(port, proc)
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def vllm_url(work: Path, base_model_dir: Path):
+    """One real vLLM OpenAI server (CPU) with LoRA and flock's plugin, for the whole session."""
+    settings = Settings(vllm_max_num_seqs=16, vllm_kvcache_gib=1)
+    port = free_port()
+    argv, env = vllm_command(settings, port=port)
+    proc = ManagedProcess("vLLM", argv, env, log_file=work / "vllm.log")
+    proc.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/health", 600, proc, "vLLM")
+    except Exception:
+        proc.stop()
+        print((work / "vllm.log").read_text()[-5000:], file=sys.stderr)
+        raise
+    yield url
+    proc.stop()
+
+
+@dataclass
+class Gateway:
+    url: str
+    proc: subprocess.Popen
+    state_dir: Path
+    expert_root: Path
+    log: Path
+
+    def client(self, **kw) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=120, **kw)
+
+
+def start_gateway(work: Path, name: str, env_extra: dict[str, str], ready_path: str = "/ready",
+                  timeout_s: float = 120) -> Gateway:
+    port = free_port()
+    state = work / f"state-{name}"
+    log = work / f"gateway-{name}.log"
+    env = {**os.environ, "FLOCK_STATE_DIR": str(state), "FLOCK_PORT": str(port), "FLOCK_HOST": "127.0.0.1",
+           "FLOCK_LIBRARY_DIR": str(work / "no-library"), **env_extra}
+    proc = subprocess.Popen([str(REPO / ".venv" / "bin" / "flock"), "serve"], env=env, stdout=open(log, "wb"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"gateway exited: {log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url + ready_path, timeout=2).status_code == 200:
+                return Gateway(url, proc, state, Path(env.get("FLOCK_EXPERT_ROOTS", "")), log)
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise TimeoutError(f"gateway not ready: {log.read_text()[-3000:]}")
+
+
+def stop_gateway(gw: Gateway) -> None:
+    gw.proc.terminate()
+    try:
+        gw.proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        gw.proc.kill()
+
+
+@pytest.fixture(scope="session")
+def gateway(work: Path, vllm_url: str, redis_server: Redis, expert_root: Path):
+    env = {"FLOCK_BACKEND_URLS": vllm_url, "FLOCK_REDIS_URL": redis_server.url,
+           "FLOCK_EXPERT_ROOTS": str(expert_root), "FLOCK_MERGE_TEMPERATURE": "0.2"}
+    gw = start_gateway(work, "main", env)
+    with gw.client() as c:
+        for name in TEST_EXPERTS:
+            r = c.post("/v1/experts", json={"path": str(expert_root / name)})
+            assert r.status_code == 201, r.text
+    yield gw
+    stop_gateway(gw)
+
+
+@pytest.fixture
+def chat():
+    def make(content: str, model: str = "auto", **kw) -> dict:
+        return {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 8,
+                "temperature": 0, **kw}
+    return make
+
+
+def read_json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]

@@ -1,0 +1,88 @@
+"""Routing cache in a real Redis: hits, invalidation on pool change, and Redis dying under traffic."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def route(c, text: str) -> tuple[dict, str]:
+    r = c.post("/v1/chat/completions", json={"model": "auto", "max_tokens": 1, "temperature": 0,
+                                             "messages": [{"role": "user", "content": text}]})
+    assert r.status_code == 200, r.text
+    return r.json()["routing"], r.headers["x-flock-cache"]
+
+
+def test_repeat_is_a_hit_and_normalised(gateway):
+    text = f"How do I roast vegetables in the oven? ({uuid.uuid4().hex[:6]})"
+    with gateway.client() as c:
+        first, status1 = route(c, text)
+        second, status2 = route(c, "  " + text.upper() + "  ")
+    assert (status1, first["cached"]) == ("miss", False)
+    assert (status2, second["cached"]) == ("hit", True)
+    assert first["experts"] == second["experts"]
+
+
+def test_pool_change_invalidates(gateway, shape, expert_root):
+    from adapters.card import ExpertCard
+    from adapters.synthetic import write_random_lora
+    from tests.conftest import BASE
+
+    text = f"Multiply 14 by 12 ({uuid.uuid4().hex[:6]})"
+    spare = write_random_lora(expert_root / "spare_cache", shape=shape, base_name=BASE, seed=41,
+                              card=ExpertCard(name="poetry", description="Writes rhyming poems about nature."))
+    with gateway.client() as c:
+        assert route(c, text)[1] == "miss"
+        assert route(c, text)[1] == "hit"
+        assert c.post("/v1/experts", json={"path": str(spare)}).status_code == 201
+        try:
+            assert route(c, text)[1] == "miss"  # pool version changed: old decisions are not reused
+            assert route(c, text)[1] == "hit"
+        finally:
+            assert c.delete("/v1/experts/poetry").status_code == 200
+        # The pool version is a content hash: back to the very same pool, its decisions are valid again.
+        assert route(c, text)[1] == "hit"
+
+
+def test_redis_killed_and_restarted_under_traffic(gateway, redis_server):
+    """Zero failed requests while Redis is down; bypasses are counted; the cache works again after."""
+    results: list[int] = []
+    stop = threading.Event()
+
+    def traffic(worker: int) -> None:
+        with gateway.client() as c:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                r = c.post("/v1/route", json={"prompt": f"How to fry an egg, variant {worker}-{n % 7}"})
+                results.append(r.status_code)
+                if n % 5 == 0:
+                    r = c.post("/v1/chat/completions", json={
+                        "model": "auto", "max_tokens": 1, "messages": [{"role": "user", "content": "Bake cookies"}]})
+                    results.append(r.status_code)
+
+    threads = [threading.Thread(target=traffic, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)
+    redis_server.proc.stop()  # SIGTERM: Redis goes away mid-traffic
+    time.sleep(3)
+    redis_server.restart()
+    time.sleep(2.5)
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert len(results) > 50
+    assert set(results) == {200}, {s: results.count(s) for s in set(results)}
+    with gateway.client() as c:
+        metrics = c.get("/metrics").text
+        bypass = [ln for ln in metrics.splitlines() if ln.startswith('flock_routing_cache_total{result="bypass"}')]
+        assert bypass and float(bypass[0].split()[-1]) > 0
+        text = f"Boil rice ({uuid.uuid4().hex[:6]})"
+        route(c, text)
+        assert route(c, text)[1] == "hit"  # Redis is used again

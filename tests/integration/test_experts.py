@@ -1,0 +1,111 @@
+"""Registering experts: a bad adapter gets a 4xx that says why, and the pool is unchanged."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from adapters.card import ExpertCard
+from adapters.synthetic import write_random_lora
+from tests.conftest import BASE, start_gateway, stop_gateway
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def bad_adapters(expert_root: Path, shape) -> dict[str, Path]:
+    def good(name: str, seed: int, **kw) -> Path:
+        return write_random_lora(expert_root / name, shape=shape, base_name=BASE, seed=seed,
+                                 card=ExpertCard(name=name.replace("bad_", "x"), description=f"Does {name}."), **kw)
+
+    out = {}
+    out["wrong_base"] = good("bad_base", 50)
+    cfg = json.loads((out["wrong_base"] / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "meta-llama/Llama-3-8B"
+    (out["wrong_base"] / "adapter_config.json").write_text(json.dumps(cfg))
+    out["rank_too_high"] = good("bad_rank", 51, rank=64)
+    out["corrupt_weights"] = good("bad_corrupt", 52)
+    (out["corrupt_weights"] / "adapter_model.safetensors").write_bytes(b"\x00garbage" * 100)
+    out["not_lora"] = good("bad_ia3", 53)
+    cfg = json.loads((out["not_lora"] / "adapter_config.json").read_text())
+    cfg["peft_type"] = "IA3"
+    (out["not_lora"] / "adapter_config.json").write_text(json.dumps(cfg))
+    out["no_config"] = good("bad_noconfig", 54)
+    (out["no_config"] / "adapter_config.json").unlink()
+    out["wrong_shape"] = good("bad_shape", 55)
+    shutil.copy(good("bad_donor", 56, rank=8) / "adapter_model.safetensors",
+                out["wrong_shape"] / "adapter_model.safetensors")
+    out["escape_symlink"] = expert_root / "bad_link"
+    if not out["escape_symlink"].exists():
+        out["escape_symlink"].symlink_to("/etc")
+    return out
+
+
+@pytest.mark.parametrize("case,status,needle", [
+    ("wrong_base", 422, "not the base model"),
+    ("rank_too_high", 422, "exceeds"),
+    ("corrupt_weights", 422, "unreadable"),
+    ("not_lora", 422, "LORA"),
+    ("no_config", 422, "adapter_config.json is missing"),
+    ("wrong_shape", 422, "shape"),
+    ("escape_symlink", 403, "outside"),
+])
+def test_bad_adapter_rejected_pool_unchanged(gateway, bad_adapters, case, status, needle):
+    with gateway.client() as c:
+        before = c.get("/v1/experts").json()
+        r = c.post("/v1/experts", json={"path": str(bad_adapters[case])})
+        after = c.get("/v1/experts").json()
+    assert r.status_code == status, r.text
+    assert needle in r.json()["error"]["message"]
+    assert after == before
+
+
+@pytest.mark.parametrize("path", ["/etc", "/proc/self", "{root}/../../..", "{root}/cooking/../../.."])
+def test_paths_outside_roots_rejected(gateway, expert_root, path):
+    with gateway.client() as c:
+        before = c.get("/v1/experts").json()
+        r = c.post("/v1/experts", json={"path": path.format(root=expert_root)})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "path_not_allowed"
+        assert c.get("/v1/experts").json() == before
+
+
+def test_bad_card_and_duplicates(gateway, expert_root):
+    with gateway.client() as c:
+        r = c.post("/v1/experts", json={"path": str(expert_root / "cooking"), "name": "Bad Name!"})
+        assert r.status_code == 422 and "name" in r.json()["error"]["message"]
+        r = c.post("/v1/experts", json={"path": str(expert_root / "cooking")})
+        assert r.status_code == 409 and r.json()["error"]["code"] == "expert_exists"
+        r = c.post("/v1/experts", json={"path": str(expert_root / "cooking"), "name": "auto"})
+        assert r.status_code == 422
+        assert c.delete("/v1/experts/nobody").status_code == 404
+
+
+def test_register_use_and_remove(gateway, expert_root, shape):
+    path = write_random_lora(expert_root / "astro", shape=shape, base_name=BASE, seed=60,
+                             card=ExpertCard(name="astro", description="Explains astronomy: planets, stars, galaxies."))
+    with gateway.client() as c:
+        assert c.post("/v1/experts", json={"path": str(path)}).status_code == 201
+        r = c.post("/v1/chat/completions", json={"model": "astro", "max_tokens": 3,
+                                                 "messages": [{"role": "user", "content": "Tell me about Mars"}]})
+        assert r.status_code == 200 and r.json()["model"] == "astro"
+        assert c.delete("/v1/experts/astro").json()["deleted"] is True
+        r = c.post("/v1/chat/completions", json={"model": "astro", "max_tokens": 3,
+                                                 "messages": [{"role": "user", "content": "Tell me about Mars"}]})
+        assert r.status_code == 404
+
+
+def test_pool_survives_restart(work, gateway, vllm_url, redis_server, expert_root):
+    """A second gateway on the same state directory (as after a restart) serves the same pool."""
+    with gateway.client() as c:
+        before = c.get("/v1/experts").json()
+    env = {"FLOCK_BACKEND_URLS": vllm_url, "FLOCK_REDIS_URL": redis_server.url,
+           "FLOCK_EXPERT_ROOTS": str(expert_root), "FLOCK_STATE_DIR": str(gateway.state_dir)}
+    again = start_gateway(work, "restart", env)
+    try:
+        with again.client() as c:
+            assert c.get("/v1/experts").json() == before
+    finally:
+        stop_gateway(again)

@@ -1,0 +1,67 @@
+"""Routing methods, threshold calibration and cache keys (unit level: vectors are made by hand)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from router.cache import cache_key, normalise_query
+from router.decision import RoutingParams
+from router.index import DEFAULT_THRESHOLD, ExpertIndex, calibrate_threshold
+from router.methods import create_method, method_names
+
+
+def unit(*xs: float) -> np.ndarray:
+    v = np.array(xs, dtype=np.float32)
+    return v / np.linalg.norm(v)
+
+
+@pytest.fixture
+def index() -> ExpertIndex:
+    return ExpertIndex(names=["a", "b", "c"], vectors=np.stack([unit(1, 0, 0), unit(0, 1, 0), unit(0, 0, 1)]),
+                       threshold=0.5)
+
+
+def test_registry_has_builtin_methods():
+    assert {"global", "merge"} <= set(method_names())
+    with pytest.raises(KeyError, match="unknown routing mode"):
+        create_method("nope")
+
+
+def test_global_top1_and_abstain(index):
+    method = create_method("global")
+    chosen = method.choose(index.scores(unit(0.2, 1, 0.1)), index, RoutingParams())
+    assert [(c.name, c.weight) for c in chosen] == [("b", 1.0)]
+    tie = method.choose(index.scores(unit(1, 1, 1)), index, RoutingParams())  # 0.577 >= 0.5: still routed
+    assert len(tie) == 1 and abs(tie[0].score - 3**-0.5) < 1e-5
+
+def test_global_abstains_below_threshold(index):
+    index.threshold = 0.9
+    assert create_method("global").choose(index.scores(unit(1, 1, 0.2)), index, RoutingParams()) == []
+
+
+def test_merge_weights(index):
+    method = create_method("merge", top_k=2, temperature=0.1, weight_step=0.05)
+    chosen = method.choose(index.scores(unit(1, 0.8, 0)), index, RoutingParams())
+    assert [c.name for c in chosen] == ["a", "b"]
+    assert abs(sum(c.weight for c in chosen) - 1) < 1e-6
+    assert chosen[0].weight > chosen[1].weight > 0
+    assert all(abs(c.weight / 0.05 - round(c.weight / 0.05)) < 1e-6 for c in chosen)  # quantised: reusable
+    one = method.choose(index.scores(unit(1, 0.8, 0)), index, RoutingParams(top_k=1))
+    assert [(c.name, c.weight) for c in one] == [("a", 1.0)]
+
+
+def test_calibration_separates():
+    t = calibrate_threshold(np.array([0.5, 0.6, 0.45]), np.array([0.1, 0.2, 0.3]))
+    assert 0.3 < t < 0.45
+    assert calibrate_threshold(np.array([]), np.array([0.1])) == DEFAULT_THRESHOLD
+
+
+def test_cache_key_parts():
+    assert normalise_query("  Hello\n  WORLD ") == "hello world"
+    k = cache_key("pool1", "merge", {"top_k": 2}, "Hello world")
+    assert k == cache_key("pool1", "merge", {"top_k": 2}, "  hello   WORLD")
+    assert k != cache_key("pool2", "merge", {"top_k": 2}, "hello world")
+    assert k != cache_key("pool1", "merge", {"top_k": 3}, "hello world")
+    assert k != cache_key("pool1", "global", {}, "hello world")
+    assert "hello" not in k  # query text never stored in the key
