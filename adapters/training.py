@@ -1,0 +1,319 @@
+"""Train one LoRA expert of the default library on a task of `adapters.tasks`, on CPU.
+
+    python -m adapters.training arithmetic /path/to/experts/arithmetic --steps 150
+
+The expert is a PEFT LoRA for SmolLM2-135M-Instruct, trained in float32 on the task's train split through the
+chat template (loss on the assistant answer and its end-of-turn token only), then scored by greedy decoding on
+the dev split and saved in bf16 with a card.json describing it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from adapters.card import CARD_FILE, ExpertCard
+from adapters.tasks import Example, Task, get_task
+from adapters.validate import CONFIG_FILE, WEIGHTS_FILE
+
+BASE_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_BASE_DIR = Path(os.environ.get("FLOCK_BASE_MODEL_DIR", f"~/.cache/flock/models/{BASE_NAME}")).expanduser()
+END_OF_TURN = "<|im_end|>"
+NUM_THREADS = 2
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def load_base(base_dir: Path = DEFAULT_BASE_DIR):
+    """(model, tokenizer) of the base checkpoint in float32, eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(NUM_THREADS)
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = END_OF_TURN
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    model.eval()
+    return model, tokenizer
+
+
+def _chat_prompt(tokenizer, prompt: str) -> str:
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+    )
+
+
+def encode_example(tokenizer, example: Example) -> tuple[list[int], list[int]]:
+    """(input_ids, labels): the chat-formatted prompt, then answer + end-of-turn; labels -100 except the answer."""
+    prompt_ids = tokenizer(_chat_prompt(tokenizer, example.prompt), add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(example.answer, add_special_tokens=False)["input_ids"]
+    answer_ids = answer_ids + [tokenizer.convert_tokens_to_ids(END_OF_TURN)]
+    return prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids
+
+
+def _collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(ids) for ids, _ in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, (ids, labs) in enumerate(batch):  # right padding for training
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(labs)] = torch.tensor(labs)
+        mask[i, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+@torch.no_grad()
+def generate_answers(
+    model, tokenizer, prompts: Sequence[str], *, batch_size: int = 32, max_new_tokens: int = 32
+) -> list[str]:
+    """Greedy completions of user `prompts` through the chat template, batched with left padding."""
+    torch.set_num_threads(NUM_THREADS)
+    was_training = model.training
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    eot = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot
+    outputs: list[str] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            texts = [_chat_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            gen = model.generate(
+                **enc,
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=eot,
+                pad_token_id=pad_id,
+            )
+            new = gen[:, enc["input_ids"].shape[1] :]
+            outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return outputs
+
+
+def evaluate_model(
+    model, tokenizer, examples: Sequence[Example], task: Task, batch_size: int = 32, max_new_tokens: int = 32,
+    *, return_predictions: bool = False,
+):
+    """Greedy exact-match accuracy of `model` (base or with adapter) on `examples` under `task.score`.
+
+    With return_predictions=True, returns (accuracy, predictions) instead. The generation budget is raised to
+    the longest gold answer plus 8 tokens where `max_new_tokens` would cut a correct answer short (sorting eight
+    3-digit numbers takes ~40 tokens).
+    """
+    if not examples:
+        return (0.0, []) if return_predictions else 0.0
+    longest = max(len(tokenizer(e.answer, add_special_tokens=False)["input_ids"]) for e in examples)
+    max_new_tokens = max(max_new_tokens, longest + 8)
+    preds = generate_answers(
+        model, tokenizer, [e.prompt for e in examples], batch_size=batch_size, max_new_tokens=max_new_tokens
+    )
+    acc = sum(task.score(p, e.answer) for p, e in zip(preds, examples)) / len(examples)
+    return (acc, preds) if return_predictions else acc
+
+
+def _lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _prepare_out_dir(out_dir: Path) -> Path:
+    """A fresh staging dir next to `out_dir`; refuses to clobber an existing dir that is not an adapter dir."""
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise FileExistsError(f"{out_dir} exists and is not a directory")
+        if any(out_dir.iterdir()) and not (out_dir / CONFIG_FILE).exists():
+            raise FileExistsError(f"{out_dir} exists, is not empty and holds no adapter; refusing to overwrite it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.parent / f".{out_dir.name}.partial"
+    if staging.exists():
+        shutil.rmtree(staging)
+    return staging
+
+
+def _save_adapter(model, staging: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    model.save_pretrained(str(staging))
+    weights = staging / WEIGHTS_FILE
+    tensors = {k: v.to(torch.bfloat16).contiguous() for k, v in load_file(str(weights)).items()}
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    config_path = staging / CONFIG_FILE
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = BASE_NAME
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    readme = staging / "README.md"  # PEFT's boilerplate model card; card.json is ours
+    if readme.exists():
+        readme.unlink()
+
+
+def train_expert(
+    task_name: str,
+    out_dir: Path,
+    *,
+    steps: int = 150,
+    rank: int = 8,
+    alpha: int = 16,
+    targets: Sequence[str] = DEFAULT_TARGETS,
+    lr: float = 2e-3,
+    batch_size: int = 16,
+    seed: int = 0,
+    progress: Callable[[str], None] = print,
+    warmup_frac: float = 0.06,
+    schedule: str = "cosine",
+    weight_decay: float = 0.0,
+    dev_n: int = 100,
+    eval_batch_size: int = 32,
+    max_new_tokens: int = 32,
+    base_dir: Path = DEFAULT_BASE_DIR,
+) -> dict:
+    """Train a LoRA expert for `task_name`, score it on the dev split and save it (bf16) with a card in `out_dir`.
+
+    Returns a summary: task, out_dir, dev_accuracy, final_loss, seconds, seconds_per_step, recipe.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    if schedule not in ("cosine", "constant"):
+        raise ValueError("schedule must be 'cosine' or 'constant'")
+    task = get_task(task_name)
+    if task.kind != "held_in":
+        progress(f"warning: training an expert for {task.kind} task {task_name!r}")
+    out_dir = Path(out_dir)
+    staging = _prepare_out_dir(out_dir)
+    torch.set_num_threads(NUM_THREADS)
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+    recipe = {
+        "task": task_name, "base_model": BASE_NAME, "steps": steps, "rank": rank, "alpha": alpha,
+        "targets": list(targets), "dropout": 0.0, "lr": lr, "batch_size": batch_size, "seed": seed,
+        "optimizer": "AdamW", "weight_decay": weight_decay, "warmup_frac": warmup_frac, "schedule": schedule,
+        "train_examples": steps * batch_size, "dtype": "float32", "saved_dtype": "bfloat16",
+        "loss": "assistant answer + end-of-turn tokens", "dev_n": dev_n, "max_new_tokens": max_new_tokens,
+    }
+
+    model, tokenizer = load_base(base_dir)
+    lora = LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none", task_type="CAUSAL_LM"
+    )
+    model = get_peft_model(model, lora)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in trainable)
+
+    train = task.generate("train", steps * batch_size, seed)
+    encoded = [encode_example(tokenizer, e) for e in train]
+    random.Random(seed).shuffle(encoded)
+    pad_id = tokenizer.pad_token_id
+
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
+    warmup = max(1, round(warmup_frac * steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: _lr_factor(s, steps, warmup, schedule)
+    )
+    progress(
+        f"[{task_name}] training LoRA r={rank} alpha={alpha} on {len(targets)} modules "
+        f"({n_trainable / 1e6:.2f}M params), {steps} steps x {batch_size}, lr {lr}"
+    )
+
+    model.train()
+    t0 = time.perf_counter()
+    window_loss, window_n, window_tokens, window_t = 0.0, 0, 0, t0
+    final_loss = float("nan")
+    for step in range(steps):
+        batch = encoded[step * batch_size : (step + 1) * batch_size]
+        inputs = _collate(batch, pad_id)
+        loss = model(**inputs).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        window_loss += loss.item()
+        window_n += 1
+        window_tokens += int(inputs["attention_mask"].sum())
+        if (step + 1) % 10 == 0 or step + 1 == steps:
+            now = time.perf_counter()
+            final_loss = window_loss / window_n
+            per_step = (now - t0) / (step + 1)
+            progress(
+                f"[{task_name}] step {step + 1}/{steps} loss {final_loss:.4f} "
+                f"lr {scheduler.get_last_lr()[0]:.2e} {window_tokens / max(now - window_t, 1e-9):.0f} tok/s "
+                f"ETA {per_step * (steps - step - 1):.0f}s"
+            )
+            window_loss, window_n, window_tokens, window_t = 0.0, 0, 0, now
+    train_seconds = time.perf_counter() - t0
+
+    # Round the LoRA weights to bf16 now, so the dev score is that of the adapter as saved.
+    with torch.no_grad():
+        for p in trainable:
+            p.copy_(p.to(torch.bfloat16).to(p.dtype))
+    dev = task.generate("dev", dev_n, seed)
+    t1 = time.perf_counter()
+    dev_accuracy = evaluate_model(model, tokenizer, dev, task, batch_size=eval_batch_size,
+                                  max_new_tokens=max_new_tokens)
+    progress(f"[{task_name}] dev accuracy {dev_accuracy:.3f} on {len(dev)} examples ({time.perf_counter() - t1:.0f}s)")
+
+    _save_adapter(model, staging)
+    card = ExpertCard(
+        name=task_name,
+        description=task.description,
+        examples=[e.prompt for e in train[:3]],
+        extra={"recipe": recipe, "dev_accuracy": dev_accuracy, "final_train_loss": final_loss},
+    )
+    (staging / CARD_FILE).write_text(card.model_dump_json(indent=2) + "\n")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    staging.rename(out_dir)
+    progress(f"[{task_name}] saved to {out_dir}")
+    return {
+        "task": task_name,
+        "out_dir": str(out_dir),
+        "dev_accuracy": dev_accuracy,
+        "final_loss": final_loss,
+        "seconds": train_seconds,
+        "seconds_per_step": train_seconds / max(1, steps),
+        "recipe": recipe,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Train one LoRA expert of the default library.")
+    parser.add_argument("task")
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--alpha", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dev-n", type=int, default=100)
+    parser.add_argument("--schedule", choices=("cosine", "constant"), default="cosine")
+    parser.add_argument("--base-dir", type=Path, default=DEFAULT_BASE_DIR)
+    args = parser.parse_args(argv)
+    summary = train_expert(
+        args.task, args.out_dir, steps=args.steps, rank=args.rank, alpha=args.alpha, lr=args.lr,
+        batch_size=args.batch_size, seed=args.seed, dev_n=args.dev_n, schedule=args.schedule,
+        base_dir=args.base_dir,
+    )
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
