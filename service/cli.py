@@ -128,6 +128,12 @@ def cmd_experts(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    from service import bench
+
+    return bench.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flock", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -160,6 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     r = esub.add_parser("remove")
     r.add_argument("name")
     p.set_defaults(func=cmd_experts)
+
+    p = sub.add_parser("bench", help="measure the gateway, router, embedding and vLLM side by side")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run, not for reporting)")
+    p.add_argument("--backend", help="use this running vLLM instead of starting one")
+    p.add_argument("--out", help="also write bench.json, bench.md and bench.png into this directory")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -60,7 +60,7 @@ class Settings(BaseSettings):
 
     # --- the vLLM engine that `flock serve` manages --------------------------------------------------
     vllm_port: int = Field(8100, description="Port of the managed vLLM server.")
-    vllm_max_loras: int = Field(4, description="Distinct adapters in one batch (vLLM --max-loras).")
+    vllm_max_loras: int = Field(8, description="Distinct adapters in one batch (vLLM --max-loras).")
     vllm_max_lora_rank: int = Field(32, description="Largest adapter rank, composites included.")
     vllm_max_cpu_loras: int = Field(16, description="Adapters kept in host memory (vLLM --max-cpu-loras).")
     vllm_max_model_len: int = Field(2048, description="Context length served.")

@@ -21,20 +21,30 @@ def greedy(url: str, model: str, prompt: str = PROMPT) -> str:
     return r.json()["choices"][0]["message"]["content"]
 
 
-def test_base_answer_unchanged_by_expert_traffic(gateway, expert_root):
-    # Fill every LoRA slot (max_loras=4) with different adapters: experts plus a merge composite.
+def batch(url: str, models: list[str]) -> list[str]:
+    with ThreadPoolExecutor(len(models)) as pool:
+        return list(pool.map(lambda m: greedy(url, m), models))
+
+
+def test_base_answer_unchanged_by_expert_traffic(gateway):
     experts = list(TEST_EXPERTS)
     alone = greedy(gateway.url, BASE)
     alone_experts = {e: greedy(gateway.url, e) for e in experts}
     assert all(out != alone for out in alone_experts.values()), "test adapters must change the answer"
     for _ in range(3):
-        with ThreadPoolExecutor(8) as pool:
-            futures = [pool.submit(greedy, gateway.url, e) for e in experts * 2]
-            base_futures = [pool.submit(greedy, gateway.url, BASE) for _ in range(2)]
-            batched = [f.result() for f in base_futures]
-            expert_outs = [f.result() for f in futures]
-        assert batched == [alone, alone]
-        # Adapter requests: batched bf16 matmuls may reorder sums, and these random adapters produce
-        # near-tied logits, so allow one flip in six; a mis-indexed adapter would flip all of them.
-        same = sum(out == alone_experts[e] for out, e in zip(expert_outs, experts * 2))
-        assert same >= len(expert_outs) - 1, (expert_outs, alone_experts)
+        outs = batch(gateway.url, experts * 2 + [BASE, BASE])
+        assert outs[-2:] == [alone, alone], outs
+
+
+def test_adapter_answers_unchanged_by_other_adapters(gateway):
+    """Each expert in a mixed batch answers as in a batch of the same size holding only itself.
+
+    (Compared at equal batch size: bf16 matmuls on CPU round differently for a batch than for one row, and
+    these random adapters have near-tied logits, so batch-of-one answers may legitimately differ.)
+    """
+    experts = list(TEST_EXPERTS)
+    size = 2 * len(experts)
+    homogeneous = {e: batch(gateway.url, [e] * size) for e in experts}
+    assert all(len(set(v)) == 1 for v in homogeneous.values()), homogeneous
+    mixed = batch(gateway.url, experts * 2)
+    assert mixed == [homogeneous[e][0] for e in experts * 2]

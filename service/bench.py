@@ -1,0 +1,445 @@
+"""`flock bench`: every figure measured side by side in one run, on the real stack (redis-server, vLLM, the
+gateway started with `flock serve`). Ratios compare measurements interleaved in time, so machine noise hits
+both sides alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from contextlib import ExitStack
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from service.settings import REPO_ROOT, Settings
+
+MAX_TOKENS = 32
+# Synthetic experts: topics far apart, so each bench query routes to a known expert.
+TOPICS = {
+    "cooking": "Cooking and baking help: recipes, bread dough, cakes, sauces and kitchen techniques.",
+    "arith": "Arithmetic calculator: adds, subtracts and multiplies integers.",
+    "sqlgen": "Writes SQL queries over an employees database table.",
+    "astro": "Explains astronomy: planets, stars, galaxies and telescopes.",
+    "garden": "Gardening advice: planting vegetables, pruning roses, watering and soil.",
+    "legal": "Explains contract law terms, leases and tenant rights.",
+    "music": "Music theory: chords, scales, rhythm and harmony.",
+    "fitness": "Fitness coaching: workout plans, running, strength training and stretching.",
+}
+QUERY = "Give me a recipe for banana bread, please. Order {}."  # routes to cooking; {} keeps it a cache miss
+
+
+def say(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- stack ----------------------------------------------------------------------------------------------
+class Stack:
+    """redis-server + vLLM (unless given) + `flock serve` on synthetic experts, torn down on exit."""
+
+    def __init__(self, settings: Settings, backend: str | None, work: Path):
+        from adapters.card import ExpertCard
+        from adapters.synthetic import write_random_lora
+        from adapters.validate import ModelShape
+        from service.processes import ManagedProcess, redis_command, vllm_command, wait_http, wait_redis
+
+        self.stack = ExitStack()
+        self.settings = settings
+        shape = ModelShape.from_model_dir(settings.resolved_base_model_dir)
+        self.expert_root = work / "experts"
+        for seed, (name, description) in enumerate(TOPICS.items()):
+            write_random_lora(self.expert_root / name, shape=shape, base_name=settings.base_model_name, seed=seed,
+                              rank=8, alpha=16, strength=0.05,
+                              targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                              card=ExpertCard(name=name, description=description))
+        self.redis_port = free_port()
+        redis = ManagedProcess("redis-server", redis_command(self.redis_port, work), log_file=work / "redis.log")
+        redis.start()
+        self.stack.callback(redis.stop)
+        wait_redis(self.redis_port)
+        if backend is None:
+            port = free_port()
+            argv, env = vllm_command(settings, port=port)
+            vllm = ManagedProcess("vLLM", argv, env, log_file=work / "vllm.log")
+            say(f"starting vLLM (log {work / 'vllm.log'})")
+            vllm.start()
+            self.stack.callback(vllm.stop)
+            backend = f"http://127.0.0.1:{port}"
+            wait_http(f"{backend}/health", 600, vllm, "vLLM")
+        self.vllm = backend
+        gw_port = free_port()
+        env = {**os.environ, "FLOCK_BACKEND_URLS": backend, "FLOCK_REDIS_URL": self.redis_url,
+               "FLOCK_EXPERT_ROOTS": str(self.expert_root), "FLOCK_LIBRARY_DIR": str(self.expert_root),
+               "FLOCK_STATE_DIR": str(work / "state"), "FLOCK_PORT": str(gw_port), "FLOCK_LOG_LEVEL": "warning"}
+        gw = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env, cwd=REPO_ROOT,
+                              stdout=open(work / "gateway.log", "wb"), stderr=subprocess.STDOUT)
+        self.stack.callback(lambda: (gw.terminate(), gw.wait(20)))
+        self.gateway = f"http://127.0.0.1:{gw_port}"
+        wait_http(f"{self.gateway}/ready", 120, None, "gateway")
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.redis_port}/0"
+
+    def close(self) -> None:
+        self.stack.close()
+
+
+# --- end-to-end latency ---------------------------------------------------------------------------------
+def _body(model: str, prompt: str) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": MAX_TOKENS,
+            "temperature": 0, "ignore_eos": True}
+
+
+async def _timed(client: httpx.AsyncClient, url: str, body: dict) -> tuple[float, dict]:
+    t0 = time.perf_counter()
+    r = await client.post(url, json=body)
+    elapsed = time.perf_counter() - t0
+    r.raise_for_status()
+    return elapsed, r.json()
+
+
+async def overhead(stack: Stack, concurrency: int, rounds: int) -> dict:
+    """Routed (auto, cache miss) through the gateway vs the same request straight to vLLM with the same
+    adapter; rounds alternate which side goes first."""
+    gw, direct, added, self_reported = [], [], [], []
+    async with httpx.AsyncClient(timeout=600) as client:
+        for r in range(rounds):
+            prompts = [QUERY.format(uuid.uuid4().hex[:10]) for _ in range(concurrency)]
+
+            async def via_gateway() -> list[tuple[float, dict]]:
+                return await asyncio.gather(*(_timed(client, f"{stack.gateway}/v1/chat/completions",
+                                                     _body("auto", p)) for p in prompts))
+
+            async def via_vllm() -> list[tuple[float, dict]]:
+                return await asyncio.gather(*(_timed(client, f"{stack.vllm}/v1/chat/completions",
+                                                     _body("cooking", p)) for p in prompts))
+
+            if r % 2 == 0:
+                g, d = await via_gateway(), await via_vllm()
+            else:
+                d, g = await via_vllm(), await via_gateway()
+            for (tg, bg), (td, bd) in zip(g, d):
+                assert bg["routing"]["experts"][0]["name"] == "cooking" and not bg["routing"]["cached"], bg["routing"]
+                assert bg["usage"]["completion_tokens"] == bd["usage"]["completion_tokens"] == MAX_TOKENS
+                gw.append(tg)
+                direct.append(td)
+                added.append(tg - td)
+            say(f"  overhead c={concurrency} round {r + 1}/{rounds}: gateway p50 {pct(gw, 50) * 1e3:.0f} ms, "
+                f"vLLM p50 {pct(direct, 50) * 1e3:.0f} ms")
+    return {"gateway_p50_ms": pct(gw, 50) * 1e3, "vllm_p50_ms": pct(direct, 50) * 1e3,
+            "ratio_p50": pct(gw, 50) / pct(direct, 50),
+            "added_ms_p50": (pct(gw, 50) - pct(direct, 50)) * 1e3, "added_ms_p99": (pct(gw, 99) - pct(direct, 99)) * 1e3,
+            "paired_added_ms_p50": pct(added, 50) * 1e3, "samples": len(gw)}
+
+
+async def gateway_self_time(stack: Stack, n: int) -> dict:
+    """What the gateway spends before forwarding (x-flock-gateway-ms), for a cache miss and a cache hit,
+    measured with a 1-token completion so generation does not dominate the run time."""
+    miss, hit = [], []
+    async with httpx.AsyncClient(timeout=600) as client:
+        for _ in range(n):
+            body = {**_body("auto", QUERY.format(uuid.uuid4().hex[:10])), "max_tokens": 1}
+            r = await client.post(f"{stack.gateway}/v1/chat/completions", json=body)
+            miss.append(float(r.headers["x-flock-gateway-ms"]))
+            r = await client.post(f"{stack.gateway}/v1/chat/completions", json=body)
+            assert r.headers["x-flock-cache"] == "hit"
+            hit.append(float(r.headers["x-flock-gateway-ms"]))
+    return {"miss_ms_p50": pct(miss, 50), "miss_ms_p99": pct(miss, 99), "hit_ms_p50": pct(hit, 50),
+            "hit_ms_p99": pct(hit, 99)}
+
+
+async def mixed_adapters(stack: Stack, rounds: int, requests: int = 16) -> dict:
+    """Output tokens/s: `requests` spread over 8 experts vs the same load on one expert (straight to vLLM)."""
+    experts = list(TOPICS)
+
+    async def load(models: list[str]) -> float:
+        async with httpx.AsyncClient(timeout=600) as client:
+            t0 = time.perf_counter()
+            outs = await asyncio.gather(*(_timed(client, f"{stack.vllm}/v1/chat/completions",
+                                                 _body(m, f"Tell me about topic {i}.")) for i, m in enumerate(models)))
+            wall = time.perf_counter() - t0
+        return sum(b["usage"]["completion_tokens"] for _, b in outs) / wall
+
+    mixed, single = [], []
+    for r in range(rounds):
+        spread = [experts[i % len(experts)] for i in range(requests)]
+        if r % 2 == 0:
+            mixed.append(await load(spread))
+            single.append(await load(["cooking"] * requests))
+        else:
+            single.append(await load(["cooking"] * requests))
+            mixed.append(await load(spread))
+        say(f"  mixed adapters round {r + 1}/{rounds}: 8 experts {mixed[-1]:.1f} tok/s, one expert {single[-1]:.1f} tok/s")
+    return {"mixed_tok_s": statistics.median(mixed), "single_tok_s": statistics.median(single),
+            "ratio": statistics.median(mixed) / statistics.median(single)}
+
+
+async def decode_throughput(stack: Stack, batches: tuple[int, ...]) -> dict:
+    """Decode tokens/s straight to vLLM at several batch sizes: base model and one expert."""
+    out: dict = {}
+    async with httpx.AsyncClient(timeout=600) as client:
+        for model, label in ((stack.settings.base_model_name, "base"), ("cooking", "expert")):
+            for b in batches:
+                t0 = time.perf_counter()
+                outs = await asyncio.gather(*(_timed(client, f"{stack.vllm}/v1/chat/completions",
+                                                     _body(model, f"Write about item {i}.")) for i in range(b)))
+                out[f"{label}_b{b}_tok_s"] = sum(x["usage"]["completion_tokens"] for _, x in outs) / (
+                    time.perf_counter() - t0)
+                say(f"  decode {label} batch {b}: {out[f'{label}_b{b}_tok_s']:.1f} tok/s")
+    return out
+
+
+# --- in-process figures ---------------------------------------------------------------------------------
+def router_scaling(sizes: tuple[int, ...], dim: int = 384, repeats: int = 200) -> dict:
+    """One routing decision (query embedding excluded) against synthetic pools of N experts."""
+    from router.decision import RoutingParams
+    from router.index import ExpertIndex
+    from router.methods import create_method
+    from router.router import Router
+
+    rng = np.random.default_rng(0)
+    out = {}
+    for n in sizes:
+        vectors = rng.standard_normal((n, dim)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        index = ExpertIndex(names=[f"e{i}" for i in range(n)], vectors=vectors, threshold=0.1)
+        for mode in ("global", "merge"):
+            method = create_method(mode)
+            times = []
+            for _ in range(repeats):
+                q = rng.standard_normal(dim).astype(np.float32)
+                q /= np.linalg.norm(q)
+                t0 = time.perf_counter()
+                Router.decide(q, method, RoutingParams(), index)
+                times.append(time.perf_counter() - t0)
+            out[f"{mode}_{n}"] = pct(times, 50) * 1e3
+    return out
+
+
+async def embedding(settings: Settings, repeats: int = 40) -> dict:
+    from router.embed import Embedder, MicroBatcher
+    from service.models import embed_model_dir
+
+    batcher = MicroBatcher(Embedder(settings.embed_model_dir or embed_model_dir()))
+    query = "Give me a recipe for banana bread, please."
+    for _ in range(5):
+        await batcher.embed(query)
+    c1 = []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        await batcher.embed(f"{query} {i}")
+        c1.append(time.perf_counter() - t0)
+    c16_latency, c16_wall = [], []
+    for r in range(repeats // 4):
+        async def one(i: int) -> None:
+            t = time.perf_counter()
+            await batcher.embed(f"{query} {r} {i}")
+            c16_latency.append(time.perf_counter() - t)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(16)))
+        c16_wall.append(time.perf_counter() - t0)
+    await batcher.stop()
+    return {"c1_ms_p50": pct(c1, 50) * 1e3, "c16_ms_p50": pct(c16_latency, 50) * 1e3,
+            "c16_wall_ms_p50": pct(c16_wall, 50) * 1e3,
+            "c16_wall_over_16x_c1": pct(c16_wall, 50) / (16 * pct(c1, 50))}
+
+
+async def cache_hit_route(stack: Stack, settings: Settings, n: int = 200) -> dict:
+    """Router.route() on a cache hit against the real Redis (in-process, no HTTP)."""
+    from adapters.pool import ExpertPool
+    from adapters.validate import ModelShape
+    from router.cache import RoutingCache
+    from router.embed import Embedder, MicroBatcher
+    from router.router import Router
+    from service.models import embed_model_dir
+
+    pool = ExpertPool(state_file=Path(tempfile.mkdtemp()) / "pool.json", roots=[stack.expert_root.resolve()],
+                      base_name=settings.base_model_name,
+                      shape=ModelShape.from_model_dir(settings.resolved_base_model_dir), max_rank=64)
+    pool.load(seed_dir=stack.expert_root)
+    cache = RoutingCache(stack.redis_url, 600)
+    router = Router(pool, MicroBatcher(Embedder(settings.embed_model_dir or embed_model_dir())), cache)
+    await router.rebuild_index()
+    await router.route(QUERY.format("hit"))
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        result = await router.route(QUERY.format("hit"))
+        times.append(time.perf_counter() - t0)
+        assert result.cache == "hit"
+    await cache.close()
+    await router.embedder.stop()
+    return {"route_ms_p50": pct(times, 50) * 1e3, "route_ms_p99": pct(times, 99) * 1e3}
+
+
+# --- the run --------------------------------------------------------------------------------------------
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem, 1), "python": platform.python_version(),
+            "platform": platform.platform()}
+
+
+async def run(settings: Settings, backend: str | None, quick: bool) -> dict:
+    rounds1, rounds16, mixed_rounds = (3, 1, 1) if quick else (12, 3, 3)
+    with tempfile.TemporaryDirectory(prefix="flock-bench-") as tmp:
+        say("in-process: router scaling and query embedding")
+        router = router_scaling((10, 100, 1000, 10000))
+        embed = await embedding(settings)
+        say(f"  router p50 at 10,000 experts: {router['global_10000']:.3f} ms; embed c1 {embed['c1_ms_p50']:.1f} ms")
+        say("starting the stack (redis-server, vLLM, gateway)")
+        stack = Stack(settings, backend, Path(tmp))
+        try:
+            say("warm-up: loading the 8 experts into vLLM")
+            async with httpx.AsyncClient(timeout=600) as client:
+                for name in TOPICS:
+                    await _timed(client, f"{stack.gateway}/v1/chat/completions", {**_body(name, "hi"), "max_tokens": 2})
+                await _timed(client, f"{stack.gateway}/v1/chat/completions", {**_body("auto", "warm"), "max_tokens": 2})
+            say("gateway overhead, concurrency 1")
+            c1 = await overhead(stack, 1, rounds1)
+            say("gateway overhead, concurrency 16")
+            c16 = await overhead(stack, 16, rounds16)
+            selftime = await gateway_self_time(stack, 20 if not quick else 5)
+            hit = await cache_hit_route(stack, settings)
+            say("mixed-adapter throughput")
+            mixed = await mixed_adapters(stack, mixed_rounds)
+            say("decode throughput by batch size")
+            decode = await decode_throughput(stack, (1, 8) if quick else (1, 8, 32))
+        finally:
+            stack.close()
+    return {
+        "gateway_overhead_ratio_p50": c1["ratio_p50"],
+        "gateway_added_ms_p50": c1["added_ms_p50"],
+        "gateway_added_ms_p99": c1["added_ms_p99"],
+        "gateway_paired_added_ms_p50": c1["paired_added_ms_p50"],
+        "gateway_overhead_ratio_p50_c16": c16["ratio_p50"],
+        "gateway_added_ms_p50_c16": c16["added_ms_p50"],
+        "gateway_added_ms_p99_c16": c16["added_ms_p99"],
+        "gateway_self_ms_p50_cache_miss": selftime["miss_ms_p50"],
+        "gateway_self_ms_p99_cache_miss": selftime["miss_ms_p99"],
+        "gateway_self_ms_p50_cache_hit": selftime["hit_ms_p50"],
+        "cache_hit_route_ms_p50": hit["route_ms_p50"],
+        "cache_hit_route_ms_p99": hit["route_ms_p99"],
+        **{f"router_ms_p50_at_{n}_experts": router[f"global_{n}"] for n in (10, 100, 1000, 10000)},
+        **{f"router_merge_ms_p50_at_{n}_experts": router[f"merge_{n}"] for n in (10, 100, 1000, 10000)},
+        "embed_ms_p50": embed["c1_ms_p50"],
+        "embed_ms_p50_c16": embed["c16_ms_p50"],
+        "embed_c16_wall_over_16x_c1": embed["c16_wall_over_16x_c1"],
+        "mixed_adapter_throughput_ratio": mixed["ratio"],
+        "mixed_adapter_tok_s": mixed["mixed_tok_s"],
+        "single_adapter_tok_s": mixed["single_tok_s"],
+        "decode_tok_s": decode,
+        "details": {"c1": c1, "c16": c16, "gateway_self": selftime, "embed": embed},
+        "vllm_settings": {
+            "threads_bind": settings.vllm_threads, "kvcache_gib": settings.vllm_kvcache_gib,
+            "max_loras": settings.vllm_max_loras, "max_lora_rank": settings.vllm_max_lora_rank,
+            "max_cpu_loras": settings.vllm_max_cpu_loras, "max_num_seqs": settings.vllm_max_num_seqs,
+            "max_model_len": settings.vllm_max_model_len, "dtype": settings.vllm_dtype,
+            "external_backend": backend,
+        },
+        "workload": {"max_tokens": MAX_TOKENS, "ignore_eos": True, "rounds_c1": rounds1, "rounds_c16": rounds16,
+                     "experts": "8 synthetic rank-8 all-linear LoRAs"},
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "quick": quick,
+    }
+
+
+GOALS = [  # (key, comparison, goal) from the performance issue
+    ("gateway_overhead_ratio_p50", "<=", 1.05),
+    ("gateway_added_ms_p50", "<=", 10.0),
+    ("gateway_self_ms_p50_cache_miss", "<=", 10.0),
+    ("cache_hit_route_ms_p50", "<=", 1.0),
+    ("router_ms_p50_at_10000_experts", "<=", 5.0),
+    ("embed_c16_wall_over_16x_c1", "<", 1.0),
+    ("mixed_adapter_throughput_ratio", ">=", 0.9),
+]
+
+
+def table(result: dict) -> str:
+    rows = ["| figure | value | goal |", "|---|---|---|"]
+    goals = {k: (op, v) for k, op, v in GOALS}
+    for key, value in result.items():
+        if isinstance(value, float):
+            goal = f"{goals[key][0]} {goals[key][1]:g}" if key in goals else ""
+            rows.append(f"| `{key}` | {value:.3f} | {goal} |")
+    for key, value in result["decode_tok_s"].items():
+        rows.append(f"| decode `{key}` | {value:.1f} | |")
+    return "\n".join(rows)
+
+
+def chart(result: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    c1, c16 = result["details"]["c1"], result["details"]["c16"]
+    axes[0].bar(["vLLM c1", "gateway c1", "vLLM c16", "gateway c16"],
+                [c1["vllm_p50_ms"], c1["gateway_p50_ms"], c16["vllm_p50_ms"], c16["gateway_p50_ms"]],
+                color=["#888", "#2a7", "#888", "#2a7"])
+    axes[0].set_title(f"p50 latency, {MAX_TOKENS}-token completion (ms)")
+    sizes = [10, 100, 1000, 10000]
+    axes[1].plot(sizes, [result[f"router_ms_p50_at_{n}_experts"] for n in sizes], marker="o", label="global")
+    axes[1].plot(sizes, [result[f"router_merge_ms_p50_at_{n}_experts"] for n in sizes], marker="o", label="merge")
+    axes[1].set_xscale("log")
+    axes[1].set_title("routing decision p50 (ms), embedding excluded")
+    axes[1].set_xlabel("experts in pool")
+    axes[1].legend()
+    d = result["decode_tok_s"]
+    batches = sorted({int(k.split("_b")[1].split("_")[0]) for k in d})
+    for label in ("base", "expert"):
+        axes[2].plot(batches, [d[f"{label}_b{b}_tok_s"] for b in batches], marker="o", label=label)
+    axes[2].set_title("decode tokens/s by batch size")
+    axes[2].set_xlabel("concurrent requests")
+    axes[2].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return True
+
+
+def main(args) -> int:
+    settings = Settings()
+    result = asyncio.run(run(settings, args.backend, args.quick))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench.json").write_text(json.dumps(result, indent=2))
+        (out / "bench.md").write_text(table(result) + "\n")
+        chart(result, out / "bench.png")
+        say(f"wrote {out}/bench.json, bench.md, bench.png")
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(table(result))
+    return 0
