@@ -163,6 +163,22 @@ def _save_adapter(model, staging: Path) -> None:
         readme.unlink()
 
 
+DESCRIBE_PROMPT = (
+    "Here are three example requests that one assistant must handle:\n{examples}\n"
+    "In one sentence starting with a verb, write the instruction that describes this task."
+)
+
+
+def generate_description(model, tokenizer, examples: Sequence[Example]) -> str:
+    """GLIDER's expert side: an LLM (here the base model, adapters off) reads 3 training examples and writes
+    the task instruction."""
+    listing = "\n".join(f"{i}. {e.prompt} -> {e.answer}" for i, e in enumerate(examples[:3], 1))
+    prompt = DESCRIBE_PROMPT.format(examples=listing)
+    with model.disable_adapter():
+        (text,) = generate_answers(model, tokenizer, [prompt], batch_size=1, max_new_tokens=48)
+    return text.strip().splitlines()[0].strip() if text.strip() else ""
+
+
 def train_expert(
     task_name: str,
     out_dir: Path,
@@ -270,12 +286,16 @@ def train_expert(
                                   max_new_tokens=max_new_tokens)
     progress(f"[{task_name}] dev accuracy {dev_accuracy:.3f} on {len(dev)} examples ({time.perf_counter() - t1:.0f}s)")
 
+    generated = generate_description(model, tokenizer, train[:3])
+    progress(f"[{task_name}] LLM-written description: {generated!r}")
     _save_adapter(model, staging)
     card = ExpertCard(
         name=task_name,
         description=task.description,
         examples=[e.prompt for e in train[:3]],
-        extra={"recipe": recipe, "dev_accuracy": dev_accuracy, "final_train_loss": final_loss},
+        extra={"recipe": recipe, "dev_accuracy": dev_accuracy, "final_train_loss": final_loss,
+               "generated_description": generated, "generated_by": f"{BASE_NAME} (greedy, adapters off)",
+               "description_examples": [{"prompt": e.prompt, "answer": e.answer} for e in train[:3]]},
     )
     (staging / CARD_FILE).write_text(card.model_dump_json(indent=2) + "\n")
     if out_dir.exists():

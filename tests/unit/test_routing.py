@@ -65,3 +65,10 @@ def test_cache_key_parts():
     assert k != cache_key("pool1", "merge", {"top_k": 3}, "hello world")
     assert k != cache_key("pool1", "global", {}, "hello world")
     assert "hello" not in k  # query text never stored in the key
+
+
+def test_merge_keeps_experts_that_fit_the_max_rank(index):
+    index.ranks = {"a": 8, "b": 8, "c": 8}
+    method = create_method("merge", top_k=3, temperature=1.0, weight_step=0.05, max_rank=16)
+    chosen = method.choose(index.scores(unit(1, 0.9, 0.8)), index, RoutingParams())
+    assert [c.name for c in chosen] == ["a", "b"]
