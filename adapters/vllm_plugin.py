@@ -21,6 +21,25 @@ _patched = False
 PER_SLOT_MAX = 2  # up to this many distinct adapters in a batch, one matmul per adapter; beyond, all at once
 
 
+_rank_cache: dict[tuple, int] = {}
+
+
+def used_rank(weights: torch.Tensor, rank_dim: int) -> int:
+    """Highest rank any slot uses: vLLM pads every adapter to --max-lora-rank with zeros, and multiplying
+    the padding is most of the work when adapters are smaller than the maximum. Cached per weight version:
+    loading an adapter writes the stacked buffer in place, which bumps the tensor's version counter."""
+    key = (weights.data_ptr(), weights._version, tuple(weights.shape), rank_dim)
+    rank = _rank_cache.get(key)
+    if rank is None:
+        other = tuple(d for d in range(weights.dim()) if d != rank_dim)
+        nonzero = (weights.abs().amax(dim=other) > 0).nonzero()
+        rank = int(nonzero.max()) + 1 if nonzero.numel() else 1
+        if len(_rank_cache) > 4096:
+            _rank_cache.clear()
+        _rank_cache[key] = rank
+    return rank
+
+
 def _per_slot(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(tokens, out): each token's input times its slot's weights (transposed); zero for slot -1.
 
@@ -53,12 +72,21 @@ def _per_slot(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor
 
 
 def bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling: float = 1.0):
-    outputs = _per_slot(inputs, lora_a_weights, lora_indices_tensor, output_tensor.dtype)
-    output_tensor[:, : outputs.shape[1]] = scaling * outputs
+    a = lora_a_weights.squeeze(1) if lora_a_weights.dim() == 4 else lora_a_weights  # (slots, rank, in)
+    rank = used_rank(a, 1)
+    outputs = _per_slot(inputs, a[:, :rank], lora_indices_tensor, output_tensor.dtype)
+    output_tensor[:, :rank] = scaling * outputs
+    output_tensor[:, rank : a.shape[1]] = 0
+
+
+def _expand(inputs: torch.Tensor, lora_b_weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype):
+    b = lora_b_weights.squeeze(1) if lora_b_weights.dim() == 4 else lora_b_weights  # (slots, out, rank)
+    rank = used_rank(b, 2)
+    return _per_slot(inputs[:, :rank], b[:, :, :rank], indices, dtype)
 
 
 def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs: bool = True):
-    outputs = _per_slot(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    outputs = _expand(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
     limit = output_tensor.shape[0]
     if outputs.shape[0] == 1 and output_tensor.shape[0] != 1:
         limit = 1
@@ -73,7 +101,7 @@ def bgmv_expand_slice(
     inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset: int, slice_size: int,
     add_inputs: bool = True,
 ):
-    outputs = _per_slot(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    outputs = _expand(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
     if add_inputs:
         output_tensor[:, slice_offset : slice_offset + slice_size] += outputs
     else:

@@ -51,6 +51,7 @@ class Router:
         self.methods: dict[str, RoutingMethod] = {n: create_method(n, **defaults.get(n, {})) for n in method_names()}
         self.index = ExpertIndex(names=[], vectors=np.zeros((0, embedder.embedder.dim), dtype=np.float32))
         self._rebuild_lock = asyncio.Lock()
+        self._pending: set[asyncio.Task] = set()  # background cache writes, kept referenced until done
 
     # --- index ----------------------------------------------------------------------------------------
     async def rebuild_index(self) -> ExpertIndex:
@@ -104,9 +105,10 @@ class Router:
         stages["score"] = time.perf_counter() - t0 - stages["embed"]
 
         if self.cache is not None and cache_status != "bypass":
-            t0 = time.perf_counter()
-            await self.cache.set(key, decision)
-            stages["cache"] += time.perf_counter() - t0
+            # Stored in the background: the request does not wait for the write.
+            task = asyncio.get_running_loop().create_task(self.cache.set(key, decision))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
         return RouteResult(decision, stages, cache_status)
 
     @staticmethod

@@ -117,13 +117,16 @@ async def _timed(client: httpx.AsyncClient, url: str, body: dict) -> tuple[float
     r = await client.post(url, json=body)
     elapsed = time.perf_counter() - t0
     r.raise_for_status()
-    return elapsed, r.json()
+    data = r.json()
+    if "x-flock-backend-ms" in r.headers:  # what the gateway waited for vLLM (its hop to vLLM included)
+        data["_backend_s"] = float(r.headers["x-flock-backend-ms"]) / 1e3
+    return elapsed, data
 
 
 async def overhead(stack: Stack, concurrency: int, rounds: int) -> dict:
     """Routed (auto, cache miss) through the gateway vs the same request straight to vLLM with the same
     adapter; rounds alternate which side goes first."""
-    gw, direct, added, self_reported = [], [], [], []
+    gw, direct, paired, added = [], [], [], []
     async with httpx.AsyncClient(timeout=600) as client:
         for r in range(rounds):
             prompts = [QUERY.format(uuid.uuid4().hex[:10]) for _ in range(concurrency)]
@@ -145,13 +148,34 @@ async def overhead(stack: Stack, concurrency: int, rounds: int) -> dict:
                 assert bg["usage"]["completion_tokens"] == bd["usage"]["completion_tokens"] == MAX_TOKENS
                 gw.append(tg)
                 direct.append(td)
-                added.append(tg - td)
+                paired.append(tg - td)
+                added.append(tg - bg["_backend_s"])
             say(f"  overhead c={concurrency} round {r + 1}/{rounds}: gateway p50 {pct(gw, 50) * 1e3:.0f} ms, "
                 f"vLLM p50 {pct(direct, 50) * 1e3:.0f} ms")
+    # Two readings of "added": the difference of the two p50s (what a client sees, but a 32-token generation
+    # varies by tens of ms between runs on a busy 2-core machine), and per request the client's time minus the
+    # time the gateway waited for vLLM (everything the gateway itself adds, free of generation noise).
     return {"gateway_p50_ms": pct(gw, 50) * 1e3, "vllm_p50_ms": pct(direct, 50) * 1e3,
             "ratio_p50": pct(gw, 50) / pct(direct, 50),
-            "added_ms_p50": (pct(gw, 50) - pct(direct, 50)) * 1e3, "added_ms_p99": (pct(gw, 99) - pct(direct, 99)) * 1e3,
-            "paired_added_ms_p50": pct(added, 50) * 1e3, "samples": len(gw)}
+            "diff_of_p50_ms": (pct(gw, 50) - pct(direct, 50)) * 1e3,
+            "paired_diff_ms_p50": pct(paired, 50) * 1e3,
+            "added_ms_p50": pct(added, 50) * 1e3, "added_ms_p99": pct(added, 99) * 1e3, "samples": len(gw)}
+
+
+async def short_overhead(stack: Stack, n: int) -> dict:
+    """1-token completions, routed through the gateway vs straight to vLLM, alternating: the generation is
+    short, so the side-by-side difference resolves a few milliseconds."""
+    gw, direct = [], []
+    async with httpx.AsyncClient(timeout=600) as client:
+        for i in range(n):
+            prompt = QUERY.format(uuid.uuid4().hex[:10])
+            pair = [("gw", f"{stack.gateway}/v1/chat/completions", "auto"),
+                    ("vllm", f"{stack.vllm}/v1/chat/completions", "cooking")]
+            for side, url, model in (pair if i % 2 == 0 else pair[::-1]):
+                t, _ = await _timed(client, url, {**_body(model, prompt), "max_tokens": 1})
+                (gw if side == "gw" else direct).append(t)
+    return {"gateway_p50_ms": pct(gw, 50) * 1e3, "vllm_p50_ms": pct(direct, 50) * 1e3,
+            "added_ms_p50": (pct(gw, 50) - pct(direct, 50)) * 1e3}
 
 
 async def gateway_self_time(stack: Stack, n: int) -> dict:
@@ -327,6 +351,7 @@ async def run(settings: Settings, backend: str | None, quick: bool) -> dict:
             say("gateway overhead, concurrency 16")
             c16 = await overhead(stack, 16, rounds16)
             selftime = await gateway_self_time(stack, 20 if not quick else 5)
+            short = await short_overhead(stack, 10 if quick else 40)
             hit = await cache_hit_route(stack, settings)
             say("mixed-adapter throughput")
             mixed = await mixed_adapters(stack, mixed_rounds)
@@ -338,10 +363,12 @@ async def run(settings: Settings, backend: str | None, quick: bool) -> dict:
         "gateway_overhead_ratio_p50": c1["ratio_p50"],
         "gateway_added_ms_p50": c1["added_ms_p50"],
         "gateway_added_ms_p99": c1["added_ms_p99"],
-        "gateway_paired_added_ms_p50": c1["paired_added_ms_p50"],
+        "gateway_p50_diff_ms": c1["diff_of_p50_ms"],
+        "gateway_added_ms_p50_1token": short["added_ms_p50"],
         "gateway_overhead_ratio_p50_c16": c16["ratio_p50"],
         "gateway_added_ms_p50_c16": c16["added_ms_p50"],
         "gateway_added_ms_p99_c16": c16["added_ms_p99"],
+        "gateway_p50_diff_ms_c16": c16["diff_of_p50_ms"],
         "gateway_self_ms_p50_cache_miss": selftime["miss_ms_p50"],
         "gateway_self_ms_p99_cache_miss": selftime["miss_ms_p99"],
         "gateway_self_ms_p50_cache_hit": selftime["hit_ms_p50"],
@@ -356,7 +383,7 @@ async def run(settings: Settings, backend: str | None, quick: bool) -> dict:
         "mixed_adapter_tok_s": mixed["mixed_tok_s"],
         "single_adapter_tok_s": mixed["single_tok_s"],
         "decode_tok_s": decode,
-        "details": {"c1": c1, "c16": c16, "gateway_self": selftime, "embed": embed},
+        "details": {"c1": c1, "c16": c16, "one_token": short, "gateway_self": selftime, "embed": embed},
         "vllm_settings": {
             "threads_bind": settings.vllm_threads, "kvcache_gib": settings.vllm_kvcache_gib,
             "max_loras": settings.vllm_max_loras, "max_lora_rank": settings.vllm_max_lora_rank,
@@ -375,6 +402,7 @@ async def run(settings: Settings, backend: str | None, quick: bool) -> dict:
 GOALS = [  # (key, comparison, goal) from the performance issue
     ("gateway_overhead_ratio_p50", "<=", 1.05),
     ("gateway_added_ms_p50", "<=", 10.0),
+    ("gateway_added_ms_p50_1token", "<=", 10.0),
     ("gateway_self_ms_p50_cache_miss", "<=", 10.0),
     ("cache_hit_route_ms_p50", "<=", 1.0),
     ("router_ms_p50_at_10000_experts", "<=", 5.0),

@@ -156,7 +156,8 @@ class Gateway:
             self.metrics.tokens.labels(expert_label, "completion").inc(usage.get("completion_tokens", 0))
             data["routing"] = decision.model_dump()
             self.metrics.requests.labels(endpoint, decision.mode, "ok").inc()
-            headers["x-flock-gateway-ms"] = f"{(t0 - start) * 1000:.2f}"
+            headers["x-flock-gateway-ms"] = f"{(t0 - start) * 1000:.2f}"  # routing etc., before forwarding
+            headers["x-flock-backend-ms"] = f"{(time.perf_counter() - t0) * 1000:.2f}"
             return JSONResponse(data, headers=headers)
         except APIError as exc:
             self.metrics.requests.labels(endpoint, decision.mode, "error").inc()

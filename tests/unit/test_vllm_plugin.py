@@ -71,3 +71,27 @@ def test_register_patches_vllm_modules():
     ours.register()
     ours.register()  # re-entrant
     assert punica_cpu.bgmv_shrink is ours.bgmv_shrink and _ops.bgmv_expand is ours.bgmv_expand
+
+
+def test_padded_rank_is_skipped_and_reloads_are_seen():
+    """vLLM pads adapters to the max rank with zeros; the ops use only the rank in use, and notice a reload
+    (in place, as vLLM writes slots) that uses more of it."""
+    x, a, b = setup(rank=8)
+    a[:, :, 3:] = 0  # every slot uses rank 3 of 8
+    b[:, :, :, 3:] = 0
+    idx = torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    assert ours.used_rank(a.squeeze(1), 1) == 3 and ours.used_rank(b.squeeze(1), 2) == 3
+
+    def run(ops):
+        y = torch.full((7, 8), 5.0)  # stale values in the buffer must not leak
+        ops.bgmv_shrink(x, a, y, idx, 1.0)
+        out = torch.zeros(7, 16)
+        ops.bgmv_expand(y, b, out, idx, True)
+        return out
+
+    assert torch.allclose(run(ours), run(lora_ops), atol=1e-4)
+    g = torch.Generator().manual_seed(5)
+    a[1, 0, 6].copy_(torch.randn(16, generator=g))  # slot 1 reloaded with a rank-7 adapter, in place
+    b[1, 0, :, 6].copy_(torch.randn(16, generator=g))
+    assert ours.used_rank(a.squeeze(1), 1) == 7
+    assert torch.allclose(run(ours), run(lora_ops), atol=1e-4)
