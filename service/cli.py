@@ -103,8 +103,11 @@ def cmd_experts(args: argparse.Namespace, settings: Settings) -> int:
         print(json.dumps(resp.json(), indent=2))
         return 0 if resp.status_code < 400 else 1
 
+    from pydantic import ValidationError
+
     from adapters.card import ExpertCard, read_card
     from adapters.errors import PoolError
+    from adapters.validate import resolve_inside
 
     gateway = _offline_router(settings)
     pool = gateway.pool
@@ -114,16 +117,25 @@ def cmd_experts(args: argparse.Namespace, settings: Settings) -> int:
                 print(f"{e.name:24s} r={e.rank:<3d} {e.path}\n    {e.card.description}")
             print(f"{len(pool)} experts, pool version {pool.version} (gateway not running: read {settings.pool_file})")
         elif args.action == "add":
-            card = read_card(Path(args.path).resolve())
+            adapter_dir = resolve_inside(args.path, pool.roots)
+            card = read_card(adapter_dir) if adapter_dir.is_dir() else None
             fields = card.model_dump() if card else {}
             fields.update({k: v for k, v in {"name": args.name, "description": args.description}.items() if v})
-            expert = pool.add(args.path, ExpertCard.model_validate(fields), replace=args.replace)
+            try:
+                card = ExpertCard.model_validate(fields)
+            except ValidationError as exc:
+                print(f"error: the expert card is incomplete or invalid: {exc.errors()[0]['msg']}", file=sys.stderr)
+                return 1
+            expert = pool.add(adapter_dir, card, replace=bool(args.replace))
             print(f"added {expert.name} (pool version {pool.version})")
         else:
             pool.remove(args.name)
             print(f"removed {args.name} (pool version {pool.version})")
     except PoolError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as exc:  # an unreadable or invalid card.json
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -38,3 +38,32 @@ def test_route_jsonl_bad_line(tmp_path, gateway, expert_root):
     out = subprocess.run([str(REPO / ".venv/bin/flock"), "route", "--jsonl", str(tmp_path / "bad.jsonl")],
                          env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "line 1" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_experts_cli_through_the_gateway(gateway):
+    out = subprocess.run([str(REPO / ".venv/bin/flock"), "experts", "--url", gateway.url, "list"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    names = {e["name"] for e in json.loads(out.stdout)["data"]}
+    assert {"cooking", "arith", "sqlgen"} <= names
+
+
+def test_experts_cli_offline_add_and_remove(tmp_path, expert_root, shape):
+    """Without a gateway the CLI edits the pool file; a bad path is refused with a message, not a traceback."""
+    from adapters.card import ExpertCard
+    from adapters.synthetic import write_random_lora
+    from tests.conftest import BASE, free_port
+
+    path = write_random_lora(expert_root / "cli_offline", shape=shape, base_name=BASE, seed=70,
+                             card=ExpertCard(name="cli_offline", description="Offline registration test."))
+    env = {**os.environ, "FLOCK_STATE_DIR": str(tmp_path / "state"), "FLOCK_EXPERT_ROOTS": str(expert_root),
+           "FLOCK_LIBRARY_DIR": str(tmp_path / "nolib"), "FLOCK_PORT": str(free_port())}
+    flock = str(REPO / ".venv/bin/flock")
+    run = lambda *a: subprocess.run([flock, "experts", *a], env=env, capture_output=True, text=True, timeout=120)  # noqa: E731
+    assert run("add", str(path)).returncode == 0
+    listed = run("list")
+    assert "cli_offline" in listed.stdout and "1 experts" in listed.stdout
+    bad = run("add", "/etc")
+    assert bad.returncode == 1 and "outside the allowed expert roots" in bad.stderr and "Traceback" not in bad.stderr
+    assert run("remove", "cli_offline").returncode == 0
+    assert "0 experts" in run("list").stdout

