@@ -10,18 +10,17 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
 import numpy as np
 
-from service.settings import REPO_ROOT, Settings
+from service.settings import Settings
+from service.stack import LocalStack
 
 MAX_TOKENS = 32
 # Synthetic experts: topics far apart, so each bench query routes to a known expert.
@@ -46,64 +45,20 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # --- stack ----------------------------------------------------------------------------------------------
-class Stack:
-    """redis-server + vLLM (unless given) + `flock serve` on synthetic experts, torn down on exit."""
+def write_experts(settings: Settings, root: Path) -> Path:
+    """8 synthetic rank-8 all-linear experts with far-apart descriptions."""
+    from adapters.card import ExpertCard
+    from adapters.synthetic import write_random_lora
+    from adapters.validate import ModelShape
 
-    def __init__(self, settings: Settings, backend: str | None, work: Path):
-        from adapters.card import ExpertCard
-        from adapters.synthetic import write_random_lora
-        from adapters.validate import ModelShape
-        from service.processes import ManagedProcess, redis_command, vllm_command, wait_http, wait_redis
-
-        self.stack = ExitStack()
-        self.settings = settings
-        shape = ModelShape.from_model_dir(settings.resolved_base_model_dir)
-        self.expert_root = work / "experts"
-        for seed, (name, description) in enumerate(TOPICS.items()):
-            write_random_lora(self.expert_root / name, shape=shape, base_name=settings.base_model_name, seed=seed,
-                              rank=8, alpha=16, strength=0.05,
-                              targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-                              card=ExpertCard(name=name, description=description))
-        self.redis_port = free_port()
-        redis = ManagedProcess("redis-server", redis_command(self.redis_port, work), log_file=work / "redis.log")
-        redis.start()
-        self.stack.callback(redis.stop)
-        wait_redis(self.redis_port)
-        if backend is None:
-            port = free_port()
-            argv, env = vllm_command(settings, port=port)
-            vllm = ManagedProcess("vLLM", argv, env, log_file=work / "vllm.log")
-            say(f"starting vLLM (log {work / 'vllm.log'})")
-            vllm.start()
-            self.stack.callback(vllm.stop)
-            backend = f"http://127.0.0.1:{port}"
-            wait_http(f"{backend}/health", 600, vllm, "vLLM")
-        self.vllm = backend
-        gw_port = free_port()
-        env = {**os.environ, "FLOCK_BACKEND_URLS": backend, "FLOCK_REDIS_URL": self.redis_url,
-               "FLOCK_EXPERT_ROOTS": str(self.expert_root), "FLOCK_LIBRARY_DIR": str(self.expert_root),
-               "FLOCK_STATE_DIR": str(work / "state"), "FLOCK_PORT": str(gw_port), "FLOCK_LOG_LEVEL": "warning"}
-        gw = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env, cwd=REPO_ROOT,
-                              stdout=open(work / "gateway.log", "wb"), stderr=subprocess.STDOUT)
-        self.stack.callback(lambda: (gw.terminate(), gw.wait(20)))
-        self.gateway = f"http://127.0.0.1:{gw_port}"
-        wait_http(f"{self.gateway}/ready", 120, None, "gateway")
-
-    @property
-    def redis_url(self) -> str:
-        return f"redis://127.0.0.1:{self.redis_port}/0"
-
-    def close(self) -> None:
-        self.stack.close()
+    shape = ModelShape.from_model_dir(settings.resolved_base_model_dir)
+    for seed, (name, description) in enumerate(TOPICS.items()):
+        write_random_lora(root / name, shape=shape, base_name=settings.base_model_name, seed=seed,
+                          rank=8, alpha=16, strength=0.05,
+                          targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                          card=ExpertCard(name=name, description=description))
+    return root
 
 
 # --- end-to-end latency ---------------------------------------------------------------------------------
@@ -123,7 +78,7 @@ async def _timed(client: httpx.AsyncClient, url: str, body: dict) -> tuple[float
     return elapsed, data
 
 
-async def overhead(stack: Stack, concurrency: int, rounds: int) -> dict:
+async def overhead(stack: LocalStack, concurrency: int, rounds: int) -> dict:
     """Routed (auto, cache miss) through the gateway vs the same request straight to vLLM with the same
     adapter; rounds alternate which side goes first."""
     gw, direct, paired, added = [], [], [], []
@@ -162,7 +117,7 @@ async def overhead(stack: Stack, concurrency: int, rounds: int) -> dict:
             "added_ms_p50": pct(added, 50) * 1e3, "added_ms_p99": pct(added, 99) * 1e3, "samples": len(gw)}
 
 
-async def short_overhead(stack: Stack, n: int) -> dict:
+async def short_overhead(stack: LocalStack, n: int) -> dict:
     """1-token completions, routed through the gateway vs straight to vLLM, alternating: the generation is
     short, so the side-by-side difference resolves a few milliseconds."""
     gw, direct = [], []
@@ -178,7 +133,7 @@ async def short_overhead(stack: Stack, n: int) -> dict:
             "added_ms_p50": (pct(gw, 50) - pct(direct, 50)) * 1e3}
 
 
-async def gateway_self_time(stack: Stack, n: int) -> dict:
+async def gateway_self_time(stack: LocalStack, n: int) -> dict:
     """What the gateway spends before forwarding (x-flock-gateway-ms), for a cache miss and a cache hit,
     measured with a 1-token completion so generation does not dominate the run time."""
     miss, hit = [], []
@@ -194,7 +149,7 @@ async def gateway_self_time(stack: Stack, n: int) -> dict:
             "hit_ms_p99": pct(hit, 99)}
 
 
-async def mixed_adapters(stack: Stack, rounds: int, requests: int = 16) -> dict:
+async def mixed_adapters(stack: LocalStack, rounds: int, requests: int = 16) -> dict:
     """Output tokens/s: `requests` spread over 8 experts vs the same load on one expert (straight to vLLM)."""
     experts = list(TOPICS)
 
@@ -220,7 +175,7 @@ async def mixed_adapters(stack: Stack, rounds: int, requests: int = 16) -> dict:
             "ratio": statistics.median(mixed) / statistics.median(single)}
 
 
-async def decode_throughput(stack: Stack, batches: tuple[int, ...]) -> dict:
+async def decode_throughput(stack: LocalStack, batches: tuple[int, ...]) -> dict:
     """Decode tokens/s straight to vLLM at several batch sizes: base model and one expert."""
     out: dict = {}
     async with httpx.AsyncClient(timeout=600) as client:
@@ -291,7 +246,7 @@ async def embedding(settings: Settings, repeats: int = 40) -> dict:
             "c16_wall_over_16x_c1": pct(c16_wall, 50) / (16 * pct(c1, 50))}
 
 
-async def cache_hit_route(stack: Stack, settings: Settings, n: int = 200) -> dict:
+async def cache_hit_route(stack: LocalStack, settings: Settings, n: int = 200) -> dict:
     """Router.route() on a cache hit against the real Redis (in-process, no HTTP)."""
     from adapters.pool import ExpertPool
     from adapters.validate import ModelShape
@@ -300,10 +255,11 @@ async def cache_hit_route(stack: Stack, settings: Settings, n: int = 200) -> dic
     from router.router import Router
     from service.models import embed_model_dir
 
-    pool = ExpertPool(state_file=Path(tempfile.mkdtemp()) / "pool.json", roots=[stack.expert_root.resolve()],
+    library = Path(stack.library)
+    pool = ExpertPool(state_file=Path(tempfile.mkdtemp()) / "pool.json", roots=[library.resolve()],
                       base_name=settings.base_model_name,
                       shape=ModelShape.from_model_dir(settings.resolved_base_model_dir), max_rank=64)
-    pool.load(seed_dir=stack.expert_root)
+    pool.load(seed_dir=library)
     cache = RoutingCache(stack.redis_url, 600)
     router = Router(pool, MicroBatcher(Embedder(settings.embed_model_dir or embed_model_dir())), cache)
     await router.rebuild_index()
@@ -340,7 +296,7 @@ async def run(settings: Settings, backend: str | None, quick: bool) -> dict:
         embed = await embedding(settings)
         say(f"  router p50 at 10,000 experts: {router['global_10000']:.3f} ms; embed c1 {embed['c1_ms_p50']:.1f} ms")
         say("starting the stack (redis-server, vLLM, gateway)")
-        stack = Stack(settings, backend, Path(tmp))
+        stack = LocalStack(settings, write_experts(settings, Path(tmp) / "experts"), backend, Path(tmp))
         try:
             say("warm-up: loading the 8 experts into vLLM")
             async with httpx.AsyncClient(timeout=600) as client:

@@ -49,6 +49,14 @@ def vllm_command(settings: Settings, port: int | None = None) -> tuple[list[str]
     return argv, env
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def redis_command(port: int, workdir: Path) -> list[str]:
     exe = shutil.which("redis-server")
     if exe is None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ import pytest
 from adapters.card import ExpertCard
 from adapters.synthetic import write_random_lora
 from adapters.validate import ModelShape
-from service.processes import ManagedProcess, redis_command, vllm_command, wait_http, wait_redis
+from service.processes import ManagedProcess, free_port, redis_command, vllm_command, wait_http, wait_redis
 from service.settings import Settings
 
 BASE = "SmolLM2-135M-Instruct"
@@ -37,12 +36,6 @@ TEST_EXPERTS = {
                ["Write a SQL query listing employees in the sales department.",
                 "SQL for the average salary per department.", "Query the employees older than 40."]),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
