@@ -190,6 +190,63 @@ async def decode_throughput(stack: LocalStack, batches: tuple[int, ...]) -> dict
     return out
 
 
+async def proxy_overhead(settings: Settings, library: Path, work: Path, n: int = 300) -> dict:
+    """The gateway's own cost per request, against an instant fake backend (service/fake_backend.py): what it
+    adds for a direct-model request, a routed cache hit and a routed cache miss, compared with calling the
+    fake backend directly. No model shares the CPU, so this isolates the gateway from vLLM's contention."""
+    import subprocess
+
+    from service.processes import ManagedProcess, free_port, redis_command, wait_http, wait_redis
+    from service.stack import gateway_env
+
+    fake_port, gw_port, redis_port = free_port(), free_port(), free_port()
+    procs = [
+        ManagedProcess("fake backend", [sys.executable, "-m", "uvicorn", "service.fake_backend:app", "--port",
+                                        str(fake_port), "--log-level", "warning"], log_file=work / "fake.log"),
+        ManagedProcess("redis-server", redis_command(redis_port, work)),
+    ]
+    for p in procs:
+        p.start()
+    fake = f"http://127.0.0.1:{fake_port}"
+    env = gateway_env(settings, library=library, backend=fake, redis_url=f"redis://127.0.0.1:{redis_port}/0",
+                      state_dir=work / "proxy-state", port=gw_port)
+    gw = ManagedProcess("gateway", [sys.executable, "-m", "service.cli", "serve"], env, log_file=work / "gw2.log")
+    gw.start()
+    procs.append(gw)
+    out = {}
+    try:
+        wait_redis(redis_port)
+        wait_http(f"{fake}/health", 60, procs[0])
+        url = f"http://127.0.0.1:{gw_port}"
+        wait_http(f"{url}/ready", 120, gw)
+        async with httpx.AsyncClient(timeout=60) as client:
+            def body(model: str, text: str) -> dict:
+                return {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 1}
+
+            cases = {
+                "fake_direct": (fake, lambda i: body("cooking", QUERY.format(i))),
+                "direct_model": (url, lambda i: body("cooking", QUERY.format(i))),
+                "cache_hit": (url, lambda i: body("auto", QUERY.format("hit"))),
+                "cache_miss": (url, lambda i: body("auto", QUERY.format(uuid.uuid4().hex[:10]))),
+            }
+            times: dict[str, list[float]] = {k: [] for k in cases}
+            for i in range(n + 30):  # interleaved, first 30 rounds are warm-up
+                for name, (base, make) in cases.items():
+                    t0 = time.perf_counter()
+                    r = await client.post(f"{base}/v1/chat/completions", json=make(i))
+                    if i >= 30:
+                        times[name].append(time.perf_counter() - t0)
+                    r.raise_for_status()
+        base_p50 = pct(times["fake_direct"], 50)
+        for name in ("direct_model", "cache_hit", "cache_miss"):
+            out[f"{name}_added_ms_p50"] = (pct(times[name], 50) - base_p50) * 1e3
+        out["fake_direct_ms_p50"] = base_p50 * 1e3
+    finally:
+        for p in reversed(procs):
+            p.stop()
+    return out
+
+
 # --- in-process figures ---------------------------------------------------------------------------------
 def router_scaling(sizes: tuple[int, ...], dim: int = 384, repeats: int = 200) -> dict:
     """One routing decision (query embedding excluded) against synthetic pools of N experts."""
@@ -295,8 +352,13 @@ async def run(settings: Settings, backend: str | None, quick: bool) -> dict:
         router = router_scaling((10, 100, 1000, 10000))
         embed = await embedding(settings)
         say(f"  router p50 at 10,000 experts: {router['global_10000']:.3f} ms; embed c1 {embed['c1_ms_p50']:.1f} ms")
+        library = write_experts(settings, Path(tmp) / "experts")
+        say("gateway against an instant fake backend (its own cost, no model on the CPU)")
+        proxy = await proxy_overhead(settings, library, Path(tmp), n=60 if quick else 300)
+        say(f"  added p50: direct model {proxy['direct_model_added_ms_p50']:.2f} ms, cache hit "
+            f"{proxy['cache_hit_added_ms_p50']:.2f} ms, cache miss {proxy['cache_miss_added_ms_p50']:.2f} ms")
         say("starting the stack (redis-server, vLLM, gateway)")
-        stack = LocalStack(settings, write_experts(settings, Path(tmp) / "experts"), backend, Path(tmp))
+        stack = LocalStack(settings, library, backend, Path(tmp))
         try:
             say("warm-up: loading the 8 experts into vLLM")
             async with httpx.AsyncClient(timeout=600) as client:
@@ -329,6 +391,9 @@ async def run(settings: Settings, backend: str | None, quick: bool) -> dict:
         "gateway_self_ms_p50_cache_miss": selftime["miss_ms_p50"],
         "gateway_self_ms_p99_cache_miss": selftime["miss_ms_p99"],
         "gateway_self_ms_p50_cache_hit": selftime["hit_ms_p50"],
+        "gateway_only_added_ms_p50_cache_hit": proxy["cache_hit_added_ms_p50"],
+        "gateway_only_added_ms_p50_cache_miss": proxy["cache_miss_added_ms_p50"],
+        "gateway_only_added_ms_p50_direct_model": proxy["direct_model_added_ms_p50"],
         "cache_hit_route_ms_p50": hit["route_ms_p50"],
         "cache_hit_route_ms_p99": hit["route_ms_p99"],
         **{f"router_ms_p50_at_{n}_experts": router[f"global_{n}"] for n in (10, 100, 1000, 10000)},
@@ -340,7 +405,8 @@ async def run(settings: Settings, backend: str | None, quick: bool) -> dict:
         "mixed_adapter_tok_s": mixed["mixed_tok_s"],
         "single_adapter_tok_s": mixed["single_tok_s"],
         "decode_tok_s": decode,
-        "details": {"c1": c1, "c16": c16, "one_token": short, "gateway_self": selftime, "embed": embed},
+        "details": {"c1": c1, "c16": c16, "one_token": short, "gateway_self": selftime, "embed": embed,
+                    "fake_backend": proxy},
         "vllm_settings": {
             "threads_bind": settings.vllm_threads, "kvcache_gib": settings.vllm_kvcache_gib,
             "max_loras": settings.vllm_max_loras, "max_lora_rank": settings.vllm_max_lora_rank,
@@ -362,6 +428,8 @@ GOALS = [  # (key, comparison, goal) from the performance issue
     ("gateway_added_ms_p50_1token", "<=", 10.0),
     ("gateway_self_ms_p50_cache_miss", "<=", 10.0),
     ("cache_hit_route_ms_p50", "<=", 1.0),
+    ("gateway_only_added_ms_p50_cache_hit", "<=", 1.0),
+    ("gateway_only_added_ms_p50_cache_miss", "<=", 10.0),
     ("router_ms_p50_at_10000_experts", "<=", 5.0),
     ("embed_c16_wall_over_16x_c1", "<", 1.0),
     ("mixed_adapter_throughput_ratio", ">=", 0.9),
