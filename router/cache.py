@@ -10,7 +10,9 @@ import re
 import time
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError, RedisError
+from redis.retry import Retry
 
 from router.decision import RoutingDecision
 
@@ -32,7 +34,10 @@ def cache_key(pool_version: str, mode: str, params: dict, query: str) -> str:
 class RoutingCache:
     def __init__(self, url: str, ttl_s: int, *, retry_after_s: float = 1.0):
         self.ttl_s = ttl_s
-        self._redis = aioredis.from_url(url, socket_timeout=0.25, socket_connect_timeout=0.25)
+        # One immediate retry on a broken connection: after a Redis restart every pooled connection is stale,
+        # and each would otherwise cost a bypass and a back-off.
+        self._redis = aioredis.from_url(url, socket_timeout=0.25, socket_connect_timeout=0.25,
+                                        retry=Retry(NoBackoff(), 1), retry_on_error=[ConnectionError])
         self._retry_after_s = retry_after_s
         self._down_until = 0.0
 

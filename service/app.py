@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from contextlib import asynccontextmanager
 
+import redis.asyncio as aioredis
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -17,6 +18,7 @@ from router.router import Router
 from service import models
 from service.api import completions, experts, health
 from service.api import models as models_api
+from service.auth import Authenticator, RateLimiter
 from service.backend import BackendPool
 from service.errors import error_body, install_error_handlers
 from service.gateway import Gateway
@@ -101,11 +103,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         gateway.backends.start()
         gateway.router.embedder.start()
         app.state.gateway = gateway
+        app.state.auth = Authenticator(settings.api_keys, settings.admin_keys, settings.api_keys_file,
+                                       settings.admin_keys_file)
+        limiter_redis = aioredis.from_url(settings.redis_url, socket_timeout=0.25, socket_connect_timeout=0.25) \
+            if settings.redis_url else None
+        app.state.rate_limiter = RateLimiter(limiter_redis, settings.rate_limit_rps, settings.rate_limit_burst)
+        if app.state.auth.open:
+            log.warning("no API keys configured (FLOCK_API_KEYS, FLOCK_ADMIN_KEYS): the gateway is OPEN to anyone "
+                        "who can reach %s:%s", settings.host, settings.port)
         log.info("gateway ready: %d experts (pool %s, abstain threshold %.3f), backends %s, redis %s",
                  len(gateway.pool), gateway.pool.version, gateway.router.index.threshold,
                  settings.backend_urls, "on" if gateway.router.cache else "off")
         yield
         await gateway.router.drain()
+        if limiter_redis is not None:
+            await limiter_redis.aclose()
         await gateway.backends.close()
         await gateway.router.embedder.stop()
         if gateway.router.cache:

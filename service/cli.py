@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -85,6 +86,8 @@ def cmd_experts(args: argparse.Namespace, settings: Settings) -> int:
     import httpx
 
     url = args.url or f"http://{settings.host}:{settings.port}"
+    key = os.environ.get("FLOCK_API_KEY") or (settings.admin_keys[0] if settings.admin_keys else None)
+    auth = {"authorization": f"Bearer {key}"} if key else {}
     try:
         httpx.get(f"{url}/health", timeout=1)
         online = True
@@ -92,14 +95,14 @@ def cmd_experts(args: argparse.Namespace, settings: Settings) -> int:
         online = False
     if online:
         if args.action == "list":
-            resp = httpx.get(f"{url}/v1/experts")
+            resp = httpx.get(f"{url}/v1/experts", headers=auth)
         elif args.action == "add":
             body = {k: v for k, v in {"path": str(Path(args.path).resolve()), "name": args.name,
                                       "description": args.description, "replace": args.replace}.items()
                     if v is not None}
-            resp = httpx.post(f"{url}/v1/experts", json=body, timeout=60)
+            resp = httpx.post(f"{url}/v1/experts", json=body, headers=auth, timeout=60)
         else:
-            resp = httpx.delete(f"{url}/v1/experts/{args.name}")
+            resp = httpx.delete(f"{url}/v1/experts/{args.name}", headers=auth)
         print(json.dumps(resp.json(), indent=2))
         return 0 if resp.status_code < 400 else 1
 

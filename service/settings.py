@@ -81,6 +81,16 @@ class Settings(BaseSettings):
     )
     cache_ttl_s: int = Field(3600, description="Lifetime of a cached routing decision.")
 
+    # --- access ---------------------------------------------------------------------------------------
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Inference keys (comma-separated). None and no admin keys: open.")
+    admin_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Admin keys: may also register and remove experts.")
+    api_keys_file: Path | None = Field(None, description="File with more inference keys, one per line.")
+    admin_keys_file: Path | None = Field(None, description="File with more admin keys, one per line.")
+    rate_limit_rps: float = Field(0.0, description="Requests per second per key (token bucket in Redis); 0: off.")
+    rate_limit_burst: int = Field(20, description="Burst size of the per-key token bucket.")
+
     # --- request limits ------------------------------------------------------------------------------
     max_body_bytes: int = Field(1_000_000, description="Largest request body accepted (413 beyond).")
     max_tokens_limit: int = Field(2048, description="Largest max_tokens accepted.")
@@ -88,7 +98,7 @@ class Settings(BaseSettings):
     max_messages: int = Field(256, description="Most chat messages accepted.")
     max_prompt_chars: int = Field(64_000, description="Longest prompt text accepted, in characters.")
 
-    @field_validator("expert_roots", "backend_urls", mode="before")
+    @field_validator("expert_roots", "backend_urls", "api_keys", "admin_keys", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)

@@ -5,12 +5,12 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 
-from service.api.deps import get_gateway
+from service.api.deps import get_gateway, require_key
 from service.gateway import Gateway
 from service.protocol import ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse
 from service.api.responses import ERRORS
 
-router = APIRouter(tags=["generation"])
+router = APIRouter(tags=["generation"], dependencies=[Depends(require_key)])
 
 
 @router.post("/v1/chat/completions", response_model=None,

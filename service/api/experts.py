@@ -11,7 +11,7 @@ from adapters.card import ExpertCard, read_card
 from adapters.errors import InvalidExpert
 from adapters.pool import Expert
 from adapters.validate import resolve_inside
-from service.api.deps import get_gateway
+from service.api.deps import get_gateway, require_admin, require_key
 from service.api.responses import ERRORS
 from service.gateway import Gateway
 from service.protocol import ExpertIn, ExpertList, ExpertOut
@@ -24,7 +24,7 @@ def _out(expert: Expert) -> ExpertOut:
                      path=str(expert.path), rank=expert.rank, target_modules=list(expert.target_modules))
 
 
-@router.get("/v1/experts", response_model=ExpertList)
+@router.get("/v1/experts", response_model=ExpertList, dependencies=[Depends(require_key)])
 async def list_experts(gateway: Gateway = Depends(get_gateway)) -> ExpertList:
     return ExpertList(pool_version=gateway.pool.version, data=[_out(e) for e in gateway.pool.experts()])
 
@@ -48,7 +48,8 @@ def _card(body: ExpertIn, roots) -> ExpertCard:
         raise InvalidExpert(f"{'.'.join(map(str, first['loc']))}: {first['msg']}", str(first["loc"][0])) from None
 
 
-@router.post("/v1/experts", response_model=ExpertOut, status_code=201, responses=ERRORS)
+@router.post("/v1/experts", response_model=ExpertOut, status_code=201, responses=ERRORS,
+             dependencies=[Depends(require_admin)])
 async def add_expert(body: ExpertIn, gateway: Gateway = Depends(get_gateway)) -> ExpertOut:
     card = _card(body, gateway.pool.roots)
     expert = await asyncio.to_thread(gateway.pool.add, body.path, card, replace=body.replace)
@@ -56,7 +57,7 @@ async def add_expert(body: ExpertIn, gateway: Gateway = Depends(get_gateway)) ->
     return _out(expert)
 
 
-@router.delete("/v1/experts/{name}", responses=ERRORS)
+@router.delete("/v1/experts/{name}", responses=ERRORS, dependencies=[Depends(require_admin)])
 async def remove_expert(name: str, gateway: Gateway = Depends(get_gateway)) -> dict:
     expert = await asyncio.to_thread(gateway.pool.remove, name)
     await gateway.pool_changed(removed=expert.name)

@@ -6,14 +6,14 @@ import time
 
 from fastapi import APIRouter, Depends
 
-from service.api.deps import get_gateway
+from service.api.deps import get_gateway, require_key
 from service.api.responses import ERRORS
 from service.gateway import AUTO, Gateway
 from service.protocol import ChatCompletionRequest, ModelCard, ModelList, RouteRequest, RouteResponse
 from service.gateway import query_text
 from service.errors import APIError
 
-router = APIRouter(tags=["models"])
+router = APIRouter(tags=["models"], dependencies=[Depends(require_key)])
 _STARTED = int(time.time())
 
 
