@@ -17,13 +17,14 @@ from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 EJECT_AFTER_FAILURES = 2
+EJECT_AFTER_TIMEOUTS = 5
 
 
 @dataclass
 class Backend:
     url: str
     healthy: bool = False
-    failures: int = 0
+    failures: float = 0
     inflight: int = 0
     loaded: dict[str, Path] = field(default_factory=dict)  # adapter name -> directory loaded from
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)
@@ -59,17 +60,22 @@ class BackendPool:
 
     # --- health ---------------------------------------------------------------------------------------
     async def check(self, backend: Backend) -> bool:
+        """Refused connections eject a backend after EJECT_AFTER_FAILURES checks; a slow answer (a CPU
+        backend busy with a full batch answers /health late) only after EJECT_AFTER_TIMEOUTS."""
         try:
-            ok = (await self.client.get(f"{backend.url}/health", timeout=1.0)).status_code == 200
+            ok = (await self.client.get(f"{backend.url}/health", timeout=5.0)).status_code == 200
+            failure = 1
+        except httpx.TimeoutException:
+            ok, failure = False, EJECT_AFTER_FAILURES / EJECT_AFTER_TIMEOUTS
         except httpx.HTTPError:
-            ok = False
+            ok, failure = False, 1
         if ok:
             if not backend.healthy:
                 log.info("backend %s is up", backend.url)
                 backend.loaded.clear()
             backend.healthy, backend.failures = True, 0
         else:
-            backend.failures += 1
+            backend.failures += failure
             if backend.failures >= EJECT_AFTER_FAILURES:
                 backend.mark_down()
         self.metrics.backend_up.labels(backend.url).set(1 if backend.healthy else 0)
@@ -99,7 +105,9 @@ class BackendPool:
     def candidates(self, adapter: Adapter | None) -> list[Backend]:
         """Healthy backends in preference order: the adapter's rendezvous-hash owner first, so each adapter
         stays hot on one replica; the owner is skipped while saturated and others have room."""
-        healthy = [b for b in self.backends if b.healthy]
+        # With none healthy, try them all anyway: a refused connection fails in microseconds, and a backend
+        # that is only slow to answer health checks may still serve.
+        healthy = [b for b in self.backends if b.healthy] or list(self.backends)
         key = adapter.name if adapter else ""
 
         def weight(b: Backend) -> int:
@@ -172,7 +180,7 @@ class BackendPool:
                 backend.failures = EJECT_AFTER_FAILURES
                 backend.mark_down()
                 self.metrics.backend_up.labels(backend.url).set(0)
-        why = "no healthy backend" if tried == 0 else "every backend failed"
+        why = "no backend configured" if tried == 0 else "no backend reachable"
         raise unavailable(f"model backend unavailable ({why}); retry shortly")
 
     async def _send_once(self, backend: Backend, path: str, payload: dict, stream: bool) -> httpx.Response:
