@@ -128,17 +128,6 @@ class ExpertPool:
         with self._lock:
             self._commit(experts)
 
-    def reload_if_changed(self) -> bool:
-        """Pick up a pool file written by another gateway replica."""
-        try:
-            saved = json.loads(self._state_file.read_text())
-        except (OSError, ValueError):
-            return False
-        if saved.get("version") == self.version:
-            return False
-        self.load()
-        return True
-
     def _commit(self, experts: dict[str, Expert]) -> None:
         # Write first, then swap: a failed write leaves both the file and the in-memory pool unchanged.
         version = self._fingerprint(experts)

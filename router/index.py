@@ -6,8 +6,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from router.calibration import OUT_OF_DOMAIN_PROMPTS
-
 DEFAULT_THRESHOLD = 0.3  # used when the pool's cards carry no examples to calibrate on
 
 
@@ -51,6 +49,3 @@ def calibrate_threshold(in_domain_best: np.ndarray, out_domain_best: np.ndarray)
         if (correct, margin) > best_key:
             best, best_key = float(t), (correct, margin)
     return best
-
-
-__all__ = ["ExpertIndex", "calibrate_threshold", "OUT_OF_DOMAIN_PROMPTS", "DEFAULT_THRESHOLD"]

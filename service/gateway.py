@@ -81,8 +81,7 @@ class Gateway:
                            code="context_length_exceeded")
 
     # --- deciding -------------------------------------------------------------------------------------
-    async def decide(self, model: str, params: RoutingParams | None, query: str, endpoint: str
-                     ) -> tuple[RoutingDecision, str]:
+    async def decide(self, model: str, params: RoutingParams | None, query: str) -> tuple[RoutingDecision, str]:
         """(decision, cache status). `model` is 'auto', an expert's name or the base model's name."""
         if model == AUTO:
             try:
@@ -124,7 +123,7 @@ class Gateway:
         query = query_text(body)
         self.check_limits(body, len(query) if isinstance(body, CompletionRequest) else
                           sum(len(m.content) if isinstance(m.content, str) else 0 for m in body.messages))
-        decision, cache_status = await self.decide(body.model, body.routing, query, endpoint)
+        decision, cache_status = await self.decide(body.model, body.routing, query)
         for choice in decision.experts or [ExpertChoice(name="base", weight=1.0)]:
             self.metrics.selections.labels(choice.name, decision.mode).inc()
         adapter = await self.adapter_for(decision)

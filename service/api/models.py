@@ -40,6 +40,6 @@ async def route(body: RouteRequest, gateway: Gateway = Depends(get_gateway)) -> 
     if len(text) > gateway.settings.max_prompt_chars:
         raise APIError(400, f"prompt is longer than {gateway.settings.max_prompt_chars} characters", param="prompt",
                        code="context_length_exceeded")
-    decision, _ = await gateway.decide(body.model, body.routing, text, "/v1/route")
+    decision, _ = await gateway.decide(body.model, body.routing, text)
     gateway.metrics.requests.labels("/v1/route", decision.mode, "ok").inc()
     return RouteResponse(routing=decision)
