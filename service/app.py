@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from contextlib import asynccontextmanager
 
@@ -57,8 +58,6 @@ class BodySizeLimit:
             await self._reject(send)
 
     async def _reject(self, send: Send) -> None:
-        import json
-
         body = json.dumps(error_body(413, f"request body exceeds {self.max_bytes} bytes",
                                      code="request_too_large")).encode()
         await send({"type": "http.response.start", "status": 413,

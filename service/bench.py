@@ -194,8 +194,6 @@ async def proxy_overhead(settings: Settings, library: Path, work: Path, n: int =
     """The gateway's own cost per request, against an instant fake backend (service/fake_backend.py): what it
     adds for a direct-model request, a routed cache hit and a routed cache miss, compared with calling the
     fake backend directly. No model shares the CPU, so this isolates the gateway from vLLM's contention."""
-    import subprocess
-
     from service.processes import ManagedProcess, free_port, redis_command, wait_http, wait_redis
     from service.stack import gateway_env
 
