@@ -30,6 +30,8 @@ DEFAULT_BASE_DIR = Path(os.environ.get("FLOCK_BASE_MODEL_DIR", f"~/.cache/flock/
 END_OF_TURN = "<|im_end|>"
 NUM_THREADS = 2
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Example queries written into the card: the router's centroid for this expert (train-split prompts only).
+CARD_EXAMPLES = 32
 
 
 def load_base(base_dir: Path = DEFAULT_BASE_DIR):
@@ -179,6 +181,13 @@ def generate_description(model, tokenizer, examples: Sequence[Example]) -> str:
     return text.strip().splitlines()[0].strip() if text.strip() else ""
 
 
+def card_examples(task: Task, seed: int = 0, n: int = CARD_EXAMPLES) -> list[str]:
+    """The card's example queries: the first training prompts (the 3 the description was written from come
+    first), de-duplicated; train-split phrasings only, so test-only phrasings stay unseen by the router."""
+    prompts = list(dict.fromkeys(e.prompt for e in task.generate("train", n * 2, seed)))
+    return prompts[:n]
+
+
 def train_expert(
     task_name: str,
     out_dir: Path,
@@ -292,7 +301,7 @@ def train_expert(
     card = ExpertCard(
         name=task_name,
         description=task.description,
-        examples=[e.prompt for e in train[:3]],
+        examples=card_examples(task, seed),
         extra={"recipe": recipe, "dev_accuracy": dev_accuracy, "final_train_loss": final_loss,
                "generated_description": generated, "generated_by": f"{BASE_NAME} (greedy, adapters off)",
                "description_examples": [{"prompt": e.prompt, "answer": e.answer} for e in train[:3]]},

@@ -42,8 +42,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--redis-url", help="cache GLIDER instructions in this Redis (default: FLOCK_REDIS_URL; "
                                        "without one: <out>/glider_cache.json)")
     p.add_argument("--no-glider", action="store_true", help="skip the GLIDER routing variant")
-    p.add_argument("--centroid-train", type=int, default=32,
-                   help="train-split prompts per expert added to the card examples for centroids (default %(default)s)")
+    p.add_argument("--centroid-train", type=int, default=0,
+                   help="also measure centroids of the card examples plus this many train-split prompts per expert")
     p.add_argument("--concurrency", type=int, default=generation.CONCURRENCY)
     p.set_defaults(func=main)
 

@@ -3,15 +3,17 @@ compared side by side on the same query embeddings.
 
 Each variant is an `ExpertIndex` (one unit vector per expert + its own abstain threshold) plus a query side:
 
-* `description`: the service's own index (query embedding vs description embeddings), queried through
-  `Router.route` exactly as the gateway does;
+* `description`: query embedding vs description embeddings;
 * `centroid`: each expert is the normalised mean embedding of its card's examples plus `train_per_expert`
-  prompts from its task's train split (when the expert's name is a task of `adapters.tasks`);
+  prompts from its task's train split (when the expert's name is a task of `adapters.tasks`; 0 by default:
+  the library's cards carry 32 train-split prompts, so with 0 this is exactly the service's centroid index);
 * `generated`: the cards' LLM-written descriptions (`extra.generated_description`, the hand-written one where
   missing) instead of the hand-written ones; only when at least one card has one;
 * `glider`: GLIDER's query side: the base model writes one sentence describing the task of the query, and that
   sentence is embedded and scored against the description embeddings.
 
+The variant the service is configured with (`FLOCK_EXPERT_VECTOR`, `Router.expert_vector`) is also queried
+through `Router.route` exactly as the gateway does, and its records are those; its latency is the service's.
 Every threshold comes from `router.index.calibrate_threshold` on the cards' examples (in-domain) against
 `router.calibration.OUT_OF_DOMAIN_PROMPTS`, both passed through the variant's query side; never on test prompts.
 """
@@ -35,7 +37,7 @@ from eval.metrics import routing_summary, top_expert
 from eval.testset import EvalExample
 from router.calibration import OUT_OF_DOMAIN_PROMPTS
 from router.decision import RoutingParams
-from router.index import ExpertIndex, calibrate_threshold
+from router.index import ExpertIndex, calibrate_threshold, unit_rows
 
 EmbedMany = Callable[[list[str]], Awaitable[np.ndarray]]
 Progress = Callable[[str], None]
@@ -83,10 +85,6 @@ async def embed_chunked(embed_many: EmbedMany, texts: list[str]) -> np.ndarray:
     return np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, 0), dtype=np.float32)
 
 
-def _unit_rows(m: np.ndarray) -> np.ndarray:
-    return (m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)).astype(np.float32)
-
-
 def best_scores(queries: np.ndarray, experts: np.ndarray) -> np.ndarray:
     if len(queries) == 0 or len(experts) == 0:
         return np.zeros(0, dtype=np.float32)
@@ -111,7 +109,18 @@ def centroid_texts(spec: ExpertSpec, train_per_expert: int, seed: int = CENTROID
     return texts + extra, len(extra)
 
 
-async def centroid_variant(specs: list[ExpertSpec], embed_many: EmbedMany, *, train_per_expert: int = 32,
+async def description_variant(specs: list[ExpertSpec], embed_many: EmbedMany,
+                              ood_vectors: np.ndarray | None = None) -> Variant:
+    vectors = await embed_chunked(embed_many, [s.description for s in specs])
+    in_vecs = await embed_chunked(embed_many, [x for s in specs for x in s.examples])
+    if ood_vectors is None:
+        ood_vectors = await embed_chunked(embed_many, list(OUT_OF_DOMAIN_PROMPTS))
+    threshold = calibrate(vectors, in_vecs, ood_vectors)
+    return Variant("description", make_index(specs, vectors, threshold), "prompt",
+                   "query vs hand-written description embeddings")
+
+
+async def centroid_variant(specs: list[ExpertSpec], embed_many: EmbedMany, *, train_per_expert: int = 0,
                            ood_vectors: np.ndarray | None = None) -> Variant:
     rows, sources = [], {}
     for s in specs:
@@ -122,7 +131,7 @@ async def centroid_variant(specs: list[ExpertSpec], embed_many: EmbedMany, *, tr
             sources[s.name]["fallback"] = "description"
         rows.append(np.asarray(await embed_chunked(embed_many, texts)).mean(axis=0))
     dim = rows[0].shape[0] if rows else 0
-    vectors = _unit_rows(np.stack(rows)) if rows else np.zeros((0, dim), dtype=np.float32)
+    vectors = unit_rows(np.stack(rows)) if rows else np.zeros((0, dim), dtype=np.float32)
     in_vecs = await embed_chunked(embed_many, [x for s in specs for x in s.examples])
     if ood_vectors is None:
         ood_vectors = await embed_chunked(embed_many, list(OUT_OF_DOMAIN_PROMPTS))
@@ -326,23 +335,24 @@ def _record(ex: EvalExample, top: str | None, latency_ms: float | None, **extra)
             "top": top, "latency_ms": latency_ms, **extra}
 
 
-async def evaluate_routing(router, examples: list[EvalExample], held_in, held_out, *, train_per_expert: int = 32,
+async def evaluate_routing(router, examples: list[EvalExample], held_in, held_out, *, train_per_expert: int = 0,
                            glider: GliderClient | None = None, progress: Progress | None = None) -> dict:
     """{"variants": {name: summary + threshold, note, details}, "records": {name: [...]}} for every variant.
 
-    `router` is a `router.router.Router` whose index is built (`await router.rebuild_index()`): the
-    `description` variant is its own `route()`, the others reuse its global method on their own index.
+    `router` is a `router.router.Router` whose index is built (`await router.rebuild_index()`). The variant it
+    is configured with (`router.expert_vector`) is queried through its own `route()`; the others reuse its
+    global method on their own index.
     """
     say = progress or (lambda _msg: None)
     specs = expert_specs(router.pool)
-    index = router.index
     embed_many = router.embedder.embed_many
     method = router.method("global")
     params = RoutingParams(mode="global")
     prompts = [e.prompt for e in examples]
+    served = router.expert_vector
 
-    # (a) description, through Router.route: per-query latency is the service's embed + score stages.
-    records: dict[str, list[dict]] = {"description": []}
+    # The service's own path, through Router.route: per-query latency is its embed + score stages.
+    records: dict[str, list[dict]] = {served: []}
     embed_ms: list[float] = []
     for n, ex in enumerate(examples, 1):
         t0 = time.perf_counter()
@@ -350,17 +360,23 @@ async def evaluate_routing(router, examples: list[EvalExample], held_in, held_ou
         ms = (time.perf_counter() - t0) * 1000
         embed_ms.append(result.stages.get("embed", 0.0) * 1000)
         experts = [c.model_dump() for c in result.decision.experts]
-        records["description"].append(_record(ex, top_expert(experts), ms,
-                                              score=experts[0]["score"] if experts else None))
+        records[served].append(_record(ex, top_expert(experts), ms,
+                                       score=experts[0]["score"] if experts else None))
         if n % 200 == 0 or n == len(examples):
-            say(f"routing: description {n}/{len(examples)}")
+            say(f"routing: {served} (service path) {n}/{len(examples)}")
 
-    variants: dict[str, Variant] = {"description": Variant(
-        "description", index, "prompt", "query vs description embeddings (the service's router.index)",
-        {"fixed_threshold": router.fixed_threshold})}
     ood_vecs = await embed_chunked(embed_many, list(OUT_OF_DOMAIN_PROMPTS))
-    variants["centroid"] = await centroid_variant(specs, embed_many, train_per_expert=train_per_expert,
-                                                  ood_vectors=ood_vecs)
+    variants: dict[str, Variant] = {
+        "description": await description_variant(specs, embed_many, ood_vecs),
+        "centroid": await centroid_variant(specs, embed_many, ood_vectors=ood_vecs)}
+    if train_per_expert > 0:  # cards with few examples: what more prompts per expert would buy
+        extra = await centroid_variant(specs, embed_many, train_per_expert=train_per_expert, ood_vectors=ood_vecs)
+        variants["centroid+train"] = Variant("centroid+train", extra.index, extra.query_side, extra.note,
+                                             extra.details)
+    variants[served] = Variant(served, router.index, "prompt",
+                               variants[served].note + " (the service's router.index, queried via Router.route)",
+                               {**variants[served].details, "service": True,
+                                "fixed_threshold": router.fixed_threshold})
     generated = await generated_variant(specs, embed_many, ood_vecs)
     if generated is not None:
         variants["generated"] = generated
@@ -368,7 +384,8 @@ async def evaluate_routing(router, examples: list[EvalExample], held_in, held_ou
     instructions: list[dict] | None = None
     if glider is not None:
         try:
-            variants["glider"] = await glider_variant(specs, index.vectors, embed_many, glider, say)
+            variants["glider"] = await glider_variant(specs, variants["description"].index.vectors, embed_many,
+                                                      glider, say)
             instructions = await glider.instructions(prompts, say)
         except (NoLLM, httpx.HTTPError) as exc:
             variants.pop("glider", None)
@@ -382,7 +399,7 @@ async def evaluate_routing(router, examples: list[EvalExample], held_in, held_ou
     instr_vecs = (await embed_chunked(embed_many, [x["instruction"] or "(empty)" for x in instructions])
                   if instructions is not None else None)
     for name, v in variants.items():
-        if name == "description":
+        if name == served:
             continue
         recs = []
         vecs = instr_vecs if v.query_side == "glider" else query_vecs

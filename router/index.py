@@ -1,4 +1,9 @@
-"""The expert index: one unit vector per expert (its description embedding) and the abstain threshold."""
+"""The expert index: one unit vector per expert and the abstain threshold.
+
+An expert's vector is either its description's embedding or the centroid of its card's example queries
+(`EXPERT_VECTORS`); `flock eval` measures both side by side, and the centroid routes far better on the default
+library (see eval/results.md), so it is the default wherever a card carries examples.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,22 @@ from dataclasses import dataclass, field
 import numpy as np
 
 DEFAULT_THRESHOLD = 0.3  # used when the pool's cards carry no examples to calibrate on
+EXPERT_VECTORS = ("centroid", "description")
+
+
+def unit_rows(m: np.ndarray) -> np.ndarray:
+    return (m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def expert_vectors(kind: str, descriptions: np.ndarray, example_vectors: list[np.ndarray]) -> np.ndarray:
+    """One unit row per expert: `description` embeddings, or for `centroid` the normalised mean of the expert's
+    example embeddings (its description's embedding where its card has no examples)."""
+    if kind not in EXPERT_VECTORS:
+        raise ValueError(f"expert vector kind must be one of {EXPERT_VECTORS}, not {kind!r}")
+    if kind == "description" or len(descriptions) == 0:
+        return descriptions.astype(np.float32)
+    rows = [ex.mean(axis=0) if len(ex) else d for d, ex in zip(descriptions, example_vectors)]
+    return unit_rows(np.stack(rows))
 
 
 @dataclass

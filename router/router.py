@@ -18,7 +18,7 @@ from router.cache import RoutingCache, cache_key
 from router.calibration import OUT_OF_DOMAIN_PROMPTS
 from router.decision import RoutingDecision, RoutingParams
 from router.embed import MicroBatcher
-from router.index import ExpertIndex, calibrate_threshold
+from router.index import ExpertIndex, calibrate_threshold, expert_vectors
 from router.methods import RoutingMethod, create_method, method_names
 
 StageObserver = Callable[[str, float], None]
@@ -41,12 +41,14 @@ class Router:
         default_mode: str = "global",
         method_defaults: dict[str, dict] | None = None,
         fixed_threshold: float | None = None,
+        expert_vector: str = "centroid",
     ):
         self.pool = pool
         self.embedder = embedder
         self.cache = cache
         self.default_mode = default_mode
         self.fixed_threshold = fixed_threshold
+        self.expert_vector = expert_vector
         defaults = method_defaults or {}
         self.methods: dict[str, RoutingMethod] = {n: create_method(n, **defaults.get(n, {})) for n in method_names()}
         self.index = ExpertIndex(names=[], vectors=np.zeros((0, embedder.embedder.dim), dtype=np.float32))
@@ -55,23 +57,28 @@ class Router:
 
     # --- index ----------------------------------------------------------------------------------------
     async def rebuild_index(self) -> ExpertIndex:
-        """Embed every expert description and re-calibrate the abstain threshold on the cards' examples."""
+        """Embed every expert (description or example centroid) and re-calibrate the abstain threshold on the
+        cards' examples against general prompts."""
         async with self._rebuild_lock:
             experts = self.pool.experts()
             version = self.pool.version
             descriptions = await self.embedder.embed_many([e.card.description for e in experts])
+            examples = [x for e in experts for x in e.card.examples]
+            in_vecs = await self.embedder.embed_many(examples)
+            bounds = np.cumsum([0] + [len(e.card.examples) for e in experts])
+            per_expert = [in_vecs[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+            vectors = expert_vectors(self.expert_vector, descriptions, per_expert)
             threshold = self.fixed_threshold
             if threshold is None:
-                examples = [x for e in experts for x in e.card.examples]
-                in_vecs = await self.embedder.embed_many(examples)
                 ood_vecs = await self.embedder.embed_many(list(OUT_OF_DOMAIN_PROMPTS))
-                best = lambda v: (v @ descriptions.T).max(axis=1) if len(v) and len(experts) else np.zeros(0)  # noqa: E731
+                best = lambda v: (v @ vectors.T).max(axis=1) if len(v) and len(experts) else np.zeros(0)  # noqa: E731
                 threshold = calibrate_threshold(best(in_vecs), best(ood_vecs))
             self.index = ExpertIndex(
                 names=[e.name for e in experts],
-                vectors=descriptions.astype(np.float32),
+                vectors=vectors,
                 threshold=float(threshold),
-                pool_version=version,
+                # The vector kind changes decisions, so cached ones must not outlive a change of it.
+                pool_version=f"{version}.{self.expert_vector}",
                 ranks={e.name: e.rank for e in experts},
             )
             return self.index

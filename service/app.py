@@ -79,7 +79,7 @@ def build_gateway(settings: Settings, metrics: Metrics) -> Gateway:
     if settings.redis_url:
         cache = RoutingCache(settings.redis_url, settings.cache_ttl_s)
     router = Router(pool, embedder, cache, default_mode=settings.default_mode,
-                    fixed_threshold=settings.abstain_threshold,
+                    fixed_threshold=settings.abstain_threshold, expert_vector=settings.expert_vector,
                     method_defaults={"merge": {"top_k": settings.merge_top_k, "temperature": settings.merge_temperature,
                                                "weight_step": settings.merge_weight_step,
                                                "max_rank": settings.vllm_max_lora_rank}})

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -71,6 +71,10 @@ class Settings(BaseSettings):
 
     # --- routing -------------------------------------------------------------------------------------
     default_mode: str = Field("global", description="Routing mode when a request names none.")
+    expert_vector: Literal["centroid", "description"] = Field(
+        "centroid", description="What a query is compared with: the centroid of each expert card's example "
+        "queries (the description where a card has none), or the description's embedding."
+    )
     merge_top_k: int = Field(2, description="Experts combined by the merge mode.")
     merge_temperature: float = Field(0.05, description="Softmax temperature turning scores into merge weights.")
     merge_weight_step: float = Field(

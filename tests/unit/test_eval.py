@@ -267,13 +267,16 @@ async def test_evaluate_routing_variants(tiny_router, tmp_path):
                                   transport=llm_transport(calls))
     out = await routing.evaluate_routing(tiny_router, examples, ["arithmetic", "text_to_sql"], ["words_to_number"],
                                          train_per_expert=3, glider=glider)
-    assert set(out["variants"]) == {"description", "centroid", "generated", "glider"}
+    assert set(out["variants"]) == {"description", "centroid", "centroid+train", "generated", "glider"}
     d = out["variants"]["description"]
     assert d["top1_held_in"] == 1.0 and d["top1_held_in_test_only"] == 1.0 and d["ood_abstain"] == 1.0
-    assert d["threshold"] == tiny_router.index.threshold and d["latency_ms_p50"] > 0
+    # The router's default (centroid) is the service path: its own index, threshold and route() latency.
     c = out["variants"]["centroid"]
-    assert c["details"]["sources"]["arithmetic"] == {"card_examples": 2, "train_prompts": 3}
+    assert c["details"]["service"] and c["threshold"] == tiny_router.index.threshold and c["latency_ms_p50"] > 0
     assert c["top1_per_task"]["text_to_sql"] == 1.0
+    assert "service" not in d["details"]
+    t = out["variants"]["centroid+train"]
+    assert t["details"]["sources"]["arithmetic"] == {"card_examples": 2, "train_prompts": 3}
     for v in out["variants"].values():
         assert set(v["held_out_distribution"]) == {"words_to_number"}
         assert abs(sum(v["held_out_distribution"]["words_to_number"].values()) - 1) < 1e-9

@@ -7,7 +7,7 @@ import pytest
 
 from router.cache import cache_key, normalise_query
 from router.decision import RoutingParams
-from router.index import DEFAULT_THRESHOLD, ExpertIndex, calibrate_threshold
+from router.index import DEFAULT_THRESHOLD, ExpertIndex, calibrate_threshold, expert_vectors
 from router.methods import create_method, method_names
 
 
@@ -72,3 +72,16 @@ def test_merge_keeps_experts_that_fit_the_max_rank(index):
     method = create_method("merge", top_k=3, temperature=1.0, weight_step=0.05, max_rank=16)
     chosen = method.choose(index.scores(unit(1, 0.9, 0.8)), index, RoutingParams())
     assert [c.name for c in chosen] == ["a", "b"]
+
+
+def test_expert_vectors_centroid_and_description():
+    descriptions = np.stack([unit(1, 0, 0), unit(0, 1, 0)])
+    examples = [np.stack([unit(0, 0, 1), unit(0, 1, 1)]), np.zeros((0, 3), dtype=np.float32)]
+    centroid = expert_vectors("centroid", descriptions, examples)
+    # expert 0: the normalised mean of its examples; expert 1 has none: its description
+    assert np.allclose(centroid[0], unit(0, 0.7071, 1.7071), atol=1e-4)
+    assert np.allclose(centroid[1], descriptions[1])
+    assert np.allclose(np.linalg.norm(centroid, axis=1), 1)
+    assert np.array_equal(expert_vectors("description", descriptions, examples), descriptions)
+    with pytest.raises(ValueError, match="expert vector kind"):
+        expert_vectors("nope", descriptions, examples)
