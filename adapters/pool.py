@@ -102,16 +102,7 @@ class ExpertPool:
         """Read the saved pool; on first start, seed it from the default library directory."""
         if self._state_file.is_file():
             saved = json.loads(self._state_file.read_text())
-            experts = {}
-            for entry in saved.get("experts", []):
-                try:
-                    card = ExpertCard.model_validate({k: entry[k] for k in ("name", "description", "examples", "extra")
-                                                      if k in entry})
-                    expert = self.check(entry["path"], card)
-                except Exception as exc:  # a stored expert whose files went away must not stop the service
-                    log.warning("dropping stored expert %s: %s", entry.get("name"), exc)
-                    continue
-                experts[expert.name] = expert
+            experts = self._from_entries(saved.get("experts", []))
             with self._lock:
                 self._experts = experts
                 self.version = self._fingerprint()
@@ -127,6 +118,34 @@ class ExpertPool:
                 experts[expert.name] = expert
         with self._lock:
             self._commit(experts)
+
+    def entries(self) -> dict[str, dict]:
+        """Every expert as the JSON entry the state file (and the shared registry) stores."""
+        return {e.name: e.to_json() for e in self.experts()}
+
+    def adopt(self, entries: list[dict]) -> set[str]:
+        """Make the pool exactly `entries` (another replica's view); returns the names that were removed or
+        changed, whose adapters backends must drop. Entries that fail validation here are left out."""
+        experts = self._from_entries(entries)
+        with self._lock:
+            old = self._experts
+            changed = {n for n, e in old.items() if n not in experts or experts[n] != e}
+            if changed or set(experts) != set(old):
+                self._commit(experts)
+        return changed
+
+    def _from_entries(self, entries: list[dict]) -> dict[str, Expert]:
+        experts = {}
+        for entry in entries:
+            try:
+                card = ExpertCard.model_validate({k: entry[k] for k in ("name", "description", "examples", "extra")
+                                                  if k in entry})
+                expert = self.check(entry["path"], card)
+            except Exception as exc:  # a stored expert whose files went away must not stop the service
+                log.warning("dropping stored expert %s: %s", entry.get("name"), exc)
+                continue
+            experts[expert.name] = expert
+        return experts
 
     def _commit(self, experts: dict[str, Expert]) -> None:
         # Write first, then swap: a failed write leaves both the file and the in-memory pool unchanged.

@@ -24,6 +24,7 @@ from service.backend import BackendPool
 from service.errors import error_body, install_error_handlers
 from service.gateway import Gateway
 from service.metrics import Metrics
+from service.pool_sync import SharedPool
 from service.settings import Settings, get_settings
 
 log = logging.getLogger("flock")
@@ -101,6 +102,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await gateway.backends.check_all()
         gateway.backends.start()
         gateway.router.embedder.start()
+        if settings.redis_url:
+            gateway.shared = SharedPool(settings.redis_url, gateway.pool, gateway.pool_changed,
+                                        interval_s=settings.pool_sync_s)
+            await gateway.shared.sync_once()
+            gateway.shared.start()
         app.state.gateway = gateway
         app.state.auth = Authenticator(settings.api_keys, settings.admin_keys, settings.api_keys_file,
                                        settings.admin_keys_file)
@@ -115,6 +121,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                  settings.backend_urls, "on" if gateway.router.cache else "off")
         yield
         await gateway.router.drain()
+        if gateway.shared is not None:
+            await gateway.shared.close()
         if limiter_redis is not None:
             await limiter_redis.aclose()
         await gateway.backends.close()

@@ -9,12 +9,13 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
+from typing import TYPE_CHECKING
 
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from adapters.composite import CompositeStore
-from adapters.pool import ExpertPool
+from adapters.pool import Expert, ExpertPool
 from router.decision import ExpertChoice, RoutingDecision, RoutingParams
 from router.router import Router
 from service.backend import Adapter, Backend, BackendPool
@@ -22,6 +23,9 @@ from service.errors import APIError
 from service.metrics import Metrics
 from service.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from service.pool_sync import SharedPool
 
 log = logging.getLogger(__name__)
 AUTO = "auto"
@@ -54,14 +58,25 @@ class Gateway:
         self.backends = backends
         self.composites = composites
         self.metrics = metrics
+        self.shared: SharedPool | None = None  # the registry shared with other replicas (Redis), if any
 
-    async def pool_changed(self, removed: str | None = None) -> None:
-        """Re-embed descriptions and re-calibrate; drop a removed or replaced adapter from every backend.
+    async def pool_changed(self, removed: Iterable[str] = ()) -> None:
+        """Re-embed the experts and re-calibrate; drop removed or replaced adapters from every backend.
         The pool version changed too, so cached decisions and composites of the old pool are no longer used."""
         await self.router.rebuild_index()
-        if removed is not None:
-            await self.backends.unload_everywhere(removed)
+        for name in removed:
+            await self.backends.unload_everywhere(name)
         self.metrics.pool_size.set(len(self.pool))
+
+    async def expert_added(self, expert: Expert, *, replaced: bool) -> None:
+        await self.pool_changed(removed=[expert.name] if replaced else [])
+        if self.shared is not None:
+            await self.shared.published_add(expert)
+
+    async def expert_removed(self, expert: Expert) -> None:
+        await self.pool_changed(removed=[expert.name])
+        if self.shared is not None:
+            await self.shared.published_remove(expert.name)
 
     # --- limits ---------------------------------------------------------------------------------------
     def check_limits(self, body: SamplingFields, text_chars: int) -> None:

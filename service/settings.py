@@ -84,6 +84,8 @@ class Settings(BaseSettings):
         None, description="Fixed abstain threshold. Empty: calibrated from the pool's expert cards."
     )
     cache_ttl_s: int = Field(3600, description="Lifetime of a cached routing decision.")
+    pool_sync_s: float = Field(2.0, description="How often a gateway checks Redis for pool changes made by "
+                               "other gateway replicas.")
 
     # --- access ---------------------------------------------------------------------------------------
     api_keys: Annotated[list[str], NoDecode] = Field(

@@ -53,12 +53,12 @@ def _card(body: ExpertIn, roots) -> ExpertCard:
 async def add_expert(body: ExpertIn, gateway: Gateway = Depends(get_gateway)) -> ExpertOut:
     card = _card(body, gateway.pool.roots)
     expert = await asyncio.to_thread(gateway.pool.add, body.path, card, replace=body.replace)
-    await gateway.pool_changed(removed=expert.name if body.replace else None)
+    await gateway.expert_added(expert, replaced=bool(body.replace))
     return _out(expert)
 
 
 @router.delete("/v1/experts/{name}", responses=ERRORS, dependencies=[Depends(require_admin)])
 async def remove_expert(name: str, gateway: Gateway = Depends(get_gateway)) -> dict:
     expert = await asyncio.to_thread(gateway.pool.remove, name)
-    await gateway.pool_changed(removed=expert.name)
+    await gateway.expert_removed(expert)
     return {"id": name, "object": "expert", "deleted": True}
