@@ -28,7 +28,9 @@ from adapters.validate import CONFIG_FILE, WEIGHTS_FILE
 BASE_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_BASE_DIR = Path(os.environ.get("FLOCK_BASE_MODEL_DIR", f"~/.cache/flock/models/{BASE_NAME}")).expanduser()
 END_OF_TURN = "<|im_end|>"
-NUM_THREADS = 2
+# Threads per training process: 2 uses both cores here; two processes with 1 thread each beat one with 2 when
+# the cores are shared (OpenMP threads stall waiting for a descheduled sibling).
+NUM_THREADS = int(os.environ.get("FLOCK_TRAIN_THREADS", "2"))
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Example queries written into the card: the router's centroid for this expert (train-split prompts only).
 CARD_EXAMPLES = 32

@@ -1,0 +1,161 @@
+"""PHATGOOSE post-hoc gate training for one expert (ROUTING.md; r-three/phatgoose), on CPU.
+
+Every LoRA-wrapped linear of the base model becomes y = W u + sigmoid(v·u) · s B A u, with one gate vector v
+per module initialised to zeros; base and LoRA are frozen and only the v's are trained with the ordinary LM
+loss on the expert's own train data (the same chat-formatted examples and answer-only loss as
+adapters.training). Recipe: 100 steps × 16 examples, AdamW lr 5e-3 (weight decay 0), constant after a 6%
+linear warm-up, gradient clipping at 1.0 as in adapters.training. The trained v's are written as the
+`phatgoose.<module>` keys of the expert's gates.safetensors (adapters.gates); arrow keys are kept.
+
+A new expert needs only its own data: the gates of the other experts are not touched.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from adapters.card import read_card
+from adapters.gates import base_module_name, load_lora, write_gates
+from adapters.mixture_reference import swap_module
+from adapters.tasks import Example, get_task
+from adapters.training import DEFAULT_BASE_DIR, NUM_THREADS, _collate, _lr_factor, encode_example, load_base
+
+
+class SigmoidGatedLoRA(nn.Module):
+    """y = W u + sigmoid(v·u) · s B A u with W, A, B frozen and v trainable (zeros at the start)."""
+
+    def __init__(self, base: nn.Linear, A: torch.Tensor, B: torch.Tensor, scale: float):
+        super().__init__()
+        self.base = base
+        self.register_buffer("A", A.to(base.weight.dtype), persistent=False)  # [r, d_in]
+        self.register_buffer("B", B.to(base.weight.dtype), persistent=False)  # [d_out, r]
+        self.scale = scale
+        self.gate = nn.Parameter(torch.zeros(A.shape[1], dtype=base.weight.dtype))  # v, [d_in]
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        g = torch.sigmoid(u @ self.gate).unsqueeze(-1)  # [..., 1]
+        return self.base(u) + g * ((u @ self.A.T) @ self.B.T) * self.scale
+
+
+def expert_task_name(expert_dir: Path) -> str:
+    """The task an expert was trained on: its card's recipe, else the card's name, else the directory name."""
+    card = read_card(Path(expert_dir))
+    if card is not None:
+        return str(card.extra.get("recipe", {}).get("task") or card.name)
+    return Path(expert_dir).name
+
+
+def train_phatgoose_gates(
+    expert_dir: Path,
+    *,
+    examples: Sequence[Example] | None = None,
+    task_name: str | None = None,
+    steps: int = 100,
+    batch_size: int = 16,
+    lr: float = 5e-3,
+    warmup_frac: float = 0.06,
+    seed: int = 0,
+    progress: Callable[[str], None] = print,
+    base: tuple | None = None,
+    base_dir: Path = DEFAULT_BASE_DIR,
+    write: bool = True,
+) -> dict:
+    """Train the expert's PHATGOOSE gate vectors and (write=True) store them beside it.
+
+    Data: `examples` if given, else `steps × batch_size` train examples of `task_name` (default: the expert's
+    task, see expert_task_name) generated with `seed`. `base` is an already loaded (model, tokenizer) from
+    adapters.training.load_base, used in place and restored afterwards; without it the base is loaded from
+    `base_dir`. Returns a summary: expert, task, final_loss, seconds, seconds_per_step, recipe, gates
+    ({PEFT module name: v [d_in]}).
+    """
+    expert_dir = Path(expert_dir)
+    name = expert_dir.name
+    torch.set_num_threads(NUM_THREADS)
+    torch.manual_seed(seed)
+    model, tokenizer = base if base is not None else load_base(base_dir)
+    factors, scale = load_lora(expert_dir)
+
+    if examples is None:
+        task_name = task_name or expert_task_name(expert_dir)
+        examples = get_task(task_name).generate("train", steps * batch_size, seed)
+    encoded = [encode_example(tokenizer, e) for e in examples]
+    random.Random(seed).shuffle(encoded)
+    if not encoded:
+        raise ValueError("no training examples")
+
+    recipe = {"method": "phatgoose", "steps": steps, "batch_size": batch_size, "lr": lr, "optimizer": "AdamW",
+              "weight_decay": 0.0, "schedule": "constant", "warmup_frac": warmup_frac, "grad_clip": 1.0,
+              "seed": seed, "task": task_name, "train_examples": len(encoded), "gate_init": "zeros",
+              "loss": "assistant answer + end-of-turn tokens", "dtype": "float32"}
+
+    gated: dict[str, SigmoidGatedLoRA] = {}
+    originals: dict[str, nn.Module] = {}
+    was_training = model.training
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in frozen:
+            p.requires_grad_(False)
+        for module, (a, b) in factors.items():
+            target = base_module_name(module)
+            linear = model.get_submodule(target)
+            if not isinstance(linear, nn.Linear):
+                raise TypeError(f"{target} is {type(linear).__name__}, expected nn.Linear")
+            gated[module] = SigmoidGatedLoRA(linear, a, b, scale)
+            originals[target] = swap_module(model, target, gated[module])
+        params = [g.gate for g in gated.values()]
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        warmup = max(1, round(warmup_frac * steps))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, steps, warmup, "constant"))
+        progress(f"[{name}] training PHATGOOSE gates on {len(gated)} modules ({sum(p.numel() for p in params)} "
+                 f"params), {steps} steps x {batch_size}, lr {lr}")
+
+        model.train()
+        pad_id = tokenizer.pad_token_id
+        t0 = time.perf_counter()
+        window_loss, window_n, window_tokens, window_t = 0.0, 0, 0, t0
+        final_loss = float("nan")
+        for step in range(steps):
+            batch = [encoded[(step * batch_size + i) % len(encoded)] for i in range(batch_size)]  # wraps if few
+            inputs = _collate(batch, pad_id)
+            loss = model(**inputs).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            window_loss += loss.item()
+            window_n += 1
+            window_tokens += int(inputs["attention_mask"].sum())
+            if (step + 1) % 10 == 0 or step + 1 == steps:
+                now = time.perf_counter()
+                final_loss = window_loss / window_n
+                per_step = (now - t0) / (step + 1)
+                progress(
+                    f"[{name}] gates step {step + 1}/{steps} loss {final_loss:.4f} "
+                    f"lr {scheduler.get_last_lr()[0]:.2e} {window_tokens / max(now - window_t, 1e-9):.0f} tok/s "
+                    f"ETA {per_step * (steps - step - 1):.0f}s"
+                )
+                window_loss, window_n, window_tokens, window_t = 0.0, 0, 0, now
+        seconds = time.perf_counter() - t0
+        gates = {m: g.gate.detach().clone() for m, g in gated.items()}
+    finally:
+        for target, linear in originals.items():
+            swap_module(model, target, linear)
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+    summary = {"expert": name, "task": task_name, "final_loss": final_loss, "seconds": seconds,
+               "seconds_per_step": seconds / max(1, steps), "recipe": recipe}
+    if write:
+        write_gates(expert_dir, "phatgoose", gates, {**recipe, "final_loss": final_loss,
+                                                    "seconds": round(seconds, 2)})
+        progress(f"[{name}] PHATGOOSE gates written to {expert_dir / 'gates.safetensors'} ({seconds:.0f}s)")
+    return {**summary, "gates": gates}
