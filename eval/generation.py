@@ -2,7 +2,8 @@
 
 Modes: `base` (model = the base model), `oracle` (model = the task's own expert; tasks without one in the
 served pool, i.e. held-out and ood, use the base model) and every other name is a routing mode sent as
-`model: "auto", routing: {"mode": name}` (so modes added to the router later are evaluated as they are).
+`model: "auto", routing: {"mode": name}` (so modes added to the router later are evaluated as they are);
+`name:alpha=3,top_k=1` sends those routing parameters too.
 """
 
 from __future__ import annotations
@@ -36,8 +37,18 @@ def request_body(mode: str, ex: EvalExample, base_model: str, experts: set[str],
         body["model"] = ex.task if ex.task in experts else base_model
     else:
         body["model"] = "auto"
-        body["routing"] = {"mode": mode}
+        body["routing"] = routing_params(mode)
     return body
+
+
+def routing_params(mode: str) -> dict:
+    """'glider' -> {"mode": "glider"}; 'glider:alpha=3,top_k=1' -> with those parameters (variants of a mode)."""
+    name, _, rest = mode.partition(":")
+    params: dict = {"mode": name}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        params[key.strip()] = int(value) if key.strip() == "top_k" else float(value)
+    return params
 
 
 async def served_experts(client: httpx.AsyncClient, gateway: str, base_model: str) -> set[str]:
@@ -49,7 +60,7 @@ async def served_experts(client: httpx.AsyncClient, gateway: str, base_model: st
 
 async def check_mode(client: httpx.AsyncClient, gateway: str, mode: str) -> str | None:
     """None if the gateway knows routing mode `mode`, else its error message (POST /v1/route, no generation)."""
-    r = await client.post(f"{gateway}/v1/route", json={"prompt": "hello", "routing": {"mode": mode}})
+    r = await client.post(f"{gateway}/v1/route", json={"prompt": "hello", "routing": routing_params(mode)})
     if r.status_code == 200:
         return None
     try:

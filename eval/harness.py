@@ -26,13 +26,14 @@ from eval.stack import EvalStack, say
 from eval.testset import EVAL_SEED, build_test_set, default_tasks, describe
 from service.settings import Settings
 
-DEFAULT_MODES = "base,oracle,global,merge"
+DEFAULT_MODES = "base,oracle,global,merge,arrow,phatgoose,glider"
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("eval", help="routing-quality benchmark of the expert library (accuracy by mode)")
     p.add_argument("--modes", default=DEFAULT_MODES,
-                   help="comma-separated: base, oracle and routing modes (default %(default)s)")
+                   help="comma-separated: base, oracle and routing modes, a mode with parameters as "
+                        "glider:alpha=3+top_k=1 (default %(default)s)")
     p.add_argument("--n-per-task", type=int, default=50, help="test examples per task (default %(default)s)")
     p.add_argument("--out", default="eval", help="directory for results.json, results.md, results.png")
     p.add_argument("--backend", help="use this running vLLM instead of starting one (also the GLIDER LLM)")
@@ -49,7 +50,9 @@ def add_parser(subparsers) -> None:
 
 
 def parse_modes(text: str) -> list[str]:
-    return list(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
+    """'base,glider:alpha=3+top_k=1' -> ['base', 'glider:alpha=3,top_k=1'] ('+' separates a mode's parameters
+    on the command line, where ',' separates modes)."""
+    return list(dict.fromkeys(m.strip().replace("+", ",") for m in text.split(",") if m.strip()))
 
 
 def build_offline_gateway(settings: Settings, library: Path, state_dir: Path):

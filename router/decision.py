@@ -11,9 +11,20 @@ class ExpertChoice(BaseModel):
     score: float | None = Field(None, description="Global router score (cosine similarity); null if not routed.")
 
 
+class GateParams(BaseModel):
+    """Per-token gating of the chosen experts (modes arrow, phatgoose, glider): s = local + α·global, top-k."""
+
+    local: str = Field(description="Local gate signal: 'phatgoose' or 'arrow'.")
+    alpha: float = Field(description="Weight of the global score.")
+    top_k: int = Field(description="Experts mixed per token.")
+
+
 class RoutingDecision(BaseModel):
     mode: str = Field(description="Routing mode used: a method name, 'direct' (expert by name) or 'base'.")
     experts: list[ExpertChoice] = Field(default_factory=list, description="Empty: the base model answered.")
+    gate: GateParams | None = Field(None, description="Set for per-token modes: the experts are candidates, "
+                                    "mixed per token and per layer; their weight is their share under the "
+                                    "global term alone.")
     cached: bool = False
 
 

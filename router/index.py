@@ -37,6 +37,7 @@ class ExpertIndex:
     threshold: float = DEFAULT_THRESHOLD
     pool_version: str = ""
     ranks: dict[str, int] = field(default_factory=dict)
+    gates: dict[str, frozenset[str]] = field(default_factory=dict)  # local gate kinds each expert has stored
 
     def scores(self, query: np.ndarray) -> np.ndarray:
         """Cosine similarity of a unit query vector with every expert."""

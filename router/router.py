@@ -31,6 +31,12 @@ class RouteResult:
     cache: str  # hit, miss, bypass (Redis down) or off (no cache configured)
 
 
+def _gate_kinds(experts) -> dict[str, frozenset[str]]:
+    from adapters.gates import KINDS, has_gates
+
+    return {e.name: frozenset(k for k in KINDS if has_gates(e.path, k)) for e in experts}
+
+
 class Router:
     def __init__(
         self,
@@ -80,6 +86,7 @@ class Router:
                 # The vector kind changes decisions, so cached ones must not outlive a change of it.
                 pool_version=f"{version}.{self.expert_vector}",
                 ranks={e.name: e.rank for e in experts},
+                gates=await asyncio.to_thread(_gate_kinds, experts),
             )
             return self.index
 
@@ -127,4 +134,5 @@ class Router:
     def decide(vector: np.ndarray, method: RoutingMethod, params: RoutingParams, index: ExpertIndex) -> RoutingDecision:
         """The pure part: a query vector and a method give a decision (no I/O; used by `flock bench`)."""
         scores = index.scores(vector)
-        return RoutingDecision(mode=method.name, experts=method.choose(scores, index, params))
+        experts = method.choose(scores, index, params)
+        return RoutingDecision(mode=method.name, experts=experts, gate=method.gate(params) if experts else None)

@@ -79,11 +79,14 @@ def build_gateway(settings: Settings, metrics: Metrics) -> Gateway:
     cache = None
     if settings.redis_url:
         cache = RoutingCache(settings.redis_url, settings.cache_ttl_s)
+    gated = {"top_k": settings.gate_top_k, "max_rank": settings.vllm_max_lora_rank}
     router = Router(pool, embedder, cache, default_mode=settings.default_mode,
                     fixed_threshold=settings.abstain_threshold, expert_vector=settings.expert_vector,
                     method_defaults={"merge": {"top_k": settings.merge_top_k, "temperature": settings.merge_temperature,
                                                "weight_step": settings.merge_weight_step,
-                                               "max_rank": settings.vllm_max_lora_rank}})
+                                               "max_rank": settings.vllm_max_lora_rank},
+                                     "phatgoose": gated, "arrow": gated,
+                                     "glider": {**gated, "alpha": settings.glider_alpha}})
     backends = BackendPool(settings.backend_urls, metrics, connect_timeout_s=settings.backend_connect_timeout_s,
                            read_timeout_s=settings.backend_timeout_s)
     composites = CompositeStore(settings.composites_dir)

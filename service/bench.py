@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import torch
 
 from service.settings import Settings
 from service.stack import LocalStack
@@ -52,12 +53,20 @@ def write_experts(settings: Settings, root: Path) -> Path:
     from adapters.synthetic import write_random_lora
     from adapters.validate import ModelShape
 
+    from adapters.gates import compute_arrow_gates, load_lora, write_gates
+
     shape = ModelShape.from_model_dir(settings.resolved_base_model_dir)
     for seed, (name, description) in enumerate(TOPICS.items()):
-        write_random_lora(root / name, shape=shape, base_name=settings.base_model_name, seed=seed,
-                          rank=8, alpha=16, strength=0.05,
-                          targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-                          card=ExpertCard(name=name, description=description))
+        path = write_random_lora(root / name, shape=shape, base_name=settings.base_model_name, seed=seed,
+                                 rank=8, alpha=16, strength=0.05,
+                                 targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                                 card=ExpertCard(name=name, description=description))
+        # Gate signals so the per-token modes can be timed: real Arrow prototypes, random PHATGOOSE vectors
+        # (their values change which expert a token picks, not what a token costs).
+        compute_arrow_gates(path)
+        gen = torch.Generator().manual_seed(seed)
+        factors, _ = load_lora(path)
+        write_gates(path, "phatgoose", {m: torch.randn(a.shape[1], generator=gen) for m, (a, _) in factors.items()})
     return root
 
 
@@ -175,18 +184,32 @@ async def mixed_adapters(stack: LocalStack, rounds: int, requests: int = 16) -> 
             "ratio": statistics.median(mixed) / statistics.median(single)}
 
 
+DECODE_MODES = ("base", "expert", "merge", "glider")
+
+
 async def decode_throughput(stack: LocalStack, batches: tuple[int, ...]) -> dict:
-    """Decode tokens/s straight to vLLM at several batch sizes: base model and one expert."""
+    """Decode tokens/s at several batch sizes for the base model, one expert, a merge composite and a glider
+    (per-token gated) composite. All go through the gateway, so the routed modes run exactly as served; the
+    same prompt in every request of a batch keeps the routed ones on one composite."""
     out: dict = {}
+    prompt = TOPICS["cooking"]
+    bodies = {"base": {"model": stack.settings.base_model_name}, "expert": {"model": "cooking"},
+              "merge": {"model": "auto", "routing": {"mode": "merge"}},
+              "glider": {"model": "auto", "routing": {"mode": "glider"}}}
     async with httpx.AsyncClient(timeout=600) as client:
-        for model, label in ((stack.settings.base_model_name, "base"), ("cooking", "expert")):
+        url = f"{stack.gateway}/v1/chat/completions"
+        for label in DECODE_MODES:
+            body = {**_body("", prompt), **bodies[label]}
+            _, warm = await _timed(client, url, {**body, "max_tokens": 2})  # builds and loads the composite
+            out[f"{label}_experts"] = [e["name"] for e in warm.get("routing", {}).get("experts", [])]
             for b in batches:
                 t0 = time.perf_counter()
-                outs = await asyncio.gather(*(_timed(client, f"{stack.vllm}/v1/chat/completions",
-                                                     _body(model, f"Write about item {i}.")) for i in range(b)))
+                outs = await asyncio.gather(*(_timed(client, url, body) for _ in range(b)))
                 out[f"{label}_b{b}_tok_s"] = sum(x["usage"]["completion_tokens"] for _, x in outs) / (
                     time.perf_counter() - t0)
                 say(f"  decode {label} batch {b}: {out[f'{label}_b{b}_tok_s']:.1f} tok/s")
+    for b in batches:
+        out[f"glider_over_expert_b{b}"] = out[f"glider_b{b}_tok_s"] / out[f"expert_b{b}_tok_s"]
     return out
 
 
@@ -413,7 +436,8 @@ async def run(settings: Settings, backend: str | None, quick: bool) -> dict:
             "external_backend": backend,
         },
         "workload": {"max_tokens": MAX_TOKENS, "ignore_eos": True, "rounds_c1": rounds1, "rounds_c16": rounds16,
-                     "experts": "8 synthetic rank-8 all-linear LoRAs"},
+                     "experts": "8 synthetic rank-8 all-linear LoRAs (Arrow gates computed, PHATGOOSE gates random)",
+                     "decode": "through the gateway, same prompt per batch, 32 tokens, ignore_eos"},
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "quick": quick,
@@ -442,7 +466,9 @@ def table(result: dict) -> str:
             goal = f"{goals[key][0]} {goals[key][1]:g}" if key in goals else ""
             rows.append(f"| `{key}` | {value:.3f} | {goal} |")
     for key, value in result["decode_tok_s"].items():
-        rows.append(f"| decode `{key}` | {value:.1f} | |")
+        if isinstance(value, float):
+            goal = ">= 0.7" if key == "glider_over_expert_b8" else ""
+            rows.append(f"| decode `{key}` | {value:.2f} | {goal} |")
     return "\n".join(rows)
 
 
@@ -468,8 +494,8 @@ def chart(result: dict, path: Path) -> bool:
     axes[1].set_xlabel("experts in pool")
     axes[1].legend()
     d = result["decode_tok_s"]
-    batches = sorted({int(k.split("_b")[1].split("_")[0]) for k in d})
-    for label in ("base", "expert"):
+    batches = sorted({int(k.split("_b")[1].split("_")[0]) for k in d if k.endswith("_tok_s")})
+    for label in DECODE_MODES:
         axes[2].plot(batches, [d[f"{label}_b{b}_tok_s"] for b in batches], marker="o", label=label)
     axes[2].set_title("decode tokens/s by batch size")
     axes[2].set_xlabel("concurrent requests")

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from adapters.composite import CompositeStore
+from adapters.gated_composite import GateSpec, GatedCompositeStore
 from adapters.pool import Expert, ExpertPool
 from router.decision import ExpertChoice, RoutingDecision, RoutingParams
 from router.router import Router
@@ -57,6 +58,7 @@ class Gateway:
         self.router = router
         self.backends = backends
         self.composites = composites
+        self.gated = GatedCompositeStore(settings.composites_dir / "gated")
         self.metrics = metrics
         self.shared: SharedPool | None = None  # the registry shared with other replicas (Redis), if any
 
@@ -129,6 +131,12 @@ class Gateway:
             resolved.append((choice.name, choice.weight, expert.path))
         if len(resolved) == 1:
             return Adapter(name=resolved[0][0], path=resolved[0][2])
+        if decision.gate is not None:  # per-token modes: candidates + global scores + gate signals, one adapter
+            g = decision.gate
+            parts = [(c.name, c.score or 0.0, p) for c, (_, _, p) in zip(experts, resolved)]
+            spec = GateSpec(kind=g.local, alpha=g.alpha, top_k=g.top_k)
+            cid, path = await asyncio.to_thread(self.gated.ensure, self.pool.version, parts, spec)
+            return Adapter(name=cid, path=path, kind="composite")
         cid, path = await asyncio.to_thread(self.composites.ensure, self.pool.version, resolved)
         return Adapter(name=cid, path=path, kind="composite")
 

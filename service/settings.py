@@ -61,7 +61,9 @@ class Settings(BaseSettings):
     # --- the vLLM engine that `flock serve` manages --------------------------------------------------
     vllm_port: int = Field(8100, description="Port of the managed vLLM server.")
     vllm_max_loras: int = Field(8, description="Distinct adapters in one batch (vLLM --max-loras).")
-    vllm_max_lora_rank: int = Field(32, description="Largest adapter rank, composites included.")
+    vllm_max_lora_rank: int = Field(
+        64, description="Largest adapter rank, composites included (a gated composite of C rank-r experts has "
+        "rank C·(r+1)+1: 51 for the 10 rank-4 experts of the default library).")
     vllm_max_cpu_loras: int = Field(16, description="Adapters kept in host memory (vLLM --max-cpu-loras).")
     vllm_max_model_len: int = Field(2048, description="Context length served.")
     vllm_max_num_seqs: int = Field(32, description="Sequences in one batch.")
@@ -80,6 +82,10 @@ class Settings(BaseSettings):
     merge_weight_step: float = Field(
         0.05, description="Merge weights are rounded to this step so composites are reused across queries."
     )
+    gate_top_k: int = Field(2, description="Experts mixed per token by the per-token modes (arrow, phatgoose, "
+                            "glider).")
+    glider_alpha: float = Field(100.0, description="Weight of the global score in glider mode "
+                                "(s = local + α·global).")
     abstain_threshold: float | None = Field(
         None, description="Fixed abstain threshold. Empty: calibrated from the pool's expert cards."
     )

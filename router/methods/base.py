@@ -11,7 +11,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from router.decision import ExpertChoice, RoutingParams
+from router.decision import ExpertChoice, GateParams, RoutingParams
 from router.index import ExpertIndex
 
 _METHODS: dict[str, type[RoutingMethod]] = {}
@@ -30,6 +30,10 @@ class RoutingMethod(ABC):
     def cache_params(self, params: RoutingParams) -> dict:
         """The parameters the decision depends on: part of the routing-cache key."""
         return {}
+
+    def gate(self, params: RoutingParams) -> GateParams | None:
+        """Per-token modes: how the engine mixes the chosen experts. None: fixed weights."""
+        return None
 
 
 def register(cls: type[RoutingMethod]) -> type[RoutingMethod]:

@@ -26,7 +26,7 @@ def bad_adapters(expert_root: Path, shape) -> dict[str, Path]:
     cfg = json.loads((out["wrong_base"] / "adapter_config.json").read_text())
     cfg["base_model_name_or_path"] = "meta-llama/Llama-3-8B"
     (out["wrong_base"] / "adapter_config.json").write_text(json.dumps(cfg))
-    out["rank_too_high"] = good("bad_rank", 51, rank=64)
+    out["rank_too_high"] = good("bad_rank", 51, rank=128)
     out["corrupt_weights"] = good("bad_corrupt", 52)
     (out["corrupt_weights"] / "adapter_model.safetensors").write_bytes(b"\x00garbage" * 100)
     out["not_lora"] = good("bad_ia3", 53)

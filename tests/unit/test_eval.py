@@ -372,3 +372,11 @@ def test_test_set_is_fixed_and_marks_test_only_phrasings():
     assert {"arithmetic", "time_24h", "ood"} <= tasks and all(sum(x.task == t for x in a) == 6 for t in tasks)
     from adapters.tasks import TASKS
     assert all(e.test_only == (e.phrasing_id in TASKS[e.task].test_only_ids) for e in a)
+
+
+def test_mode_variants_carry_routing_parameters():
+    from eval.generation import routing_params
+
+    assert harness.parse_modes("base, glider:alpha=3+top_k=1,glider") == ["base", "glider:alpha=3,top_k=1", "glider"]
+    assert routing_params("glider:alpha=3,top_k=1") == {"mode": "glider", "alpha": 3.0, "top_k": 1}
+    assert routing_params("merge") == {"mode": "merge"}

@@ -1,0 +1,164 @@
+"""Gated composites: a per-token routing decision (arrow, phatgoose, glider) written as ONE LoRA directory.
+
+The global router picks C candidate experts and their global scores; the per-token gate (router/gating.py)
+then mixes them inside the engine's batch. vLLM applies one adapter per request, so the whole decision travels
+as one adapter whose rank blocks are the candidates' factors, plus, per module, one gate row per candidate and a
+header row that flock's vLLM plugin (adapters/vllm_plugin.py) recognises:
+
+    A rows:  A_1 … A_C  |  gate_1 … gate_C  |  header          (rank R = Σ r_e + C + 1)
+    B cols:  s_1 B_1 … s_C B_C  |  0 … 0  |  0
+
+The shrink x·Aᵀ then yields, for free, each token's projections on the gate rows:
+- phatgoose/glider: gate_e = LN(v_e)/√d, so LN(u)·LN(v_e)/√d = (u·gate_e − mean(u)·Σgate_e) / std(u);
+- arrow: gate_e = p_e/T, so |u·p_e|/T = |u·gate_e|;
+and the plugin turns them into weights (s = local + α·global, top-k, softmax over the kept) that scale each
+candidate's block before the expand. The header holds what the gate needs, as small integers and bf16-exact
+values (the engine stores adapters in bf16):
+
+    [MAGIC, kind, C, k, α, r_1…r_C, round(100·g_1)…round(100·g_C), present_1…present_C, …, −MAGIC]
+
+Global scores are quantised to 0.01 (also so that nearby queries share a composite). An engine without the plugin
+would add every candidate's full delta: gated composites are for flock's vLLM backends only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from adapters.composite import lora_scale
+from adapters.gates import read_gates
+from adapters.validate import CONFIG_FILE, WEIGHTS_FILE
+from router.gating import standardize
+
+GATED_PREFIX = "flock-gated-"
+MAGIC = 77.0
+KINDS = {"phatgoose": 1, "arrow": 2}
+HEADER_FIXED = 5  # MAGIC, kind, C, k, alpha
+SCORE_SCALE = 100  # global scores are stored as round(100·g)
+
+
+def header_width(candidates: int) -> int:
+    return HEADER_FIXED + 3 * candidates + 1
+
+
+def bf16_exact(value: float) -> float:
+    """The value the engine will read back from a bf16 header."""
+    return float(torch.tensor(value, dtype=torch.float32).to(torch.bfloat16).float())
+
+
+def quantise_score(g: float) -> float:
+    return round(g * SCORE_SCALE) / SCORE_SCALE
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    """How the candidates of one decision are mixed per token."""
+
+    kind: str  # "phatgoose" (glider is phatgoose with α > 0) or "arrow"
+    alpha: float
+    top_k: int
+    temperature: float = 1.0  # arrow only
+
+    def normalised(self) -> GateSpec:
+        return GateSpec(self.kind, bf16_exact(self.alpha), self.top_k, self.temperature)
+
+
+def gated_rank(ranks: Sequence[int]) -> int:
+    return sum(ranks) + len(ranks) + 1
+
+
+def build_gated(parts: Sequence[tuple[str, float, Path]], spec: GateSpec) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, adapter_config) of the gated composite of `parts` = (name, global score, adapter dir)."""
+    if spec.kind not in KINDS:
+        raise ValueError(f"gate kind must be one of {sorted(KINDS)}")
+    spec = spec.normalised()
+    configs = [json.loads((Path(d) / CONFIG_FILE).read_text()) for _, _, d in parts]
+    loaded = [load_file(str(Path(d) / WEIGHTS_FILE)) for _, _, d in parts]
+    gates = [read_gates(Path(d), spec.kind) for _, _, d in parts]
+    ranks = [c["r"] for c in configs]
+    n = len(parts)
+    modules = sorted({k.rsplit(".lora_", 1)[0] for t in loaded for k in t})
+    out: dict[str, torch.Tensor] = {}
+    for module in modules:
+        ref_a = next(t[f"{module}.lora_A.weight"] for t in loaded if f"{module}.lora_A.weight" in t)
+        ref_b = next(t[f"{module}.lora_B.weight"] for t in loaded if f"{module}.lora_B.weight" in t)
+        d_in, d_out = ref_a.shape[1], ref_b.shape[0]
+        if d_in < header_width(n):
+            raise ValueError(f"{module}: input width {d_in} too small for a header of {n} candidates")
+        a_blocks, b_blocks, gate_rows, present = [], [], [], []
+        for tensors, config, rank, gate in zip(loaded, configs, ranks, gates):
+            a = tensors.get(f"{module}.lora_A.weight")
+            g = gate.get(module)
+            if a is None or g is None:  # no LoRA (or no gate) on this module: a zero block the gate never picks
+                if a is not None and g is None:
+                    raise ValueError(f"expert has no {spec.kind} gate for {module}: run `flock train-gates`")
+                a_blocks.append(torch.zeros(rank, d_in))
+                b_blocks.append(torch.zeros(d_out, rank))
+                gate_rows.append(torch.zeros(d_in))
+                present.append(0.0)
+                continue
+            a_blocks.append(a.float())
+            b_blocks.append(tensors[f"{module}.lora_B.weight"].float() * lora_scale(config))
+            g = g.float()
+            gate_rows.append(standardize(g) / math.sqrt(d_in) if spec.kind == "phatgoose" else g / spec.temperature)
+            present.append(1.0)
+        header = torch.zeros(d_in)
+        values = [MAGIC, float(KINDS[spec.kind]), float(n), float(spec.top_k), spec.alpha, *map(float, ranks),
+                  *(float(round(score * SCORE_SCALE)) for _, score, _ in parts), *present]
+        header[: len(values)] = torch.tensor(values)
+        header[-1] = -MAGIC
+        out[f"{module}.lora_A.weight"] = torch.cat([*a_blocks, torch.stack(gate_rows), header[None]]).contiguous()
+        out[f"{module}.lora_B.weight"] = torch.cat([*b_blocks, torch.zeros(d_out, n + 1)], dim=1).contiguous()
+    total = gated_rank(ranks)
+    targets = sorted({m.rsplit(".", 1)[1] for m in modules})
+    config = {**configs[0], "r": total, "lora_alpha": total, "use_rslora": False, "target_modules": targets,
+              "rank_pattern": {}, "alpha_pattern": {}}
+    return {k: v.to(torch.bfloat16) for k, v in out.items()}, config
+
+
+class GatedCompositeStore:
+    """Builds each gated composite once per (pool version, candidates, quantised scores, gate spec)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def composite_id(pool_version: str, parts: Sequence[tuple[str, float]], spec: GateSpec) -> str:
+        spec = spec.normalised()
+        key = json.dumps([pool_version, [[n, quantise_score(s)] for n, s in parts],
+                          [spec.kind, spec.alpha, spec.top_k, spec.temperature]])
+        return GATED_PREFIX + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+    def ensure(self, pool_version: str, parts: Sequence[tuple[str, float, Path]], spec: GateSpec
+               ) -> tuple[str, Path]:
+        parts = [(n, quantise_score(s), Path(p)) for n, s, p in parts]
+        cid = self.composite_id(pool_version, [(n, s) for n, s, _ in parts], spec)
+        target = self.root / cid
+        if (target / WEIGHTS_FILE).is_file():
+            return cid, target
+        with self._lock:
+            if (target / WEIGHTS_FILE).is_file():
+                return cid, target
+            tensors, config = build_gated(parts, spec)
+            tmp = self.root / f".{cid}.tmp{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+            (tmp / "composite.json").write_text(json.dumps({
+                "pool_version": pool_version, "gate": spec.normalised().__dict__,
+                "experts": [{"name": n, "global_score": s, "path": str(p)} for n, s, p in parts]}, indent=2))
+            os.replace(tmp, target)
+        return cid, target

@@ -1,0 +1,71 @@
+"""Per-token modes: `phatgoose`, `arrow` and `glider`. The global router picks the candidates; the engine mixes
+them per token and per layer (adapters/gated_composite.py, adapters/vllm_plugin.py, router/gating.py).
+
+Candidates are the experts with the needed gate signals, best global score first, as many as fit the backend's
+LoRA rank (a gated composite has rank Σ r_e + C + 1). Like `global` and `merge`, these modes answer with the base
+model when the best global score is below the abstain threshold: the local gates have no "none of us" option.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from router.decision import ExpertChoice, GateParams, RoutingParams
+from router.index import ExpertIndex
+from router.methods.base import RoutingMethod, register
+
+
+class GatedRouting(RoutingMethod):
+    local: str = "phatgoose"
+    uses_global: bool = True
+
+    def alpha(self, params: RoutingParams) -> float:
+        if not self.uses_global:
+            return 0.0
+        return float(params.alpha if params.alpha is not None else self.defaults.get("alpha", 0.0))
+
+    def top_k(self, params: RoutingParams) -> int:
+        return params.top_k or int(self.defaults.get("top_k", 2))
+
+    def cache_params(self, params: RoutingParams) -> dict:
+        return {"alpha": self.alpha(params), "top_k": self.top_k(params)}
+
+    def choose(self, scores: np.ndarray, index: ExpertIndex, params: RoutingParams) -> list[ExpertChoice]:
+        order = [i for i in index.top(scores, len(scores)) if self.local in index.gates.get(index.names[i], ())]
+        if not order or scores[index.top(scores, 1)[0]] < index.threshold:
+            return []
+        max_rank = int(self.defaults.get("max_rank", 1 << 30))
+        kept, rank = [], 1
+        for i in order[: int(self.defaults.get("max_candidates", 16))]:
+            rank += index.ranks.get(index.names[i], 0) + 1
+            if kept and rank > max_rank:
+                break
+            kept.append(i)
+        prior = np.exp(self.alpha(params) * (scores[kept] - scores[kept].max()))
+        prior /= prior.sum()
+        return [ExpertChoice(name=index.names[i], weight=round(float(w), 4), score=round(float(scores[i]), 6))
+                for i, w in zip(kept, prior)]
+
+    def gate(self, params: RoutingParams) -> GateParams:
+        return GateParams(local=self.local, alpha=self.alpha(params), top_k=self.top_k(params))
+
+
+@register
+class PhatgooseRouting(GatedRouting):
+    name = "phatgoose"
+    local = "phatgoose"
+    uses_global = False
+
+
+@register
+class ArrowRouting(GatedRouting):
+    name = "arrow"
+    local = "arrow"
+    uses_global = False
+
+
+@register
+class GliderRouting(GatedRouting):
+    name = "glider"
+    local = "phatgoose"
+    uses_global = True

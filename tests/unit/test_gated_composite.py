@@ -1,0 +1,162 @@
+"""Gated composites and the vLLM plugin's per-token gate, against the gate math of router/gating.py.
+
+The plugin's ops are called exactly as vLLM's CPU punica wrapper calls them (stacked, rank-padded bf16 weights,
+one slot index per token, a float32 shrink buffer), with a gated composite, a plain adapter and no adapter in one
+batch; the expected output is computed independently from the experts' own factors and gates.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from adapters import vllm_plugin
+from adapters.gated_composite import GateSpec, GatedCompositeStore, build_gated, gated_rank, quantise_score
+from adapters.gates import write_gates
+from adapters.validate import CONFIG_FILE, WEIGHTS_FILE
+from router.gating import arrow_prototype, arrow_logits, combine, phatgoose_logits
+
+MODULE = "base_model.model.model.layers.0.self_attn.q_proj"
+D_IN, D_OUT, RANK, MAX_RANK = 64, 48, 4, 64
+
+
+def write_expert(path, seed: int, *, alpha: int = 16, missing: bool = False):
+    gen = torch.Generator().manual_seed(seed)
+    a = (torch.randn(RANK, D_IN, generator=gen) / D_IN**0.5).to(torch.bfloat16)
+    b = (torch.randn(D_OUT, RANK, generator=gen) * 0.3).to(torch.bfloat16)
+    other = "base_model.model.model.layers.0.self_attn.v_proj"
+    tensors = {f"{other}.lora_A.weight": a.clone(), f"{other}.lora_B.weight": b.clone()}
+    if not missing:
+        tensors.update({f"{MODULE}.lora_A.weight": a, f"{MODULE}.lora_B.weight": b})
+    path.mkdir(parents=True)
+    save_file(tensors, str(path / WEIGHTS_FILE))
+    (path / CONFIG_FILE).write_text(json.dumps({"peft_type": "LORA", "r": RANK, "lora_alpha": alpha,
+                                                "target_modules": ["q_proj", "v_proj"]}))
+    modules = [other] + ([] if missing else [MODULE])
+    write_gates(path, "phatgoose", {m: torch.randn(D_IN, generator=gen) for m in modules})
+    write_gates(path, "arrow", {m: arrow_prototype(a.float(), b.float()) for m in modules})
+    return path
+
+
+@pytest.fixture
+def experts(tmp_path):
+    return [write_expert(tmp_path / f"e{i}", seed=i, missing=(i == 2)) for i in range(3)]
+
+
+def stacked(*adapters):
+    """vLLM's stacked buffers: (slots, 1, max_rank, d_in) and (slots, 1, d_out, max_rank), zero-padded, bf16."""
+    vllm_plugin.clear_caches()  # fresh buffers may reuse a freed one's address and version
+    a = torch.zeros(len(adapters), 1, MAX_RANK, D_IN, dtype=torch.bfloat16)
+    b = torch.zeros(len(adapters), 1, D_OUT, MAX_RANK, dtype=torch.bfloat16)
+    for slot, (la, lb) in enumerate(adapters):
+        a[slot, 0, : la.shape[0]] = la
+        b[slot, 0, :, : lb.shape[1]] = lb
+    return a, b
+
+
+def plugin_forward(x, a, b, indices):
+    buffer = torch.zeros(x.shape[0], MAX_RANK, dtype=torch.float32)
+    vllm_plugin.bgmv_shrink(x, a, buffer, indices, 1.0)
+    y = torch.zeros(x.shape[0], D_OUT, dtype=torch.float32)
+    vllm_plugin.bgmv_expand(buffer, b, y, indices, add_inputs=True)
+    return y
+
+
+def expected_mixture(x, experts, scores, spec: GateSpec):
+    """Σ_e p̃_e s_e B_e A_e u from the experts' own factors and gates (float32), router.gating's combination."""
+    from safetensors.torch import load_file
+
+    from adapters.gates import read_gates
+
+    factors, gates, avail = [], [], []
+    for path in experts:
+        t = load_file(str(path / WEIGHTS_FILE))
+        if f"{MODULE}.lora_A.weight" in t:
+            factors.append((t[f"{MODULE}.lora_A.weight"].float(), t[f"{MODULE}.lora_B.weight"].float() * 4.0))
+            gates.append(read_gates(path, spec.kind)[MODULE])
+            avail.append(True)
+        else:
+            factors.append((torch.zeros(RANK, D_IN), torch.zeros(D_OUT, RANK)))
+            gates.append(torch.ones(D_IN))
+            avail.append(False)
+    u = x.float()
+    g = torch.stack(gates)
+    local = phatgoose_logits(u, g) if spec.kind == "phatgoose" else arrow_logits(u, g, spec.temperature)
+    glob = torch.tensor([quantise_score(s) for s in scores])
+    w = combine(local, glob, spec.alpha, spec.top_k, mask=torch.tensor(avail))
+    deltas = torch.stack([(u @ a.T) @ b.T for a, b in factors], dim=1)  # (tokens, E, d_out)
+    return (w.unsqueeze(-1) * deltas).sum(dim=1), w
+
+
+@pytest.mark.parametrize("spec", [GateSpec("phatgoose", 0.0, 2), GateSpec("phatgoose", 3.0, 2),
+                                  GateSpec("arrow", 0.0, 1), GateSpec("phatgoose", 1000.0, 1)])
+def test_plugin_gate_matches_the_gate_math(experts, spec):
+    scores = [0.61, 0.55, 0.32]
+    tensors, config = build_gated([(p.name, s, p) for p, s in zip(experts, scores)], spec)
+    assert config["r"] == gated_rank([RANK] * 3) == 16
+    gated_a, gated_b = tensors[f"{MODULE}.lora_A.weight"], tensors[f"{MODULE}.lora_B.weight"]
+    plain = write_expert(experts[0].parent / "plain", seed=9)
+    from safetensors.torch import load_file
+
+    pt = load_file(str(plain / WEIGHTS_FILE))
+    a, b = stacked((pt[f"{MODULE}.lora_A.weight"], pt[f"{MODULE}.lora_B.weight"] * 4), (gated_a, gated_b))
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(12, D_IN, generator=gen) * 2 + 0.3).to(torch.bfloat16)  # non-zero mean: LN matters
+    indices = torch.tensor([1, 1, 0, -1, 1, 1, 1, 0, 1, 1, -1, 1])
+    y = plugin_forward(x, a, b, indices)
+
+    want, weights = expected_mixture(x[indices == 1], experts, scores, spec)
+    assert torch.allclose(y[indices == 1], want, rtol=3e-2, atol=3e-2)
+    assert (weights[:, 2] == 0).all()  # the expert without this module is never picked here
+    plain_delta = (x[indices == 0].float() @ pt[f"{MODULE}.lora_A.weight"].float().T) \
+        @ (pt[f"{MODULE}.lora_B.weight"].float() * 4).T
+    assert torch.allclose(y[indices == 0], plain_delta, rtol=2e-2, atol=2e-2)
+    assert (y[indices == -1] == 0).all()
+    if spec.alpha >= 1000:  # the global term decides: every token gets the global top-1 expert alone
+        assert (weights[:, 0] == 1).all()
+
+
+def test_batch_of_one_gated_slot_only(experts):
+    spec = GateSpec("phatgoose", 0.0, 2)
+    tensors, _ = build_gated([(p.name, 0.5, p) for p in experts], spec)
+    a, b = stacked((tensors[f"{MODULE}.lora_A.weight"], tensors[f"{MODULE}.lora_B.weight"]))
+    x = torch.randn(5, D_IN).to(torch.bfloat16)
+    y = plugin_forward(x, a, b, torch.zeros(5, dtype=torch.long))
+    want, _ = expected_mixture(x, experts, [0.5] * 3, spec)
+    assert torch.allclose(y, want, rtol=3e-2, atol=3e-2)
+
+
+def test_header_round_trip_and_plain_adapters_untouched(experts):
+    spec = GateSpec("arrow", 2.5, 2, temperature=1.0)
+    tensors, _ = build_gated([(p.name, s, p) for p, s in zip(experts, [0.9, 0.2, -0.1])], spec)
+    a, _ = stacked((torch.randn(RANK, D_IN).to(torch.bfloat16), torch.zeros(D_OUT, RANK)),
+                   (tensors[f"{MODULE}.lora_A.weight"], tensors[f"{MODULE}.lora_B.weight"]))
+    gates = vllm_plugin.slot_gates(a.squeeze(1))
+    assert set(gates) == {1}  # slot 0 is an ordinary adapter
+    g = gates[1]
+    assert (g.kind, g.n, g.top_k, g.alpha, g.gate_start) == (2, 3, 2, 2.5, 12)
+    assert torch.allclose(g.scores, torch.tensor([0.9, 0.2, -0.1]))
+    assert g.present.tolist() == [True, True, False]
+    assert g.column_expert.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+
+
+def test_store_reuses_composites_of_nearby_scores(experts, tmp_path):
+    store = GatedCompositeStore(tmp_path / "gated")
+    spec = GateSpec("phatgoose", 100.0, 2)
+    cid, path = store.ensure("v1", [(p.name, 0.612, p) for p in experts], spec)
+    again, _ = store.ensure("v1", [(p.name, 0.6149, p) for p in experts], spec)
+    other, _ = store.ensure("v1", [(p.name, 0.63, p) for p in experts], spec)
+    assert cid == again != other and (path / WEIGHTS_FILE).is_file()
+    assert json.loads((path / "composite.json").read_text())["gate"]["alpha"] == 100.0
+    assert math.isclose(json.loads((path / "composite.json").read_text())["experts"][0]["global_score"], 0.61)
+
+
+def test_missing_gates_are_a_clear_error(tmp_path):
+    path = write_expert(tmp_path / "nogates", seed=1)
+    (path / "gates.safetensors").unlink()
+    with pytest.raises(ValueError, match="train-gates"):
+        build_gated([("nogates", 0.5, path)], GateSpec("phatgoose", 0.0, 1))
