@@ -167,20 +167,46 @@ def _save_adapter(model, staging: Path) -> None:
         readme.unlink()
 
 
-DESCRIBE_PROMPT = (
-    "Here are three example requests that one assistant must handle:\n{examples}\n"
-    "In one sentence starting with a verb, write the instruction that describes this task."
+# GLIDER's expert side: the LLM sees 3 training examples and writes the task instruction. Few-shot with tasks
+# outside the suite, so the prompt gives nothing away; the base model copies an example without them.
+DESCRIBE_SYSTEM = "You write one-sentence task instructions. Read the examples and state the task they share."
+DESCRIBE_SHOTS: tuple[tuple[str, str], ...] = (
+    ("1. Give me a recipe for pancakes -> Mix flour, eggs and milk...\n2. How do I bake bread? -> Knead the dough..."
+     "\n3. Recipe for tomato soup -> Simmer tomatoes...", "Provide cooking recipes and kitchen instructions."),
+    ("1. Is 7 a prime number? -> yes\n2. Is 12 prime? -> no\n3. Tell me if 31 is prime -> yes",
+     "Decide whether a given integer is a prime number."),
+    ("1. Capitalize: hello world -> Hello World\n2. Title case: the big dog -> The Big Dog\n3. Make it title "
+     "case: red car -> Red Car", "Convert a phrase to title case."),
 )
 
 
+def describe_messages(examples: Sequence[Example]) -> list[dict]:
+    def listing(pairs: Sequence[tuple[str, str]]) -> str:
+        return "\n".join(f"{i}. {p} -> {a}" for i, (p, a) in enumerate(pairs, 1))
+
+    messages = [{"role": "system", "content": DESCRIBE_SYSTEM}]
+    for shot, answer in DESCRIBE_SHOTS:
+        messages += [{"role": "user", "content": f"Examples:\n{shot}\nTask instruction:"},
+                     {"role": "assistant", "content": answer}]
+    pairs = [(e.prompt, e.answer) for e in examples[:3]]
+    messages.append({"role": "user", "content": f"Examples:\n{listing(pairs)}\nTask instruction:"})
+    return messages
+
+
+@torch.no_grad()
 def generate_description(model, tokenizer, examples: Sequence[Example]) -> str:
     """GLIDER's expert side: an LLM (here the base model, adapters off) reads 3 training examples and writes
-    the task instruction."""
-    listing = "\n".join(f"{i}. {e.prompt} -> {e.answer}" for i, e in enumerate(examples[:3], 1))
-    prompt = DESCRIBE_PROMPT.format(examples=listing)
-    with model.disable_adapter():
-        (text,) = generate_answers(model, tokenizer, [prompt], batch_size=1, max_new_tokens=48)
-    return text.strip().splitlines()[0].strip() if text.strip() else ""
+    the task instruction (greedy, few-shot)."""
+    import contextlib
+
+    text = tokenizer.apply_chat_template(describe_messages(examples), add_generation_prompt=True, tokenize=False)
+    enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    eot = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    with off:
+        out = model.generate(**enc, do_sample=False, max_new_tokens=48, eos_token_id=eot, pad_token_id=eot)
+    reply = tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return reply.splitlines()[0].strip() if reply else ""
 
 
 def card_examples(task: Task, seed: int = 0, n: int = CARD_EXAMPLES) -> list[str]:
@@ -305,7 +331,7 @@ def train_expert(
         description=task.description,
         examples=card_examples(task, seed),
         extra={"recipe": recipe, "dev_accuracy": dev_accuracy, "final_train_loss": final_loss,
-               "generated_description": generated, "generated_by": f"{BASE_NAME} (greedy, adapters off)",
+               "generated_description": generated, "generated_by": f"{BASE_NAME} (greedy, few-shot, adapters off)",
                "description_examples": [{"prompt": e.prompt, "answer": e.answer} for e in train[:3]]},
     )
     (staging / CARD_FILE).write_text(card.model_dump_json(indent=2) + "\n")
