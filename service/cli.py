@@ -310,8 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     from eval.harness import add_parser as add_eval_parser
+    from service.loadtest import add_parser as add_loadtest_parser
 
     add_eval_parser(sub)
+    add_loadtest_parser(sub)
     return parser
 
 
