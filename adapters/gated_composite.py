@@ -15,10 +15,14 @@ and the plugin turns them into weights (s = local + α·global, top-k, softmax o
 candidate's block before the expand. The header holds what the gate needs, as small integers and bf16-exact
 values (the engine stores adapters in bf16):
 
-    [MAGIC, kind, C, k, α, r_1…r_C, round(100·g_1)…round(100·g_C), present_1…present_C, …, −MAGIC]
+    [MAGIC, kind, C, k, α, r_1…r_C, q_1…q_C, present_1…present_C, …, −MAGIC]
 
-Global scores are quantised to 0.01 (also so that nearby queries share a composite). An engine without the plugin
-would add every candidate's full delta: gated composites are for flock's vLLM backends only.
+q_e = (g_e − max g) / 0.05, rounded: softmax is shift-invariant, so only the gaps to the best score matter, and
+a 0.05 grid lets the queries of one task share a composite (building and loading one costs about a second on
+this CPU, so one per query would dominate). Candidates whose gap makes α·gap < −20 cannot win a token (the local
+logits span a few units) and are left out; with α = 0 the global scores play no part, so the candidates are
+sorted by name with q = 0 and every query with the same candidates shares ONE composite. An engine without the
+plugin would add every candidate's full delta: gated composites are for flock's vLLM backends only.
 """
 
 from __future__ import annotations
@@ -45,7 +49,8 @@ GATED_PREFIX = "flock-gated-"
 MAGIC = 77.0
 KINDS = {"phatgoose": 1, "arrow": 2}
 HEADER_FIXED = 5  # MAGIC, kind, C, k, alpha
-SCORE_SCALE = 100  # global scores are stored as round(100·g)
+SCORE_STEP = 0.05  # global-score gaps are stored as integers on this grid
+GLOBAL_CUTOFF = 20.0  # candidates with α·gap below −this are left out
 
 
 def header_width(candidates: int) -> int:
@@ -57,8 +62,18 @@ def bf16_exact(value: float) -> float:
     return float(torch.tensor(value, dtype=torch.float32).to(torch.bfloat16).float())
 
 
-def quantise_score(g: float) -> float:
-    return round(g * SCORE_SCALE) / SCORE_SCALE
+def canonical(parts: Sequence[tuple[str, float, Path]], spec: GateSpec) -> list[tuple[str, float, Path]]:
+    """The candidates as the composite holds them: (name, quantised gap to the best global score, dir)."""
+    alpha = spec.normalised().alpha
+    if alpha == 0:
+        return sorted((n, 0.0, Path(p)) for n, _, p in parts)
+    top = max(s for _, s, _ in parts)
+    out = []
+    for name, score, path in parts:
+        gap = round(round((score - top) / SCORE_STEP) * SCORE_STEP, 6)
+        if alpha * gap >= -GLOBAL_CUTOFF:
+            out.append((name, gap, Path(path)))
+    return out
 
 
 @dataclass(frozen=True)
@@ -79,7 +94,8 @@ def gated_rank(ranks: Sequence[int]) -> int:
 
 
 def build_gated(parts: Sequence[tuple[str, float, Path]], spec: GateSpec) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, adapter_config) of the gated composite of `parts` = (name, global score, adapter dir)."""
+    """(tensors, adapter_config) of the gated composite of `parts` = (name, global score, adapter dir), taken
+    as they are (GatedCompositeStore.ensure canonicalises them first)."""
     if spec.kind not in KINDS:
         raise ValueError(f"gate kind must be one of {sorted(KINDS)}")
     spec = spec.normalised()
@@ -115,7 +131,7 @@ def build_gated(parts: Sequence[tuple[str, float, Path]], spec: GateSpec) -> tup
             present.append(1.0)
         header = torch.zeros(d_in)
         values = [MAGIC, float(KINDS[spec.kind]), float(n), float(spec.top_k), spec.alpha, *map(float, ranks),
-                  *(float(round(score * SCORE_SCALE)) for _, score, _ in parts), *present]
+                  *(float(round(score / SCORE_STEP)) for _, score, _ in parts), *present]
         header[: len(values)] = torch.tensor(values)
         header[-1] = -MAGIC
         out[f"{module}.lora_A.weight"] = torch.cat([*a_blocks, torch.stack(gate_rows), header[None]]).contiguous()
@@ -137,13 +153,14 @@ class GatedCompositeStore:
     @staticmethod
     def composite_id(pool_version: str, parts: Sequence[tuple[str, float]], spec: GateSpec) -> str:
         spec = spec.normalised()
-        key = json.dumps([pool_version, [[n, quantise_score(s)] for n, s in parts],
+        key = json.dumps([pool_version, [[n, round(s, 4)] for n, s in parts],
                           [spec.kind, spec.alpha, spec.top_k, spec.temperature]])
         return GATED_PREFIX + hashlib.sha256(key.encode()).hexdigest()[:12]
 
     def ensure(self, pool_version: str, parts: Sequence[tuple[str, float, Path]], spec: GateSpec
                ) -> tuple[str, Path]:
-        parts = [(n, quantise_score(s), Path(p)) for n, s, p in parts]
+        """(composite id, directory) for candidates `parts` = (name, global score, dir); built on first use."""
+        parts = canonical(parts, spec)
         cid = self.composite_id(pool_version, [(n, s) for n, s, _ in parts], spec)
         target = self.root / cid
         if (target / WEIGHTS_FILE).is_file():
@@ -159,6 +176,6 @@ class GatedCompositeStore:
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
             (tmp / "composite.json").write_text(json.dumps({
                 "pool_version": pool_version, "gate": spec.normalised().__dict__,
-                "experts": [{"name": n, "global_score": s, "path": str(p)} for n, s, p in parts]}, indent=2))
+                "experts": [{"name": n, "global_gap": s, "path": str(p)} for n, s, p in parts]}, indent=2))
             os.replace(tmp, target)
         return cid, target

@@ -86,7 +86,7 @@ class SlotGate:
     alpha: float
     gate_start: int  # first gate row == Σ r_e
     column_expert: torch.Tensor  # (Σ r_e,) long: the candidate each block column belongs to
-    scores: torch.Tensor  # (n,) global scores
+    scores: torch.Tensor  # (n,) global scores, as gaps to the best
     present: torch.Tensor  # (n,) bool: candidate has a LoRA on this module
     rowsum: torch.Tensor  # (n,) Σ of each gate row (mean correction of LN(u))
 
@@ -96,7 +96,7 @@ _gate_cache: dict[tuple, dict[int, SlotGate]] = {}
 
 def slot_gates(a: torch.Tensor) -> dict[int, SlotGate]:
     """{slot: SlotGate} for the slots of `a` (slots, rank, in) that hold a gated composite; cached per version."""
-    from adapters.gated_composite import HEADER_FIXED, KINDS, MAGIC, SCORE_SCALE
+    from adapters.gated_composite import HEADER_FIXED, KINDS, MAGIC, SCORE_STEP
 
     key = (a.data_ptr(), a._version, tuple(a.shape))
     found = _gate_cache.get(key)
@@ -120,7 +120,7 @@ def slot_gates(a: torch.Tensor) -> dict[int, SlotGate]:
         found[slot] = SlotGate(
             kind=int(header[1]), n=n, top_k=int(header[3]), alpha=float(header[4]), gate_start=sum(ranks),
             column_expert=torch.repeat_interleave(torch.arange(n), torch.tensor(ranks)),
-            scores=header[f + n:f + 2 * n] / SCORE_SCALE, present=header[f + 2 * n:f + 3 * n] > 0,
+            scores=header[f + n:f + 2 * n] * SCORE_STEP, present=header[f + 2 * n:f + 3 * n] > 0,
             rowsum=a[slot, sum(ranks):last].float().sum(dim=1))
     if len(_gate_cache) > 4096:
         _gate_cache.clear()

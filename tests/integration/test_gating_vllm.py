@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from adapters.composite import CompositeStore
-from adapters.gated_composite import GateSpec, GatedCompositeStore, bf16_exact, quantise_score
+from adapters.gated_composite import GateSpec, GatedCompositeStore, bf16_exact, canonical
 from adapters.gates import has_gates
 from adapters.tasks import get_task
 from service.settings import Settings
@@ -70,15 +70,16 @@ def run_all(vllm_url: str, jobs: list[tuple[str, str]]) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def gated(tmp_path_factory, vllm_url, library_experts) -> dict[str, tuple[GateSpec, str]]:
-    """Gated composites of the three experts, loaded into vLLM: glider (α = 3, k = 2) and arrow (k = 2)."""
+def gated(tmp_path_factory, vllm_url, library_experts) -> dict[str, tuple[GateSpec, str, list]]:
+    """Gated composites of the three experts, loaded into vLLM: glider (α = 3, k = 2) and arrow (k = 2), with
+    their canonical candidates (name, global gap, dir) for the reference."""
     store = GatedCompositeStore(tmp_path_factory.mktemp("gated"))
     parts = [(d.name, s, d) for d, s in zip(library_experts, SCORES)]
     out = {}
     for label, spec in (("glider", GateSpec("phatgoose", 3.0, 2)), ("arrow", GateSpec("arrow", 0.0, 2))):
         cid, path = store.ensure("test", parts, spec)
         load_adapter(vllm_url, cid, path)
-        out[label] = (spec, cid)
+        out[label] = (spec, cid, canonical(parts, spec))
     return out
 
 
@@ -94,11 +95,11 @@ def reference_base():
 def test_vllm_matches_the_reference(label, gated, vllm_url, library_experts, prompts, reference_base):
     from adapters.mixture_reference import build_mixture_model
 
-    spec, cid = gated[label]
+    spec, cid, parts = gated[label]
     got = run_all(vllm_url, [(cid, p) for p in prompts])
     model, tokenizer = reference_base
     mode = "glider" if spec.kind == "phatgoose" else "arrow"
-    mixture = build_mixture_model(model, library_experts, mode, global_scores=[quantise_score(s) for s in SCORES],
+    mixture = build_mixture_model(model, [p for _, _, p in parts], mode, global_scores=[g for _, g, _ in parts],
                                   alpha=bf16_exact(spec.alpha), top_k=spec.top_k)
     try:
         want = mixture.generate(tokenizer, prompts, max_new_tokens=MAX_TOKENS)

@@ -8,14 +8,12 @@ batch; the expected output is computed independently from the experts' own facto
 from __future__ import annotations
 
 import json
-import math
-
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from adapters import vllm_plugin
-from adapters.gated_composite import GateSpec, GatedCompositeStore, build_gated, gated_rank, quantise_score
+from adapters.gated_composite import GateSpec, GatedCompositeStore, build_gated, canonical, gated_rank
 from adapters.gates import write_gates
 from adapters.validate import CONFIG_FILE, WEIGHTS_FILE
 from router.gating import arrow_prototype, arrow_logits, combine, phatgoose_logits
@@ -66,14 +64,15 @@ def plugin_forward(x, a, b, indices):
     return y
 
 
-def expected_mixture(x, experts, scores, spec: GateSpec):
-    """Σ_e p̃_e s_e B_e A_e u from the experts' own factors and gates (float32), router.gating's combination."""
+def expected_mixture(x, parts, spec: GateSpec):
+    """Σ_e p̃_e s_e B_e A_e u from the experts' own factors and gates (float32), router.gating's combination;
+    `parts` = canonical (name, global gap, dir) candidates."""
     from safetensors.torch import load_file
 
     from adapters.gates import read_gates
 
     factors, gates, avail = [], [], []
-    for path in experts:
+    for _, _, path in parts:
         t = load_file(str(path / WEIGHTS_FILE))
         if f"{MODULE}.lora_A.weight" in t:
             factors.append((t[f"{MODULE}.lora_A.weight"].float(), t[f"{MODULE}.lora_B.weight"].float() * 4.0))
@@ -86,7 +85,7 @@ def expected_mixture(x, experts, scores, spec: GateSpec):
     u = x.float()
     g = torch.stack(gates)
     local = phatgoose_logits(u, g) if spec.kind == "phatgoose" else arrow_logits(u, g, spec.temperature)
-    glob = torch.tensor([quantise_score(s) for s in scores])
+    glob = torch.tensor([gap for _, gap, _ in parts])
     w = combine(local, glob, spec.alpha, spec.top_k, mask=torch.tensor(avail))
     deltas = torch.stack([(u @ a.T) @ b.T for a, b in factors], dim=1)  # (tokens, E, d_out)
     return (w.unsqueeze(-1) * deltas).sum(dim=1), w
@@ -95,9 +94,9 @@ def expected_mixture(x, experts, scores, spec: GateSpec):
 @pytest.mark.parametrize("spec", [GateSpec("phatgoose", 0.0, 2), GateSpec("phatgoose", 3.0, 2),
                                   GateSpec("arrow", 0.0, 1), GateSpec("phatgoose", 1000.0, 1)])
 def test_plugin_gate_matches_the_gate_math(experts, spec):
-    scores = [0.61, 0.55, 0.32]
-    tensors, config = build_gated([(p.name, s, p) for p, s in zip(experts, scores)], spec)
-    assert config["r"] == gated_rank([RANK] * 3) == 16
+    parts = canonical([(p.name, s, p) for p, s in zip(experts, [0.61, 0.55, 0.32])], spec)
+    tensors, config = build_gated(parts, spec)
+    assert config["r"] == gated_rank([RANK] * len(parts))
     gated_a, gated_b = tensors[f"{MODULE}.lora_A.weight"], tensors[f"{MODULE}.lora_B.weight"]
     plain = write_expert(experts[0].parent / "plain", seed=9)
     from safetensors.torch import load_file
@@ -109,24 +108,27 @@ def test_plugin_gate_matches_the_gate_math(experts, spec):
     indices = torch.tensor([1, 1, 0, -1, 1, 1, 1, 0, 1, 1, -1, 1])
     y = plugin_forward(x, a, b, indices)
 
-    want, weights = expected_mixture(x[indices == 1], experts, scores, spec)
+    want, weights = expected_mixture(x[indices == 1], parts, spec)
     assert torch.allclose(y[indices == 1], want, rtol=3e-2, atol=3e-2)
-    assert (weights[:, 2] == 0).all()  # the expert without this module is never picked here
     plain_delta = (x[indices == 0].float() @ pt[f"{MODULE}.lora_A.weight"].float().T) \
         @ (pt[f"{MODULE}.lora_B.weight"].float() * 4).T
     assert torch.allclose(y[indices == 0], plain_delta, rtol=2e-2, atol=2e-2)
     assert (y[indices == -1] == 0).all()
-    if spec.alpha >= 1000:  # the global term decides: every token gets the global top-1 expert alone
-        assert (weights[:, 0] == 1).all()
+    if spec.alpha >= 1000:  # the global term decides: only the global top-1 is a candidate at all
+        assert [n for n, _, _ in parts] == ["e0"] and (weights[:, 0] == 1).all()
+    else:
+        assert len(parts) == 3 and (weights[:, [n for n, _, _ in parts].index("e2")] == 0).all()  # no q_proj LoRA
+        assert (weights > 0).sum(dim=1).eq(min(spec.top_k, 2)).all()
 
 
 def test_batch_of_one_gated_slot_only(experts):
     spec = GateSpec("phatgoose", 0.0, 2)
-    tensors, _ = build_gated([(p.name, 0.5, p) for p in experts], spec)
+    parts = canonical([(p.name, 0.5, p) for p in experts], spec)
+    tensors, _ = build_gated(parts, spec)
     a, b = stacked((tensors[f"{MODULE}.lora_A.weight"], tensors[f"{MODULE}.lora_B.weight"]))
     x = torch.randn(5, D_IN).to(torch.bfloat16)
     y = plugin_forward(x, a, b, torch.zeros(5, dtype=torch.long))
-    want, _ = expected_mixture(x, experts, [0.5] * 3, spec)
+    want, _ = expected_mixture(x, parts, spec)
     assert torch.allclose(y, want, rtol=3e-2, atol=3e-2)
 
 
@@ -146,13 +148,26 @@ def test_header_round_trip_and_plain_adapters_untouched(experts):
 
 def test_store_reuses_composites_of_nearby_scores(experts, tmp_path):
     store = GatedCompositeStore(tmp_path / "gated")
-    spec = GateSpec("phatgoose", 100.0, 2)
-    cid, path = store.ensure("v1", [(p.name, 0.612, p) for p in experts], spec)
-    again, _ = store.ensure("v1", [(p.name, 0.6149, p) for p in experts], spec)
-    other, _ = store.ensure("v1", [(p.name, 0.63, p) for p in experts], spec)
-    assert cid == again != other and (path / WEIGHTS_FILE).is_file()
-    assert json.loads((path / "composite.json").read_text())["gate"]["alpha"] == 100.0
-    assert math.isclose(json.loads((path / "composite.json").read_text())["experts"][0]["global_score"], 0.61)
+    spec = GateSpec("phatgoose", 3.0, 2)
+    ids = {}
+    for label, scores in (("a", [0.61, 0.55, 0.32]), ("same gaps", [0.612, 0.549, 0.33]),
+                          ("other", [0.61, 0.45, 0.32])):
+        ids[label], path = store.ensure("v1", [(p.name, s, p) for p, s in zip(experts, scores)], spec)
+    assert ids["a"] == ids["same gaps"] != ids["other"] and (path / WEIGHTS_FILE).is_file()
+    info = json.loads((path / "composite.json").read_text())
+    assert info["gate"]["alpha"] == 3.0 and [e["global_gap"] for e in info["experts"]] == [0.0, -0.15, -0.3]
+    # α = 0: global scores play no part, so any scores (and any order) give one composite
+    flat = GateSpec("phatgoose", 0.0, 2)
+    one, _ = store.ensure("v1", [(p.name, s, p) for p, s in zip(experts, [0.9, 0.1, 0.5])], flat)
+    two, _ = store.ensure("v1", [(p.name, s, p) for p, s in zip(reversed(experts), [0.2, 0.3, 0.4])], flat)
+    assert one == two
+
+
+def test_canonical_drops_candidates_the_global_term_rules_out(experts):
+    parts = [(p.name, s, p) for p, s in zip(experts, [0.70, 0.62, 0.30])]
+    assert [n for n, _, _ in canonical(parts, GateSpec("phatgoose", 100.0, 2))] == ["e0", "e1"]  # 100·(−0.4) < −20
+    assert [g for _, g, _ in canonical(parts, GateSpec("phatgoose", 100.0, 2))] == [0.0, -0.1]
+    assert len(canonical(parts, GateSpec("phatgoose", 10.0, 2))) == 3
 
 
 def test_missing_gates_are_a_clear_error(tmp_path):

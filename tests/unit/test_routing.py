@@ -85,3 +85,23 @@ def test_expert_vectors_centroid_and_description():
     assert np.array_equal(expert_vectors("description", descriptions, examples), descriptions)
     with pytest.raises(ValueError, match="expert vector kind"):
         expert_vectors("nope", descriptions, examples)
+
+
+def test_gated_modes_pick_candidates_with_gates_within_the_rank_budget():
+    vectors = np.stack([unit(1, 0, 0), unit(0.9, 0.1, 0), unit(0.8, 0.3, 0), unit(0, 0, 1)])
+    index = ExpertIndex(names=["a", "b", "c", "d"], vectors=vectors, threshold=0.5,
+                        ranks={"a": 4, "b": 4, "c": 4, "d": 4},
+                        gates={"a": frozenset({"arrow", "phatgoose"}), "b": frozenset({"arrow", "phatgoose"}),
+                               "c": frozenset({"arrow"}), "d": frozenset({"arrow", "phatgoose"})})
+    scores = index.scores(unit(1, 0.05, 0))
+    glider = create_method("glider", alpha=100.0, top_k=2, max_rank=11)  # room for 2 rank-4 candidates: 2·5 + 1
+    chosen = glider.choose(scores, index, RoutingParams())
+    assert [c.name for c in chosen] == ["a", "b"]  # c has no PHATGOOSE gates; d does not fit
+    assert abs(sum(c.weight for c in chosen) - 1) < 1e-3 and chosen[0].weight > chosen[1].weight
+    assert glider.gate(RoutingParams(alpha=3.0, top_k=1)).model_dump() == {"local": "phatgoose", "alpha": 3.0,
+                                                                            "top_k": 1}
+    arrow = create_method("arrow", top_k=2, max_rank=64)
+    chosen = arrow.choose(scores, index, RoutingParams(alpha=50.0))
+    assert [c.name for c in chosen] == ["a", "b", "c", "d"] and len({c.weight for c in chosen}) == 1  # α ignored
+    assert arrow.cache_params(RoutingParams(alpha=50.0)) == {"alpha": 0.0, "top_k": 2}
+    assert create_method("phatgoose").choose(index.scores(unit(0, 1, 0)), index, RoutingParams()) == []  # abstain
