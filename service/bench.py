@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -187,13 +188,13 @@ async def mixed_adapters(stack: LocalStack, rounds: int, requests: int = 16) -> 
 DECODE_MODES = ("base", "expert", "merge", "glider")
 
 
-async def decode_throughput(stack: LocalStack, batches: tuple[int, ...]) -> dict:
+async def decode_throughput(stack: LocalStack, batches: tuple[int, ...], *, expert: str = "cooking",
+                            prompt: str = TOPICS["cooking"]) -> dict:
     """Decode tokens/s at several batch sizes for the base model, one expert, a merge composite and a glider
     (per-token gated) composite. All go through the gateway, so the routed modes run exactly as served; the
     same prompt in every request of a batch keeps the routed ones on one composite."""
     out: dict = {}
-    prompt = TOPICS["cooking"]
-    bodies = {"base": {"model": stack.settings.base_model_name}, "expert": {"model": "cooking"},
+    bodies = {"base": {"model": stack.settings.base_model_name}, "expert": {"model": expert},
               "merge": {"model": "auto", "routing": {"mode": "merge"}},
               "glider": {"model": "auto", "routing": {"mode": "glider"}}}
     async with httpx.AsyncClient(timeout=600) as client:
@@ -505,8 +506,38 @@ def chart(result: dict, path: Path) -> bool:
     return True
 
 
+@dataclass
+class RunningStack:
+    """A gateway that is already serving (`flock bench --decode-only --gateway URL`)."""
+
+    gateway: str
+    settings: Settings
+
+
+async def decode_only(settings: Settings, gateway: str, expert: str, prompt: str) -> dict:
+    """Decode throughput alone, against a running gateway (e.g. `flock serve` on the default library)."""
+    stack = RunningStack(gateway.rstrip("/"), settings)
+    decode = await decode_throughput(stack, (1, 8, 32), expert=expert, prompt=prompt)  # type: ignore[arg-type]
+    return {"decode_tok_s": decode, "gateway": gateway, "expert": expert, "prompt": prompt,
+            "vllm_settings": {"threads_bind": settings.vllm_threads, "max_loras": settings.vllm_max_loras,
+                              "max_lora_rank": settings.vllm_max_lora_rank, "max_num_seqs": settings.vllm_max_num_seqs,
+                              "glider_alpha": settings.glider_alpha, "gate_top_k": settings.gate_top_k},
+            "workload": {"max_tokens": MAX_TOKENS, "ignore_eos": True}, "machine": machine(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
 def main(args) -> int:
     settings = Settings()
+    if args.decode_only:
+        if not args.gateway:
+            raise SystemExit("--decode-only needs --gateway URL of a running gateway")
+        result = asyncio.run(decode_only(settings, args.gateway, args.expert, args.prompt))
+        text = json.dumps(result, indent=2)
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "decode.json").write_text(text + "\n")
+        print(text)
+        return 0
     result = asyncio.run(run(settings, args.backend, args.quick))
     if args.out:
         out = Path(args.out)

@@ -307,6 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run, not for reporting)")
     p.add_argument("--backend", help="use this running vLLM instead of starting one")
     p.add_argument("--out", help="also write bench.json, bench.md and bench.png into this directory")
+    p.add_argument("--decode-only", action="store_true",
+                   help="only decode tokens/s (base, expert, merge, glider) against --gateway")
+    p.add_argument("--gateway", help="running gateway for --decode-only")
+    p.add_argument("--expert", default="arithmetic", help="expert for --decode-only (default %(default)s)")
+    p.add_argument("--prompt", default="What is 17 times 23?",
+                   help="prompt for --decode-only; it must route to experts (default %(default)s)")
     p.set_defaults(func=cmd_bench)
 
     from eval.harness import add_parser as add_eval_parser
