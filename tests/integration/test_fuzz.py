@@ -1,0 +1,48 @@
+"""schemathesis against the gateway's own OpenAPI document: generated requests to every operation, zero 5xx
+responses and zero responses that violate the documented schema.
+
+The fuzzed gateway is a real `flock serve` on the session's real vLLM, with its own Redis database (so the
+fuzzer's expert registrations and removals stay out of the other tests' pool) and max_tokens capped at 4 so the
+generated completions stay cheap on this CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from tests.conftest import REPO, start_gateway, stop_gateway
+
+pytestmark = pytest.mark.integration
+MIN_REQUESTS = 500
+
+
+@pytest.fixture(scope="module")
+def fuzz_gateway(work, vllm_url, redis_server, expert_root):
+    env = {"FLOCK_BACKEND_URLS": vllm_url, "FLOCK_REDIS_URL": redis_server.url.rsplit("/", 1)[0] + "/3",
+           "FLOCK_EXPERT_ROOTS": str(expert_root), "FLOCK_MAX_TOKENS_LIMIT": "4", "FLOCK_MAX_PROMPT_CHARS": "2000"}
+    gw = start_gateway(work, "fuzz", env)
+    with gw.client() as c:  # something to route to and to delete
+        for name in ("cooking", "arith"):
+            assert c.post("/v1/experts", json={"path": str(expert_root / name)}).status_code == 201
+    yield gw
+    stop_gateway(gw)
+
+
+def test_schemathesis_no_5xx_and_schema_conformant(fuzz_gateway, work):
+    har = work / "fuzz.har"
+    cmd = [str(REPO / ".venv" / "bin" / "st"), "run", f"{fuzz_gateway.url}/openapi.json",
+           "--checks", "not_a_server_error,response_schema_conformance",
+           "--max-examples", "60", "--seed", "7", "--request-timeout", "120", "--continue-on-failure",
+           "--phases", "examples,coverage,fuzzing", "--report", "har", "--report-har-path", str(har)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
+    summary = proc.stdout[-4000:]
+    entries = json.loads(har.read_text())["log"]["entries"] if har.is_file() else []
+    statuses = [e["response"]["status"] for e in entries]
+    print(f"\nschemathesis: {len(entries)} requests; statuses "
+          f"{ {s: statuses.count(s) for s in sorted(set(statuses))} }\n{summary[-1500:]}")
+    assert [s for s in statuses if s >= 500] == [], summary
+    assert proc.returncode == 0, summary
+    assert len(entries) >= MIN_REQUESTS, summary
