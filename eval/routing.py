@@ -126,10 +126,8 @@ async def centroid_variant(specs: list[ExpertSpec], embed_many: EmbedMany, *, tr
     for s in specs:
         texts, n_train = centroid_texts(s, train_per_expert)
         sources[s.name] = {"card_examples": len(s.examples), "train_prompts": n_train}
-        if not texts:  # nothing to average: fall back to the description
-            texts = [s.description]
-            sources[s.name]["fallback"] = "description"
-        rows.append(np.asarray(await embed_chunked(embed_many, texts)).mean(axis=0))
+        # As router.index.expert_vectors: the description counts as one more example.
+        rows.append(np.asarray(await embed_chunked(embed_many, [s.description, *texts])).mean(axis=0))
     dim = rows[0].shape[0] if rows else 0
     vectors = unit_rows(np.stack(rows)) if rows else np.zeros((0, dim), dtype=np.float32)
     in_vecs = await embed_chunked(embed_many, [x for s in specs for x in s.examples])
@@ -137,7 +135,7 @@ async def centroid_variant(specs: list[ExpertSpec], embed_many: EmbedMany, *, tr
         ood_vectors = await embed_chunked(embed_many, list(OUT_OF_DOMAIN_PROMPTS))
     threshold = calibrate(vectors, in_vecs, ood_vectors)
     return Variant("centroid", make_index(specs, vectors, threshold), "prompt",
-                   f"query vs centroid of card examples + {train_per_expert} train-split prompts per expert",
+                   f"query vs centroid of the description, the card examples and {train_per_expert} train-split prompts",
                    {"sources": sources, "train_per_expert": train_per_expert, "train_seed": CENTROID_SEED})
 
 

@@ -21,12 +21,13 @@ def unit_rows(m: np.ndarray) -> np.ndarray:
 
 def expert_vectors(kind: str, descriptions: np.ndarray, example_vectors: list[np.ndarray]) -> np.ndarray:
     """One unit row per expert: `description` embeddings, or for `centroid` the normalised mean of the expert's
-    example embeddings (its description's embedding where its card has no examples)."""
+    description and example embeddings (the description counts as one more example: with a handful of examples
+    it keeps the centroid from hugging their wording; with the library's 32 it weighs 1/33)."""
     if kind not in EXPERT_VECTORS:
         raise ValueError(f"expert vector kind must be one of {EXPERT_VECTORS}, not {kind!r}")
     if kind == "description" or len(descriptions) == 0:
         return descriptions.astype(np.float32)
-    rows = [ex.mean(axis=0) if len(ex) else d for d, ex in zip(descriptions, example_vectors)]
+    rows = [np.concatenate([d[None], ex]).mean(axis=0) for d, ex in zip(descriptions, example_vectors)]
     return unit_rows(np.stack(rows))
 
 

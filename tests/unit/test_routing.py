@@ -78,8 +78,8 @@ def test_expert_vectors_centroid_and_description():
     descriptions = np.stack([unit(1, 0, 0), unit(0, 1, 0)])
     examples = [np.stack([unit(0, 0, 1), unit(0, 1, 1)]), np.zeros((0, 3), dtype=np.float32)]
     centroid = expert_vectors("centroid", descriptions, examples)
-    # expert 0: the normalised mean of its examples; expert 1 has none: its description
-    assert np.allclose(centroid[0], unit(0, 0.7071, 1.7071), atol=1e-4)
+    # expert 0: the normalised mean of its description and examples; expert 1 has no examples: its description
+    assert np.allclose(centroid[0], unit(1, 0.7071, 1.7071), atol=1e-4)
     assert np.allclose(centroid[1], descriptions[1])
     assert np.allclose(np.linalg.norm(centroid, axis=1), 1)
     assert np.array_equal(expert_vectors("description", descriptions, examples), descriptions)
