@@ -54,6 +54,25 @@ class ExpertIndex:
         return sorted(idx.tolist(), key=lambda i: -scores[i])
 
 
+def in_domain_best(kind: str, descriptions: np.ndarray, example_vectors: list[np.ndarray],
+                   vectors: np.ndarray) -> np.ndarray:
+    """Best expert score of every card example, for calibrating the abstain threshold. With centroids, an
+    example is scored against its own expert's centroid computed WITHOUT it (leave-one-out): otherwise every
+    example sits inside its own centroid, scores higher than unseen queries of the task ever will, and pushes
+    the threshold up until real queries abstain."""
+    rows = []
+    for j, ex in enumerate(example_vectors):
+        if not len(ex):
+            continue
+        scores = ex @ vectors.T  # (n_j, experts)
+        if kind == "centroid":
+            total = descriptions[j] + ex.sum(axis=0)
+            loo = unit_rows(total[None] - ex)  # (n_j, dim): centroid of the others and the description
+            scores[:, j] = (ex * loo).sum(axis=1)
+        rows.append(scores.max(axis=1))
+    return np.concatenate(rows) if rows else np.zeros(0, dtype=np.float32)
+
+
 def calibrate_threshold(in_domain_best: np.ndarray, out_domain_best: np.ndarray) -> float:
     """Threshold on the best expert score that best separates in-domain from out-of-domain queries.
 

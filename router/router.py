@@ -18,7 +18,7 @@ from router.cache import RoutingCache, cache_key
 from router.calibration import OUT_OF_DOMAIN_PROMPTS
 from router.decision import RoutingDecision, RoutingParams
 from router.embed import MicroBatcher
-from router.index import ExpertIndex, calibrate_threshold, expert_vectors
+from router.index import ExpertIndex, calibrate_threshold, expert_vectors, in_domain_best
 from router.methods import RoutingMethod, create_method, method_names
 
 StageObserver = Callable[[str, float], None]
@@ -77,8 +77,9 @@ class Router:
             threshold = self.fixed_threshold
             if threshold is None:
                 ood_vecs = await self.embedder.embed_many(list(OUT_OF_DOMAIN_PROMPTS))
-                best = lambda v: (v @ vectors.T).max(axis=1) if len(v) and len(experts) else np.zeros(0)  # noqa: E731
-                threshold = calibrate_threshold(best(in_vecs), best(ood_vecs))
+                ood_best = (ood_vecs @ vectors.T).max(axis=1) if len(experts) else np.zeros(0)
+                in_best = in_domain_best(self.expert_vector, descriptions, per_expert, vectors)
+                threshold = calibrate_threshold(in_best, ood_best)
             self.index = ExpertIndex(
                 names=[e.name for e in experts],
                 vectors=vectors,

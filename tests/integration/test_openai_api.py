@@ -39,7 +39,7 @@ def test_out_of_domain_goes_to_base(client: OpenAI):
 def test_completions_direct_expert_and_base(client: OpenAI):
     direct = client.completions.create(model="arith", prompt="12 + 30 =", max_tokens=5, temperature=0)
     assert direct.model_extra["routing"] == {"mode": "direct", "experts": [
-        {"name": "arith", "weight": 1.0, "score": None}], "cached": False}
+        {"name": "arith", "weight": 1.0, "score": None}], "gate": None, "cached": False}
     base = client.completions.create(model=BASE, prompt="12 + 30 =", max_tokens=5, temperature=0)
     assert base.model_extra["routing"]["experts"] == []
     assert base.choices[0].text != direct.choices[0].text  # the adapter really changes the output

@@ -105,3 +105,17 @@ def test_gated_modes_pick_candidates_with_gates_within_the_rank_budget():
     assert [c.name for c in chosen] == ["a", "b", "c", "d"] and len({c.weight for c in chosen}) == 1  # α ignored
     assert arrow.cache_params(RoutingParams(alpha=50.0)) == {"alpha": 0.0, "top_k": 2}
     assert create_method("phatgoose").choose(index.scores(unit(0, 1, 0)), index, RoutingParams()) == []  # abstain
+
+
+def test_calibration_scores_each_example_against_its_centroid_without_it():
+    from router.index import in_domain_best, unit_rows
+
+    descriptions = np.stack([unit(1, 0, 0), unit(0, 1, 0)])
+    examples = [np.stack([unit(1, 1, 0), unit(1, 0, 1)]), np.zeros((0, 3), dtype=np.float32)]
+    vectors = expert_vectors("centroid", descriptions, examples)
+    best = in_domain_best("centroid", descriptions, examples, vectors)
+    loo0 = unit_rows((descriptions[0] + examples[0][1])[None])[0]  # example 0 against description + example 1
+    assert np.isclose(best[0], max(examples[0][0] @ loo0, examples[0][0] @ vectors[1]))
+    assert best[0] < examples[0][0] @ vectors[0]  # lower than against the centroid that contains it
+    plain = in_domain_best("description", descriptions, examples, descriptions)
+    assert np.allclose(plain, (examples[0] @ descriptions.T).max(axis=1))
