@@ -70,11 +70,17 @@ class _TooLarge(Exception):
     pass
 
 
-def build_gateway(settings: Settings, metrics: Metrics) -> Gateway:
+def build_pool(settings: Settings) -> ExpertPool:
+    """The expert pool from its state file (seeded from the library on the first start)."""
     shape = ModelShape.from_model_dir(settings.resolved_base_model_dir)
     pool = ExpertPool(state_file=settings.pool_file, roots=settings.resolved_expert_roots,
                       base_name=settings.base_model_name, shape=shape, max_rank=settings.vllm_max_lora_rank)
     pool.load(seed_dir=settings.library_dir)
+    return pool
+
+
+def build_gateway(settings: Settings, metrics: Metrics) -> Gateway:
+    pool = build_pool(settings)
     embedder = MicroBatcher(Embedder(settings.embed_model_dir or models.embed_model_dir()))
     cache = None
     if settings.redis_url:

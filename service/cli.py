@@ -112,8 +112,9 @@ def cmd_experts(args: argparse.Namespace, settings: Settings) -> int:
     from adapters.errors import PoolError
     from adapters.validate import resolve_inside
 
-    gateway = _offline_router(settings)
-    pool = gateway.pool
+    from service.app import build_pool
+
+    pool = build_pool(settings)  # the pool alone: no embedding model, so offline edits stay quick
     try:
         if args.action == "list":
             for e in pool.experts():
