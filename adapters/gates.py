@@ -1,6 +1,6 @@
 """Local gate signals of an expert, computed once and stored beside it in `gates.safetensors`.
 
-Keys (stored in bf16, read as float32; one [d_in] vector per LoRA-wrapped module, named by PEFT's module name):
+Keys (float32 as written; the default library's were converted to bf16 to halve its size; read as float32. One [d_in] vector per LoRA-wrapped module, named by PEFT's module name):
     arrow.<module>      Arrow prototype: top right-singular vector of B·A (router.gating.arrow_prototype)
     phatgoose.<module>  PHATGOOSE gate vector v, trained post hoc (adapters.gate_training)
 e.g. `arrow.base_model.model.model.layers.0.self_attn.q_proj`. The file's metadata holds, per kind, a JSON
@@ -74,8 +74,7 @@ def write_gates(expert_dir: Path, kind: str, gates: dict[str, torch.Tensor], inf
     path = expert_dir / GATES_FILE
     tensors, metadata = _read_all(path)
     tensors = {k: v for k, v in tensors.items() if not k.startswith(f"{kind}.")}
-    # bf16 on disk: gated composites carry them in bf16 anyway, and it halves the library's size.
-    tensors.update({f"{kind}.{m}": v.detach().to(torch.bfloat16).contiguous().clone() for m, v in gates.items()})
+    tensors.update({f"{kind}.{m}": v.detach().to(torch.float32).contiguous().clone() for m, v in gates.items()})
     metadata.update({"format": "pt", kind: json.dumps(info or {}),
                      f"{kind}.adapter_sha256": adapter_sha256(expert_dir)})
     tmp = expert_dir / f".{GATES_FILE}.tmp{os.getpid()}"
