@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -62,6 +62,26 @@ def merge_loras(adapter_dirs: Sequence[Path], weights: Sequence[float]) -> tuple
     return out, config
 
 
+def write_once(target: Path, lock: threading.Lock,
+               build: Callable[[], tuple[dict[str, torch.Tensor], dict, dict]]) -> Path:
+    """The adapter directory `target`, built by `build()` -> (tensors, adapter_config, composite.json) the first
+    time only: written to a temporary directory and renamed into place, so readers never see half of one."""
+    if (target / WEIGHTS_FILE).is_file():
+        return target
+    with lock:
+        if (target / WEIGHTS_FILE).is_file():
+            return target
+        tensors, config, info = build()
+        tmp = target.parent / f".{target.name}.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        (tmp / "composite.json").write_text(json.dumps(info, indent=2))
+        os.replace(tmp, target)
+    return target
+
+
 class CompositeStore:
     """Builds each composite once per (pool version, experts, weights) and keeps it on disk."""
 
@@ -77,22 +97,13 @@ class CompositeStore:
     def ensure(self, pool_version: str, parts: Sequence[tuple[str, float, Path]]) -> tuple[str, Path]:
         """(composite id, directory); builds it on first use. `parts` are (name, weight, adapter dir)."""
         cid = self.composite_id(pool_version, [(n, w) for n, w, _ in parts])
-        target = self.root / cid
-        if (target / WEIGHTS_FILE).is_file():
-            return cid, target
-        with self._lock:
-            if (target / WEIGHTS_FILE).is_file():
-                return cid, target
+
+        def build() -> tuple[dict[str, torch.Tensor], dict, dict]:
             tensors, config = merge_loras([p for _, _, p in parts], [w for _, w, _ in parts])
-            tmp = self.root / f".{cid}.tmp{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-            (tmp / "composite.json").write_text(json.dumps({"pool_version": pool_version, "experts": [
-                {"name": n, "weight": w, "path": str(p)} for n, w, p in parts]}, indent=2))
-            os.replace(tmp, target)
-        return cid, target
+            return tensors, config, {"pool_version": pool_version, "experts": [
+                {"name": n, "weight": w, "path": str(p)} for n, w, p in parts]}
+
+        return cid, write_once(self.root / cid, self._lock, build)
 
     def clear(self) -> None:
         """Drop every composite on disk (they are rebuilt on demand); called at start-up."""

@@ -30,17 +30,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from adapters.composite import lora_scale
+from adapters.composite import lora_scale, write_once
 from adapters.gates import read_gates
 from adapters.validate import CONFIG_FILE, WEIGHTS_FILE
 from router.gating import standardize
@@ -162,20 +160,10 @@ class GatedCompositeStore:
         """(composite id, directory) for candidates `parts` = (name, global score, dir); built on first use."""
         parts = canonical(parts, spec)
         cid = self.composite_id(pool_version, [(n, s) for n, s, _ in parts], spec)
-        target = self.root / cid
-        if (target / WEIGHTS_FILE).is_file():
-            return cid, target
-        with self._lock:
-            if (target / WEIGHTS_FILE).is_file():
-                return cid, target
+
+        def build() -> tuple[dict[str, torch.Tensor], dict, dict]:
             tensors, config = build_gated(parts, spec)
-            tmp = self.root / f".{cid}.tmp{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-            (tmp / "composite.json").write_text(json.dumps({
-                "pool_version": pool_version, "gate": spec.normalised().__dict__,
-                "experts": [{"name": n, "global_gap": s, "path": str(p)} for n, s, p in parts]}, indent=2))
-            os.replace(tmp, target)
-        return cid, target
+            return tensors, config, {"pool_version": pool_version, "gate": spec.normalised().__dict__,
+                                     "experts": [{"name": n, "global_gap": s, "path": str(p)} for n, s, p in parts]}
+
+        return cid, write_once(self.root / cid, self._lock, build)
