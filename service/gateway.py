@@ -6,6 +6,7 @@ adapter (an expert, or a composite built for a merge) â†’ forward to a backend â
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -16,6 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from adapters.composite import CompositeStore
 from adapters.gated_composite import GateSpec, GatedCompositeStore
+from adapters.card import ExpertCard
 from adapters.pool import Expert, ExpertPool
 from router.decision import ExpertChoice, RoutingDecision, RoutingParams
 from router.router import Router
@@ -70,15 +72,18 @@ class Gateway:
             await self.backends.unload_everywhere(name)
         self.metrics.pool_size.set(len(self.pool))
 
-    async def expert_added(self, expert: Expert, *, replaced: bool) -> None:
-        await self.pool_changed(removed=[expert.name] if replaced else [])
-        if self.shared is not None:
-            await self.shared.published_add(expert)
+    async def add_expert(self, path: str, card: ExpertCard, *, replace: bool) -> Expert:
+        """Register an expert here and, with replicas, in the shared registry."""
+        add = functools.partial(self.pool.add, path, card, replace=replace)
+        expert = await (self.shared.add(add) if self.shared is not None else asyncio.to_thread(add))
+        await self.pool_changed(removed=[expert.name] if replace else [])
+        return expert
 
-    async def expert_removed(self, expert: Expert) -> None:
+    async def remove_expert(self, name: str) -> Expert:
+        remove = functools.partial(self.pool.remove, name)
+        expert = await (self.shared.remove(remove) if self.shared is not None else asyncio.to_thread(remove))
         await self.pool_changed(removed=[expert.name])
-        if self.shared is not None:
-            await self.shared.published_remove(expert.name)
+        return expert
 
     # --- limits ---------------------------------------------------------------------------------------
     def check_limits(self, body: SamplingFields, text_chars: int) -> None:

@@ -38,25 +38,35 @@ class SharedPool:
         self._lock = asyncio.Lock()
 
     # --- publishing local changes ---------------------------------------------------------------------
-    async def published_add(self, expert: Expert) -> None:
-        await self._publish(lambda p: p.hset(EXPERTS_KEY, expert.name, json.dumps(expert.to_json())))
+    # The local change and its publication run under the lock that `sync_once` takes: a poll adopting the
+    # registry between the two would drop the not-yet-published expert from the local pool for good (the
+    # publication then looks like the next revision, so nothing re-adopts it).
+    async def add(self, add: Callable[[], Expert]) -> Expert:
+        """Run `add` (a blocking `ExpertPool.add`) and publish the expert it returns."""
+        async with self._lock:
+            expert = await asyncio.to_thread(add)
+            await self._publish(lambda p: p.hset(EXPERTS_KEY, expert.name, json.dumps(expert.to_json())))
+        return expert
 
-    async def published_remove(self, name: str) -> None:
-        await self._publish(lambda p: p.hdel(EXPERTS_KEY, name))
+    async def remove(self, remove: Callable[[], Expert]) -> Expert:
+        """Run `remove` (a blocking `ExpertPool.remove`) and publish the removal."""
+        async with self._lock:
+            expert = await asyncio.to_thread(remove)
+            await self._publish(lambda p: p.hdel(EXPERTS_KEY, expert.name))
+        return expert
 
     async def _publish(self, change) -> None:
-        async with self._lock:
-            try:
-                async with self._redis.pipeline(transaction=True) as pipe:
-                    change(pipe)
-                    pipe.incr(REVISION_KEY)
-                    *_, revision = await pipe.execute()
-            except (RedisError, OSError) as exc:
-                log.warning("pool change not shared with other gateway replicas (Redis: %s)", exc)
-                return
-            # Someone else's change in between: leave our revision stale so the next poll adopts theirs too.
-            if self._revision is not None and revision == self._revision + 1:
-                self._revision = revision
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                change(pipe)
+                pipe.incr(REVISION_KEY)
+                *_, revision = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            log.warning("pool change not shared with other gateway replicas (Redis: %s)", exc)
+            return
+        # Someone else's change in between: leave our revision stale so the next poll adopts theirs too.
+        if self._revision is not None and revision == self._revision + 1:
+            self._revision = revision
 
     # --- following other replicas ---------------------------------------------------------------------
     async def sync_once(self) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 
 from fastapi import APIRouter, Depends
 from pydantic import ValidationError
@@ -52,13 +51,11 @@ def _card(body: ExpertIn, roots) -> ExpertCard:
              dependencies=[Depends(require_admin)])
 async def add_expert(body: ExpertIn, gateway: Gateway = Depends(get_gateway)) -> ExpertOut:
     card = _card(body, gateway.pool.roots)
-    expert = await asyncio.to_thread(gateway.pool.add, body.path, card, replace=body.replace)
-    await gateway.expert_added(expert, replaced=bool(body.replace))
+    expert = await gateway.add_expert(body.path, card, replace=bool(body.replace))
     return _out(expert)
 
 
 @router.delete("/v1/experts/{name}", responses=ERRORS, dependencies=[Depends(require_admin)])
 async def remove_expert(name: str, gateway: Gateway = Depends(get_gateway)) -> dict:
-    expert = await asyncio.to_thread(gateway.pool.remove, name)
-    await gateway.expert_removed(expert)
+    await gateway.remove_expert(name)
     return {"id": name, "object": "expert", "deleted": True}
