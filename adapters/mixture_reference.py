@@ -72,8 +72,9 @@ class MixtureOfLoRALinear(nn.Module):
         self.register_buffer("B_cat", B.to(dtype).permute(1, 0, 2).reshape(B.shape[1], -1), persistent=False)
         self.register_buffer("scales", scales.to(dtype), persistent=False)
         self.register_buffer("available", available.to(torch.bool), persistent=False)
-        self.register_buffer("prototypes", prototypes.to(dtype), persistent=False)
-        self.register_buffer("gates", None if gates is None else gates.to(dtype), persistent=False)
+        # Gate signals stay float32 whatever the model's dtype: gating near-ties must not be decided by rounding.
+        self.register_buffer("prototypes", prototypes.float(), persistent=False)
+        self.register_buffer("gates", None if gates is None else gates.float(), persistent=False)
         self.state = state
         self.last_weights: torch.Tensor | None = None
 

@@ -88,6 +88,7 @@ class SlotGate:
     column_expert: torch.Tensor  # (Σ r_e,) long: the candidate each block column belongs to
     scores: torch.Tensor  # (n,) global scores, as gaps to the best
     present: torch.Tensor  # (n,) bool: candidate has a LoRA on this module
+    rows: torch.Tensor  # (n, in) float32 gate rows
     rowsum: torch.Tensor  # (n,) Σ of each gate row (mean correction of LN(u))
 
 
@@ -121,7 +122,7 @@ def slot_gates(a: torch.Tensor) -> dict[int, SlotGate]:
             kind=int(header[1]), n=n, top_k=int(header[3]), alpha=float(header[4]), gate_start=sum(ranks),
             column_expert=torch.repeat_interleave(torch.arange(n), torch.tensor(ranks)),
             scores=header[f + n:f + 2 * n] * SCORE_STEP, present=header[f + 2 * n:f + 3 * n] > 0,
-            rowsum=a[slot, sum(ranks):last].float().sum(dim=1))
+            rows=a[slot, sum(ranks):last].float(), rowsum=a[slot, sum(ranks):last].float().sum(dim=1))
     if len(_gate_cache) > 4096:
         _gate_cache.clear()
     _gate_cache[key] = found
@@ -134,9 +135,11 @@ def apply_gate(x: torch.Tensor, h: torch.Tensor, gate: SlotGate) -> torch.Tensor
     from router.gating import LN_EPS, select
 
     start, n = gate.gate_start, gate.n
-    proj = h[:, start:start + n]
+    # The gate logits again in float32 (the shrink wrote them to h in the activation dtype): bf16 rounding
+    # of near-tied logits flips the top-k choice, and the reference computes them in float32.
+    u = x.float()
+    proj = u @ gate.rows.T
     if gate.kind == 1:  # LN(u)·LN(v)/√d, with the gate row = LN(v)/√d
-        u = x.float()
         mean = u.mean(dim=-1, keepdim=True)
         var = u.var(dim=-1, unbiased=False, keepdim=True)
         local = (proj - mean * gate.rowsum) / torch.sqrt(var + LN_EPS)

@@ -1,12 +1,14 @@
 """Per-token gating inside vLLM's batch (real vLLM, flock's plugin) against the plain-PyTorch reference
 (adapters/mixture_reference.py), on experts of the default library with their stored gate signals.
 
-Tolerances: vLLM runs the model in bf16, the reference in float32, so logits differ by bf16 rounding (~1e-2
-relative); the log-probability of vLLM's first token under the reference must be within 0.15 nats. Greedy
-continuations (8 tokens) must be identical for at least 95% of the prompts with Arrow (measured 20/20). With
-glider at α = 3 the measured agreement is 16/20 (first-token logprobs within 0.07): the top-2 choice among
-three candidates is often near-tied per token and bf16 flips it, after which greedy decoding diverges. The 95%
-goal is NOT met there; the test holds glider to the 75% measured floor so a regression still fails it.
+Tolerances: vLLM runs the model in bf16, the reference in float32 (both compute the gate logits in float32), so
+logits differ by bf16 rounding (~1e-2 relative). Each greedy continuation (8 tokens) is compared two ways:
+- identical text. Where the reference's best two tokens are within bf16 noise of each other, the two sides may
+  pick differently and then diverge; measured: arrow 20/20, glider at the served defaults (α =
+  FLOCK_GLIDER_ALPHA, k = 2) 18/20, glider with the local gates dominant (α = 3) 18-19/20. Held to 90% / 85%.
+- identical up to near-ties: vLLM's tokens fed through the reference (teacher forcing), every one of them within
+  TIE_TOL nats of the reference's best token at that step. Measured 20/20 in all three modes; held to 95%.
+The reference's log-probability of vLLM's first token must also be within LOGPROB_TOL of vLLM's.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ EXPERTS = ("arithmetic", "sort_numbers", "iso_date")
 SCORES = (0.62, 0.55, 0.41)
 MAX_TOKENS = 8
 LOGPROB_TOL = 0.15
+TIE_TOL = 0.15  # a token vLLM chose within this many nats of the reference's best counts as the greedy choice
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +61,12 @@ def load_adapter(vllm_url: str, name: str, path) -> None:
 async def complete(client: httpx.AsyncClient, vllm_url: str, model: str, prompt: str) -> dict:
     r = await client.post(f"{vllm_url}/v1/chat/completions", json={
         "model": model, "messages": [{"role": "user", "content": prompt}], "temperature": 0,
-        "max_tokens": MAX_TOKENS, "logprobs": True, "top_logprobs": 1})
+        "max_tokens": MAX_TOKENS, "logprobs": True, "top_logprobs": 1, "return_tokens_as_token_ids": True})
     r.raise_for_status()
     choice = r.json()["choices"][0]
-    first = choice["logprobs"]["content"][0]
-    return {"text": choice["message"]["content"], "first_token": first["token"], "first_logprob": first["logprob"]}
+    steps = choice["logprobs"]["content"]
+    return {"text": choice["message"]["content"], "token_ids": [int(s["token"].split(":")[1]) for s in steps],
+            "logprobs": [s["logprob"] for s in steps]}
 
 
 def run_all(vllm_url: str, jobs: list[tuple[str, str]]) -> list[dict]:
@@ -74,12 +78,15 @@ def run_all(vllm_url: str, jobs: list[tuple[str, str]]) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def gated(tmp_path_factory, vllm_url, library_experts) -> dict[str, tuple[GateSpec, str, list]]:
-    """Gated composites of the three experts, loaded into vLLM: glider (α = 3, k = 2) and arrow (k = 2), with
-    their canonical candidates (name, global gap, dir) for the reference."""
+    """Gated composites of the three experts, loaded into vLLM: glider at the served defaults, glider with the
+    local gates dominant (α = 3, k = 2) and arrow (k = 2), with their canonical candidates (name, global gap,
+    dir) for the reference."""
     store = GatedCompositeStore(tmp_path_factory.mktemp("gated"))
     parts = [(d.name, s, d) for d, s in zip(library_experts, SCORES)]
+    defaults = Settings()
     out = {}
-    for label, spec in (("glider", GateSpec("phatgoose", 3.0, 2)), ("arrow", GateSpec("arrow", 0.0, 2))):
+    for label, spec in (("glider", GateSpec("phatgoose", defaults.glider_alpha, defaults.gate_top_k)),
+                        ("glider_local", GateSpec("phatgoose", 3.0, 2)), ("arrow", GateSpec("arrow", 0.0, 2))):
         cid, path = store.ensure("test", parts, spec)
         load_adapter(vllm_url, cid, path)
         out[label] = (spec, cid, canonical(parts, spec))
@@ -94,7 +101,7 @@ def reference_base():
     return model, tokenizer
 
 
-@pytest.mark.parametrize("label", ["glider", "arrow"])
+@pytest.mark.parametrize("label", ["glider", "glider_local", "arrow"])
 def test_vllm_matches_the_reference(label, gated, vllm_url, library_experts, prompts, reference_base):
     from adapters.mixture_reference import build_mixture_model
 
@@ -106,21 +113,25 @@ def test_vllm_matches_the_reference(label, gated, vllm_url, library_experts, pro
                                   alpha=bf16_exact(spec.alpha), top_k=spec.top_k)
     try:
         want = mixture.generate(tokenizer, prompts, max_new_tokens=MAX_TOKENS)
-        # The reference's log-probability of the first token vLLM chose.
-        deltas = []
+        # vLLM's tokens through the reference (teacher forcing): its log-probability of each of them.
+        deltas, ties = [], []
         for prompt, g in zip(prompts, got):
             text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                                  tokenize=False)
-            ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
-            logp = torch.log_softmax(mixture.logits(ids)[0, -1].float(), dim=-1)
-            token_ids = tokenizer(g["first_token"], add_special_tokens=False)["input_ids"]
-            deltas.append(abs(float(logp[token_ids[0]]) - g["first_logprob"]))
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            logp = torch.log_softmax(mixture.logits(torch.tensor([ids + g["token_ids"]]))[0].float(), dim=-1)
+            steps = logp[len(ids) - 1:len(ids) - 1 + len(g["token_ids"])]
+            chosen = steps[torch.arange(len(g["token_ids"])), torch.tensor(g["token_ids"])]
+            deltas.append(abs(float(chosen[0]) - g["logprobs"][0]))
+            ties.append(bool((steps.max(dim=-1).values - chosen <= TIE_TOL).all()))
     finally:
         mixture.restore()
     same = sum(g["text"].strip() == w.strip() for g, w in zip(got, want))
-    print(f"\n{label}: {same}/{len(prompts)} greedy continuations identical; first-token |Δ logprob| max "
-          f"{max(deltas):.4f}, mean {sum(deltas) / len(deltas):.4f}")
-    floor = 0.95 if label == "arrow" else 0.75
+    print(f"\n{label}: {same}/{len(prompts)} greedy continuations identical, {sum(ties)}/{len(prompts)} identical "
+          f"up to reference near-ties (< {TIE_TOL} nats); first-token |Δ logprob| max {max(deltas):.4f}, "
+          f"mean {sum(deltas) / len(deltas):.4f}")
+    assert sum(ties) >= math.ceil(0.95 * len(prompts)), [(g["text"], w) for g, w, t in zip(got, want, ties) if not t]
+    floor = 0.85 if label == "glider_local" else 0.9
     assert same >= math.ceil(floor * len(prompts)), list(zip([g["text"] for g in got], want))
     assert max(deltas) <= LOGPROB_TOL
 
@@ -130,7 +141,7 @@ def test_gated_output_differs_from_each_single_expert(gated, vllm_url, library_e
     for d in library_experts:
         load_adapter(vllm_url, d.name, d)
     sample = prompts[:12]
-    glider = [x["text"] for x in run_all(vllm_url, [(gated["glider"][1], p) for p in sample])]
+    glider = [x["text"] for x in run_all(vllm_url, [(gated["glider_local"][1], p) for p in sample])]
     singles = {d.name: [x["text"] for x in run_all(vllm_url, [(d.name, p) for p in sample])] for d in library_experts}
     assert all(glider != outs for outs in singles.values())
 
@@ -143,7 +154,8 @@ def test_mixed_batch_gives_each_request_its_solo_output(gated, vllm_url, library
     load_adapter(vllm_url, merge_id, merge_path)
     for d in library_experts:
         load_adapter(vllm_url, d.name, d)
-    models = [gated["glider"][1], gated["arrow"][1], merge_id, library_experts[0].name, Settings().base_model_name]
+    models = [gated["glider"][1], gated["glider_local"][1], gated["arrow"][1], merge_id, library_experts[0].name,
+              Settings().base_model_name]
     jobs = [(models[i % len(models)], p) for i, p in enumerate(prompts)]
     alone = [run_all(vllm_url, [job])[0]["text"] for job in jobs]
     together = [x["text"] for x in run_all(vllm_url, jobs)]
