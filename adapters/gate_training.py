@@ -13,7 +13,6 @@ A new expert needs only its own data: the gates of the other experts are not tou
 from __future__ import annotations
 
 import random
-import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -24,7 +23,7 @@ from adapters.card import read_card
 from adapters.gates import base_module_name, load_lora, write_gates
 from adapters.mixture_reference import swap_module
 from adapters.tasks import Example, get_task
-from adapters.training import DEFAULT_BASE_DIR, NUM_THREADS, _collate, _lr_factor, encode_example, load_base
+from adapters.training import DEFAULT_BASE_DIR, NUM_THREADS, encode_example, load_base, run_training
 
 
 class SigmoidGatedLoRA(nn.Module):
@@ -109,41 +108,11 @@ def train_phatgoose_gates(
             gated[module] = SigmoidGatedLoRA(linear, a, b, scale)
             originals[target] = swap_module(model, target, gated[module])
         params = [g.gate for g in gated.values()]
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-        warmup = max(1, round(warmup_frac * steps))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, steps, warmup, "constant"))
         progress(f"[{name}] training PHATGOOSE gates on {len(gated)} modules ({sum(p.numel() for p in params)} "
                  f"params), {steps} steps x {batch_size}, lr {lr}")
-
-        model.train()
-        pad_id = tokenizer.pad_token_id
-        t0 = time.perf_counter()
-        window_loss, window_n, window_tokens, window_t = 0.0, 0, 0, t0
-        final_loss = float("nan")
-        for step in range(steps):
-            batch = [encoded[(step * batch_size + i) % len(encoded)] for i in range(batch_size)]  # wraps if few
-            inputs = _collate(batch, pad_id)
-            loss = model(**inputs).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-
-            window_loss += loss.item()
-            window_n += 1
-            window_tokens += int(inputs["attention_mask"].sum())
-            if (step + 1) % 10 == 0 or step + 1 == steps:
-                now = time.perf_counter()
-                final_loss = window_loss / window_n
-                per_step = (now - t0) / (step + 1)
-                progress(
-                    f"[{name}] gates step {step + 1}/{steps} loss {final_loss:.4f} "
-                    f"lr {scheduler.get_last_lr()[0]:.2e} {window_tokens / max(now - window_t, 1e-9):.0f} tok/s "
-                    f"ETA {per_step * (steps - step - 1):.0f}s"
-                )
-                window_loss, window_n, window_tokens, window_t = 0.0, 0, 0, now
-        seconds = time.perf_counter() - t0
+        final_loss, seconds = run_training(
+            model, encoded, params, steps=steps, batch_size=batch_size, lr=lr, pad_id=tokenizer.pad_token_id,
+            label=name, what="gates ", progress=progress, warmup_frac=warmup_frac, schedule="constant")
         gates = {m: g.gate.detach().clone() for m, g in gated.items()}
     finally:
         for target, linear in originals.items():

@@ -137,6 +137,46 @@ def _lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def run_training(
+    model, encoded: list[tuple[list[int], list[int]]], params: list[torch.Tensor], *, steps: int, batch_size: int,
+    lr: float, pad_id: int, label: str, progress: Callable[[str], None], what: str = "", warmup_frac: float = 0.06,
+    schedule: str = "cosine", weight_decay: float = 0.0,
+) -> tuple[float, float]:
+    """AdamW on `params` over `encoded` examples (wrapping around when there are fewer than steps x batch_size),
+    gradient clipping at 1.0, progress ("[label] {what}step ...") every 10 steps. Returns (final windowed loss, seconds)."""
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    warmup = max(1, round(warmup_frac * steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, steps, warmup, schedule))
+    model.train()
+    t0 = time.perf_counter()
+    window_loss, window_n, window_tokens, window_t = 0.0, 0, 0, t0
+    final_loss = float("nan")
+    for step in range(steps):
+        batch = [encoded[(step * batch_size + i) % len(encoded)] for i in range(batch_size)]
+        inputs = _collate(batch, pad_id)
+        loss = model(**inputs).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        window_loss += loss.item()
+        window_n += 1
+        window_tokens += int(inputs["attention_mask"].sum())
+        if (step + 1) % 10 == 0 or step + 1 == steps:
+            now = time.perf_counter()
+            final_loss = window_loss / window_n
+            per_step = (now - t0) / (step + 1)
+            progress(
+                f"[{label}] {what}step {step + 1}/{steps} loss {final_loss:.4f} "
+                f"lr {scheduler.get_last_lr()[0]:.2e} {window_tokens / max(now - window_t, 1e-9):.0f} tok/s "
+                f"ETA {per_step * (steps - step - 1):.0f}s"
+            )
+            window_loss, window_n, window_tokens, window_t = 0.0, 0, 0, now
+    return final_loss, time.perf_counter() - t0
+
+
 def _prepare_out_dir(out_dir: Path) -> Path:
     """A fresh staging dir next to `out_dir`; refuses to clobber an existing dir that is not an adapter dir."""
     if out_dir.exists():
@@ -274,44 +314,13 @@ def train_expert(
     random.Random(seed).shuffle(encoded)
     pad_id = tokenizer.pad_token_id
 
-    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
-    warmup = max(1, round(warmup_frac * steps))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: _lr_factor(s, steps, warmup, schedule)
-    )
     progress(
         f"[{task_name}] training LoRA r={rank} alpha={alpha} on {len(targets)} modules "
         f"({n_trainable / 1e6:.2f}M params), {steps} steps x {batch_size}, lr {lr}"
     )
-
-    model.train()
-    t0 = time.perf_counter()
-    window_loss, window_n, window_tokens, window_t = 0.0, 0, 0, t0
-    final_loss = float("nan")
-    for step in range(steps):
-        batch = encoded[step * batch_size : (step + 1) * batch_size]
-        inputs = _collate(batch, pad_id)
-        loss = model(**inputs).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        window_loss += loss.item()
-        window_n += 1
-        window_tokens += int(inputs["attention_mask"].sum())
-        if (step + 1) % 10 == 0 or step + 1 == steps:
-            now = time.perf_counter()
-            final_loss = window_loss / window_n
-            per_step = (now - t0) / (step + 1)
-            progress(
-                f"[{task_name}] step {step + 1}/{steps} loss {final_loss:.4f} "
-                f"lr {scheduler.get_last_lr()[0]:.2e} {window_tokens / max(now - window_t, 1e-9):.0f} tok/s "
-                f"ETA {per_step * (steps - step - 1):.0f}s"
-            )
-            window_loss, window_n, window_tokens, window_t = 0.0, 0, 0, now
-    train_seconds = time.perf_counter() - t0
+    final_loss, train_seconds = run_training(
+        model, encoded, trainable, steps=steps, batch_size=batch_size, lr=lr, pad_id=pad_id, label=task_name,
+        progress=progress, warmup_frac=warmup_frac, schedule=schedule, weight_decay=weight_decay)
 
     # Round the LoRA weights to bf16 now, so the dev score is that of the adapter as saved.
     with torch.no_grad():
