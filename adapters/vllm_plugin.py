@@ -25,26 +25,35 @@ _patched = False
 PER_SLOT_MAX = 2  # up to this many distinct adapters in a batch, one matmul per adapter; beyond, all at once
 
 
-_rank_cache: dict[tuple, int] = {}
+_rank_cache: dict[tuple, list[int]] = {}
 
 
-def used_rank(weights: torch.Tensor, rank_dim: int) -> int:
-    """Highest rank any slot uses: vLLM pads every adapter to --max-lora-rank with zeros, and multiplying
-    the padding is most of the work when adapters are smaller than the maximum. Cached per weight version:
+def slot_ranks(weights: torch.Tensor, rank_dim: int) -> list[int]:
+    """Rank each slot uses (0 for an empty slot): vLLM pads every adapter to --max-lora-rank with zeros, and
+    multiplying the padding is most of the work when adapters are smaller than the maximum (a resident gated
+    composite of rank ~50 must not make a rank-4 expert's batch pay rank 50). Cached per weight version:
     loading an adapter writes the stacked buffer in place, which bumps the tensor's version counter."""
     key = (weights.data_ptr(), weights._version, tuple(weights.shape), rank_dim)
-    rank = _rank_cache.get(key)
-    if rank is None:
-        other = tuple(d for d in range(weights.dim()) if d != rank_dim)
-        nonzero = (weights.abs().amax(dim=other) > 0).nonzero()
-        rank = int(nonzero.max()) + 1 if nonzero.numel() else 1
+    ranks = _rank_cache.get(key)
+    if ranks is None:
+        other = tuple(d for d in range(1, weights.dim()) if d != rank_dim)
+        nonzero = weights.abs().amax(dim=other) > 0  # (slots, rank)
+        positions = torch.arange(1, nonzero.shape[1] + 1)
+        ranks = (nonzero * positions).amax(dim=1).tolist()
         if len(_rank_cache) > 4096:
             _rank_cache.clear()
-        _rank_cache[key] = rank
-    return rank
+        _rank_cache[key] = ranks
+    return ranks
 
 
-def _per_slot(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def used_rank(weights: torch.Tensor, rank_dim: int, slots: set[int] | None = None) -> int:
+    """Highest rank used by `slots` (default: any slot), at least 1."""
+    ranks = slot_ranks(weights, rank_dim)
+    return max([1, *(ranks[s] for s in (range(len(ranks)) if slots is None else slots) if s >= 0)])
+
+
+def _per_slot(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype,
+              slots: set[int]) -> torch.Tensor:
     """(tokens, out): each token's input times its slot's weights (transposed); zero for slot -1.
 
     vLLM's op gathered a copy of the (rank x width) weights for every token, which made LoRA decode several
@@ -56,7 +65,6 @@ def _per_slot(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor
         weights = weights.squeeze(1)
     x = inputs.to(dtype)
     tokens = x.shape[0]
-    slots = set(indices.tolist())  # a Python set: cheaper than torch.unique for a batch's worth of tokens
     if len(slots) == 1:
         (only,) = slots
         if only < 0:
@@ -86,10 +94,8 @@ class SlotGate:
     alpha: float
     gate_start: int  # first gate row == Σ r_e
     column_expert: torch.Tensor  # (Σ r_e,) long: the candidate each block column belongs to
-    scores: torch.Tensor  # (n,) global scores, as gaps to the best
-    present: torch.Tensor  # (n,) bool: candidate has a LoRA on this module
-    rows: torch.Tensor  # (n, in) float32 gate rows
-    rowsum: torch.Tensor  # (n,) Σ of each gate row (mean correction of LN(u))
+    rows: torch.Tensor  # (n, in) float32 gate rows: LN(v)/√d (phatgoose) or p/T (arrow)
+    bias: torch.Tensor  # (n,) α·global (gaps to the best); -inf for a candidate with no LoRA on this module
 
 
 _gate_cache: dict[tuple, dict[int, SlotGate]] = {}
@@ -121,8 +127,9 @@ def slot_gates(a: torch.Tensor) -> dict[int, SlotGate]:
         found[slot] = SlotGate(
             kind=int(header[1]), n=n, top_k=int(header[3]), alpha=float(header[4]), gate_start=sum(ranks),
             column_expert=torch.repeat_interleave(torch.arange(n), torch.tensor(ranks)),
-            scores=header[f + n:f + 2 * n] * SCORE_STEP, present=header[f + 2 * n:f + 3 * n] > 0,
-            rows=a[slot, sum(ranks):last].float(), rowsum=a[slot, sum(ranks):last].float().sum(dim=1))
+            rows=a[slot, sum(ranks):last].float(),
+            bias=(float(header[4]) * header[f + n:f + 2 * n] * SCORE_STEP).masked_fill(
+                header[f + 2 * n:f + 3 * n] <= 0, float("-inf")))
     if len(_gate_cache) > 4096:
         _gate_cache.clear()
     _gate_cache[key] = found
@@ -131,26 +138,24 @@ def slot_gates(a: torch.Tensor) -> dict[int, SlotGate]:
 
 def apply_gate(x: torch.Tensor, h: torch.Tensor, gate: SlotGate) -> torch.Tensor:
     """Weight each candidate's block of the shrink output `h` = x·Aᵀ (tokens, ≥ gate rows) by the token's gate
-    weight and zero the gate and header columns. x: the layer input of the same tokens."""
-    from router.gating import LN_EPS, select
+    weight and zero the gate and header columns, in place (h is always a fresh tensor here). x: the layer
+    input of the same tokens. GLIDER's combination (router.gating.select) written out with as few torch ops
+    as it takes: each costs microseconds on a CPU and this runs for every module of every layer, every step."""
+    from router.gating import LN_EPS
 
-    start, n = gate.gate_start, gate.n
+    start = gate.gate_start
     # The gate logits again in float32 (the shrink wrote them to h in the activation dtype): bf16 rounding
     # of near-tied logits flips the top-k choice, and the reference computes them in float32.
     u = x.float()
-    proj = u @ gate.rows.T
     if gate.kind == 1:  # LN(u)·LN(v)/√d, with the gate row = LN(v)/√d
-        mean = u.mean(dim=-1, keepdim=True)
-        var = u.var(dim=-1, unbiased=False, keepdim=True)
-        local = (proj - mean * gate.rowsum) / torch.sqrt(var + LN_EPS)
+        local = torch.nn.functional.layer_norm(u, (u.shape[-1],), eps=LN_EPS) @ gate.rows.T
     else:  # |u·p|/T, with the gate row = p/T
-        local = proj.abs()
-    idx, w = select(local, gate.scores, gate.alpha, gate.top_k, mask=gate.present)
-    weights = torch.zeros(h.shape[0], n, dtype=h.dtype).scatter_(1, idx, w.to(h.dtype))
-    out = h.clone()
-    out[:, :start] *= weights[:, gate.column_expert]
-    out[:, start:] = 0
-    return out
+        local = (u @ gate.rows.T).abs()
+    kept, idx = torch.topk(local + gate.bias, min(gate.top_k, gate.n), dim=-1)
+    weights = torch.zeros_like(local).scatter_(1, idx, torch.softmax(kept, dim=-1).nan_to_num_(0.0))
+    h[:, :start] *= weights[:, gate.column_expert].to(h.dtype)
+    h[:, start:] = 0
+    return h
 
 
 def _gate_tokens(x: torch.Tensor, outputs: torch.Tensor, indices: torch.Tensor, gates: dict[int, SlotGate]
@@ -175,9 +180,10 @@ def clear_caches() -> None:
 
 def bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling: float = 1.0):
     a = lora_a_weights.squeeze(1) if lora_a_weights.dim() == 4 else lora_a_weights  # (slots, rank, in)
-    rank = used_rank(a, 1)
-    outputs = _per_slot(inputs, a[:, :rank], lora_indices_tensor, output_tensor.dtype)
-    gates = slot_gates(a)
+    slots = set(lora_indices_tensor.tolist())  # a Python set: cheaper than torch.unique for a batch's tokens
+    rank = used_rank(a, 1, slots)
+    outputs = _per_slot(inputs, a[:, :rank], lora_indices_tensor, output_tensor.dtype, slots)
+    gates = {slot: gate for slot, gate in slot_gates(a).items() if slot in slots}
     if gates:
         outputs = _gate_tokens(inputs, outputs, lora_indices_tensor, gates)
     output_tensor[:, :rank] = scaling * outputs
@@ -186,8 +192,9 @@ def bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scal
 
 def _expand(inputs: torch.Tensor, lora_b_weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype):
     b = lora_b_weights.squeeze(1) if lora_b_weights.dim() == 4 else lora_b_weights  # (slots, out, rank)
-    rank = used_rank(b, 2)
-    return _per_slot(inputs[:, :rank], b[:, :, :rank], indices, dtype)
+    slots = set(indices.tolist())
+    rank = used_rank(b, 2, slots)
+    return _per_slot(inputs[:, :rank], b[:, :, :rank], indices, dtype, slots)
 
 
 def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs: bool = True):

@@ -141,8 +141,8 @@ def test_header_round_trip_and_plain_adapters_untouched(experts):
     assert set(gates) == {1}  # slot 0 is an ordinary adapter
     g = gates[1]
     assert (g.kind, g.n, g.top_k, g.alpha, g.gate_start) == (2, 3, 2, 2.5, 12)
-    assert torch.allclose(g.scores, torch.tensor([0.9, 0.2, -0.1]))
-    assert g.present.tolist() == [True, True, False]
+    assert torch.allclose(g.bias[:2], 2.5 * torch.tensor([0.9, 0.2]))  # α·global
+    assert g.bias[2] == float("-inf")  # the third candidate has no LoRA on this module
     assert g.column_expert.tolist() == [0] * 4 + [1] * 4 + [2] * 4
 
 

@@ -95,3 +95,7 @@ def test_padded_rank_is_skipped_and_reloads_are_seen():
     b[1, 0, :, 6].copy_(torch.randn(16, generator=g))
     assert ours.used_rank(a.squeeze(1), 1) == 7
     assert torch.allclose(run(ours), run(lora_ops), atol=1e-4)
+    # A batch without slot 1 multiplies only the rank its own slots use, with the same result.
+    assert ours.used_rank(a.squeeze(1), 1, {0, 2}) == 3 and ours.used_rank(a.squeeze(1), 1, {-1}) == 1
+    idx = torch.tensor([0, 2, 0, -1, 2, 2, 0])
+    assert torch.allclose(run(ours), run(lora_ops) * (idx >= 0).unsqueeze(1), atol=1e-4)
