@@ -1,5 +1,5 @@
 """The vLLM backends: health checks, adapter placement (rendezvous hashing), runtime LoRA loading, and
-forwarding with fail-over for requests that never reached a model."""
+forwarding with fail-over for requests a backend dropped before answering."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import logging
 import time
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,8 +153,11 @@ class BackendPool:
                    ) -> tuple[httpx.Response, Backend, float]:
         """Send to the first backend that takes the request; returns (response, backend, start time).
 
-        Fails over only when the request cannot have reached a model (connection refused or reset before
-        sending); the caller must close a streamed response. No healthy backend: a fast 503.
+        Fails over when a backend is unreachable or drops the connection before its answer is in (refused, reset,
+        closed: it died or restarted, and whatever it had generated is lost, so sending the request elsewhere
+        duplicates nothing the client saw), never on a timeout (a slow backend would get the work twice). A stream
+        counts as answered once its first bytes are in; a failure after that is the caller's. The caller must close
+        a streamed response. No healthy backend: a fast 503.
         """
         tried = 0
         for backend in self.candidates(adapter):
@@ -163,6 +167,7 @@ class BackendPool:
                     await self.ensure_adapter(backend, adapter)
                 start = time.perf_counter()
                 backend.inflight += 1
+                handed_over = False
                 try:
                     resp = await self._send_once(backend, path, payload, stream)
                     if adapter is not None and resp.status_code == 404 and "does not exist" in (await resp.aread()).decode():
@@ -171,11 +176,16 @@ class BackendPool:
                         backend.loaded.pop(adapter.name, None)
                         await self.ensure_adapter(backend, adapter)
                         resp = await self._send_once(backend, path, payload, stream)
+                    if stream and resp.status_code == 200:
+                        resp = await read_ahead(resp)
+                    handed_over = stream  # the caller now owns the stream and its inflight count
                 finally:
-                    if not stream:
+                    if not handed_over:
                         backend.inflight -= 1
                 return resp, backend, start
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as exc:
+            except (httpx.NetworkError, httpx.RemoteProtocolError, httpx.ConnectTimeout) as exc:
+                # NetworkError: ConnectError, and ReadError/WriteError from a connection the backend reset (a
+                # killed vLLM resets the keep-alive connections it held).
                 log.warning("backend %s unreachable (%s); trying another", backend.url, type(exc).__name__)
                 backend.failures = EJECT_AFTER_FAILURES
                 backend.mark_down()
@@ -186,3 +196,33 @@ class BackendPool:
     async def _send_once(self, backend: Backend, path: str, payload: dict, stream: bool) -> httpx.Response:
         request = self.client.build_request("POST", f"{backend.url}{path}", json=payload)
         return await self.client.send(request, stream=stream)
+
+
+class _ReadAhead(httpx.AsyncByteStream):
+    """A streamed body whose first chunk has already been read; closing it closes the upstream response."""
+
+    def __init__(self, first: bytes, rest: AsyncGenerator[bytes, None], upstream: httpx.Response):
+        self.first, self.rest, self.upstream = first, rest, upstream
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        if self.first:
+            yield self.first
+        async for chunk in self.rest:
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self.rest.aclose()
+        await self.upstream.aclose()  # unread body: httpx drops the connection, which makes vLLM abort the request
+
+
+async def read_ahead(resp: httpx.Response) -> httpx.Response:
+    """Wait for a stream's first bytes. vLLM sends its headers at once but its first event only after queueing and
+    prefill; a backend that dies in between has sent the client nothing yet, so the request can go elsewhere."""
+    rest = resp.aiter_raw()
+    try:
+        first = await anext(rest, b"")
+    except BaseException:
+        await resp.aclose()
+        raise
+    return httpx.Response(resp.status_code, headers=resp.headers, stream=_ReadAhead(first, rest, resp),
+                          request=resp.request)

@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Iterable
 from typing import TYPE_CHECKING
 
+import httpx
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from adapters.composite import CompositeStore
@@ -194,7 +195,8 @@ class Gateway:
     async def _relay(self, resp, backend: Backend, t0: float, endpoint: str, decision: RoutingDecision,
                      expert_label: str, wants_usage: bool) -> AsyncIterator[bytes]:
         """Pass vLLM's SSE events through as they arrive: `routing` goes into the first event, the usage event
-        (always requested, to count tokens) is dropped unless the client asked for it."""
+        (always requested, to count tokens) is dropped unless the client asked for it. A backend that fails
+        mid-stream (killed, restarted) ends the stream with an OpenAI-style error event and no [DONE]."""
         buffer, first, got_token = b"", True, False
         try:
             async for chunk in resp.aiter_raw():
@@ -219,6 +221,14 @@ class Gateway:
                     yield event + b"\n\n"
             if buffer:
                 yield buffer
+        except httpx.HTTPError as exc:
+            # The tokens already sent cannot be taken back, so no retry; an error event rather than an exception
+            # (which would make the server cut the client's connection mid-event). A partial event is dropped.
+            log.warning("backend %s failed mid-stream (%s)", backend.url, type(exc).__name__)
+            self.metrics.errors.labels("backend_stream_broken").inc()
+            error = {"message": f"model backend failed mid-stream ({type(exc).__name__}); retry the request",
+                     "type": "server_error", "param": None, "code": "backend_stream_broken"}
+            yield b"data: " + json.dumps({"error": error}).encode() + b"\n\n"
         finally:
             # Runs on normal end and on client disconnect: closing the upstream response aborts the vLLM request.
             await resp.aclose()

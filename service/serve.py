@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import threading
 
 import uvicorn
@@ -41,7 +42,16 @@ async def _supervise(processes: list[ManagedProcess], stop: asyncio.Event) -> No
                 p.start()
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
+    raise SystemExit(0)
+
+
 def serve(settings: Settings) -> None:
+    # SIGTERM (docker stop, kill, a test's teardown) must unwind to the `finally` that stops the managed processes.
+    # uvicorn shuts down gracefully on it and then raises it again; with the default action the process would die
+    # right there and leave vLLM and redis-server running, orphaned.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     models.convert_base_model(settings.resolved_base_model_dir, progress=log.info)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     logs = settings.state_dir / "logs"

@@ -81,3 +81,64 @@ def test_no_healthy_backend_still_tries_then_503():
     with pytest.raises(APIError) as err:
         run(pool.send("/v1/completions", {"model": "m"}, None, stream=False))
     assert err.value.status == 503 and err.value.headers["Retry-After"]
+
+
+
+def test_backend_that_drops_the_connection_fails_over_but_a_slow_one_does_not():
+    # A killed vLLM resets the keep-alive connections it held: ReadError (or a closed connection), not ConnectError.
+    for dropped in (httpx.ReadError, httpx.RemoteProtocolError):
+        dead: list[str] = []
+
+        def handler(request, dropped=dropped):
+            if request.url.host in dead:
+                raise dropped("connection lost", request=request)
+            return httpx.Response(200, json={"ok": True})
+
+        pool = pool_with(handler)
+        for b in pool.backends:
+            b.healthy = True
+        first = pool.candidates(None)[0]
+        dead.append(first.url.removeprefix("http://"))
+        resp, backend, _ = run(pool.send("/v1/completions", {"model": "m"}, None, stream=False))
+        assert resp.status_code == 200 and backend is not first and not first.healthy
+
+    def slow(request):
+        raise httpx.ReadTimeout("busy", request=request)
+
+    pool = pool_with(slow)
+    with pytest.raises(httpx.ReadTimeout):  # not sent again: the first backend may still be generating it
+        run(pool.send("/v1/completions", {"model": "m"}, None, stream=False))
+
+
+def test_stream_that_breaks_before_its_first_bytes_fails_over():
+    class Broken(httpx.AsyncByteStream):
+        async def __aiter__(self):
+            raise httpx.ReadError("reset")
+            yield b""
+
+    class Events(httpx.AsyncByteStream):  # a body that arrives over time, as vLLM's does
+        async def __aiter__(self):
+            yield b"data: {}\n\n"
+            yield b"data: [DONE]\n\n"
+
+    dead: list[str] = []
+
+    def handler(request):
+        if request.url.host in dead:
+            return httpx.Response(200, stream=Broken())  # headers sent, then the backend died
+        return httpx.Response(200, stream=Events())
+
+    pool = pool_with(handler)
+    for b in pool.backends:
+        b.healthy = True
+    first = pool.candidates(None)[0]
+    dead.append(first.url.removeprefix("http://"))
+
+    async def go():
+        resp, backend, _ = await pool.send("/v1/completions", {"model": "m"}, None, stream=True)
+        body = b"".join([chunk async for chunk in resp.aiter_raw()])
+        return body, backend
+
+    body, backend = run(go())
+    assert body == b"data: {}\n\ndata: [DONE]\n\n" and backend is not first
+    assert first.inflight == 0 and backend.inflight == 1  # the caller releases the stream's count
