@@ -189,26 +189,33 @@ DECODE_MODES = ("base", "expert", "merge", "glider")
 
 
 async def decode_throughput(stack: LocalStack, batches: tuple[int, ...], *, expert: str = "cooking",
-                            prompt: str = TOPICS["cooking"]) -> dict:
+                            prompt: str = TOPICS["cooking"], rounds: int = 3) -> dict:
     """Decode tokens/s at several batch sizes for the base model, one expert, a merge composite and a glider
     (per-token gated) composite. All go through the gateway, so the routed modes run exactly as served; the
-    same prompt in every request of a batch keeps the routed ones on one composite."""
+    same prompt in every request of a batch keeps the routed ones on one composite. The modes take turns
+    within each round and each figure is the median of `rounds`, so drift on a noisy machine hits all alike."""
     out: dict = {}
     bodies = {"base": {"model": stack.settings.base_model_name}, "expert": {"model": expert},
               "merge": {"model": "auto", "routing": {"mode": "merge"}},
               "glider": {"model": "auto", "routing": {"mode": "glider"}}}
     async with httpx.AsyncClient(timeout=600) as client:
         url = f"{stack.gateway}/v1/chat/completions"
-        for label in DECODE_MODES:
-            body = {**_body("", prompt), **bodies[label]}
+        requests = {label: {**_body("", prompt), **bodies[label]} for label in DECODE_MODES}
+        for label, body in requests.items():
             _, warm = await _timed(client, url, {**body, "max_tokens": 2})  # builds and loads the composite
             out[f"{label}_experts"] = [e["name"] for e in warm.get("routing", {}).get("experts", [])]
-            for b in batches:
-                t0 = time.perf_counter()
-                outs = await asyncio.gather(*(_timed(client, url, body) for _ in range(b)))
-                out[f"{label}_b{b}_tok_s"] = sum(x["usage"]["completion_tokens"] for _, x in outs) / (
-                    time.perf_counter() - t0)
-                say(f"  decode {label} batch {b}: {out[f'{label}_b{b}_tok_s']:.1f} tok/s")
+        for b in batches:
+            samples: dict[str, list[float]] = {label: [] for label in DECODE_MODES}
+            for _ in range(rounds):
+                for label, body in requests.items():
+                    t0 = time.perf_counter()
+                    outs = await asyncio.gather(*(_timed(client, url, body) for _ in range(b)))
+                    samples[label].append(sum(x["usage"]["completion_tokens"] for _, x in outs)
+                                          / (time.perf_counter() - t0))
+            for label in DECODE_MODES:
+                out[f"{label}_b{b}_tok_s"] = statistics.median(samples[label])
+                say(f"  decode {label} batch {b}: {out[f'{label}_b{b}_tok_s']:.1f} tok/s (median of {rounds}: "
+                    + ", ".join(f"{x:.1f}" for x in samples[label]) + ")")
     for b in batches:
         out[f"glider_over_expert_b{b}"] = out[f"glider_b{b}_tok_s"] / out[f"expert_b{b}_tok_s"]
     return out
@@ -397,7 +404,7 @@ async def run(settings: Settings, backend: str | None, quick: bool) -> dict:
             say("mixed-adapter throughput")
             mixed = await mixed_adapters(stack, mixed_rounds)
             say("decode throughput by batch size")
-            decode = await decode_throughput(stack, (1, 8) if quick else (1, 8, 32))
+            decode = await decode_throughput(stack, (1, 8) if quick else (1, 8, 32), rounds=1 if quick else 3)
         finally:
             stack.close()
     return {

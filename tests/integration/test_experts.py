@@ -109,3 +109,51 @@ def test_pool_survives_restart(work, gateway, vllm_url, redis_server, expert_roo
             assert c.get("/v1/experts").json() == before
     finally:
         stop_gateway(again)
+
+
+def test_pool_change_during_traffic_loses_no_request(gateway, expert_root, shape):
+    """Registering, replacing and removing an expert while routed, merge, expert and base requests are in
+    flight: every one of those requests succeeds (the pool version changes under them)."""
+    import asyncio
+
+    import httpx
+
+    path = write_random_lora(expert_root / "tides", shape=shape, base_name=BASE, seed=61,
+                             card=ExpertCard(name="tides", description="Explains ocean tides and the moon's pull."))
+    bodies = [{"model": "auto"}, {"model": "auto", "routing": {"mode": "merge"}}, {"model": "cooking"},
+              {"model": BASE}]
+    questions = ["How long should I boil an egg?", "What is 12 times 7?", "Why are there two tides a day?"]
+
+    async def main() -> tuple[list[int], int]:
+        statuses: list[int] = []
+        done = asyncio.Event()
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=120) as client:
+            async def traffic(i: int) -> None:
+                n = i
+                while not done.is_set():
+                    body = {**bodies[n % len(bodies)], "max_tokens": 4,
+                            "messages": [{"role": "user", "content": questions[n % len(questions)]}]}
+                    statuses.append((await client.post("/v1/chat/completions", json=body)).status_code)
+                    n += 1
+
+            async def changes() -> int:
+                made = 0
+                for _ in range(2):
+                    for replace in (False, True):
+                        r = await client.post("/v1/experts", json={"path": str(path), "replace": replace})
+                        assert r.status_code == 201, r.text
+                        made += 1
+                        await asyncio.sleep(0.5)
+                    assert (await client.delete("/v1/experts/tides")).status_code == 200
+                    made += 1
+                done.set()
+                return made
+
+            workers = [asyncio.create_task(traffic(i)) for i in range(6)]
+            made = await changes()
+            await asyncio.gather(*workers)
+        return statuses, made
+
+    statuses, made = asyncio.run(main())
+    assert made == 6 and len(statuses) >= 12
+    assert set(statuses) == {200}, statuses
