@@ -190,6 +190,11 @@ class BackendPool:
                 backend.failures = EJECT_AFTER_FAILURES
                 backend.mark_down()
                 self.metrics.backend_up.labels(backend.url).set(0)
+            except httpx.TimeoutException:
+                # Read/write/pool timeout: the backend may still be generating this request, so it is not sent
+                # elsewhere; the client gets a 504 in the OpenAI error shape rather than a traceback's 500.
+                raise APIError(504, f"model backend {backend.url} did not answer in time; retry later",
+                               code="backend_timeout") from None
         why = "no backend configured" if tried == 0 else "no backend reachable"
         raise unavailable(f"model backend unavailable ({why}); retry shortly")
 

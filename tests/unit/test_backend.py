@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from service.backend import EJECT_AFTER_TIMEOUTS, Adapter, BackendPool
+from service.errors import APIError
 from service.metrics import Metrics
 
 
@@ -105,9 +106,16 @@ def test_backend_that_drops_the_connection_fails_over_but_a_slow_one_does_not():
     def slow(request):
         raise httpx.ReadTimeout("busy", request=request)
 
-    pool = pool_with(slow)
-    with pytest.raises(httpx.ReadTimeout):  # not sent again: the first backend may still be generating it
+    calls: list[str] = []
+
+    def counting(request):
+        calls.append(request.url.host)
+        return slow(request)
+
+    pool = pool_with(counting)
+    with pytest.raises(APIError) as err:  # not sent again: the first backend may still be generating it
         run(pool.send("/v1/completions", {"model": "m"}, None, stream=False))
+    assert err.value.status == 504 and err.value.code == "backend_timeout" and len(calls) == 1
 
 
 def test_stream_that_breaks_before_its_first_bytes_fails_over():
