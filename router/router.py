@@ -91,6 +91,18 @@ class Router:
             )
             return self.index
 
+    async def ensure_current(self, attempts: int = 3) -> None:
+        """Wait until the index reflects the pool as it is now: a change may be mid-rebuild (wait for it) or
+        not yet rebuilt (rebuild now). Bounded, for a pool that keeps changing."""
+        for _ in range(attempts):
+            if self.index is not None and self.index.pool_version.startswith(f"{self.pool.version}."):
+                return
+            if self._rebuild_lock.locked():
+                async with self._rebuild_lock:
+                    pass
+            else:
+                await self.rebuild_index()
+
     # --- routing --------------------------------------------------------------------------------------
     def method(self, mode: str | None) -> RoutingMethod:
         name = mode or self.default_mode

@@ -155,7 +155,15 @@ class Gateway:
         decision, cache_status = await self.decide(body.model, body.routing, query)
         for choice in decision.experts or [ExpertChoice(name="base", weight=1.0)]:
             self.metrics.selections.labels(choice.name, decision.mode).inc()
-        adapter = await self.adapter_for(decision)
+        try:
+            adapter = await self.adapter_for(decision)
+        except APIError as exc:
+            if exc.code != "pool_changed" or body.model != AUTO:
+                raise
+            # Routed to an expert removed since: route again on the pool as it is now, once.
+            await self.router.ensure_current()
+            decision, cache_status = await self.decide(body.model, body.routing, query)
+            adapter = await self.adapter_for(decision)
         payload = body.model_dump(exclude_none=True, exclude={"routing"})
         payload["model"] = adapter.name if adapter else self.settings.base_model_name
         headers = {"x-flock-experts": ",".join(f"{c.name}={c.weight:g}" for c in decision.experts) or "none",
