@@ -85,17 +85,20 @@ class Router:
                 vectors=vectors,
                 threshold=float(threshold),
                 # The vector kind changes decisions, so cached ones must not outlive a change of it.
-                pool_version=f"{version}.{self.expert_vector}",
+                pool_version=self._index_version(version),
                 ranks={e.name: e.rank for e in experts},
                 gates=await asyncio.to_thread(_gate_kinds, experts),
             )
             return self.index
 
+    def _index_version(self, pool_version: str) -> str:
+        return f"{pool_version}.{self.expert_vector}"
+
     async def ensure_current(self, attempts: int = 3) -> None:
         """Wait until the index reflects the pool as it is now: a change may be mid-rebuild (wait for it) or
         not yet rebuilt (rebuild now). Bounded, for a pool that keeps changing."""
         for _ in range(attempts):
-            if self.index is not None and self.index.pool_version.startswith(f"{self.pool.version}."):
+            if self.index is not None and self.index.pool_version == self._index_version(self.pool.version):
                 return
             if self._rebuild_lock.locked():
                 async with self._rebuild_lock:

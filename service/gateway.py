@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING
 import httpx
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from adapters.card import ExpertCard
 from adapters.composite import CompositeStore
 from adapters.gated_composite import GateSpec, GatedCompositeStore
-from adapters.card import ExpertCard
 from adapters.pool import Expert, ExpertPool
 from router.decision import ExpertChoice, RoutingDecision, RoutingParams
 from router.router import Router
@@ -153,8 +153,6 @@ class Gateway:
         self.check_limits(body, len(query) if isinstance(body, CompletionRequest) else
                           sum(len(m.content) if isinstance(m.content, str) else 0 for m in body.messages))
         decision, cache_status = await self.decide(body.model, body.routing, query)
-        for choice in decision.experts or [ExpertChoice(name="base", weight=1.0)]:
-            self.metrics.selections.labels(choice.name, decision.mode).inc()
         try:
             adapter = await self.adapter_for(decision)
         except APIError as exc:
@@ -164,6 +162,8 @@ class Gateway:
             await self.router.ensure_current()
             decision, cache_status = await self.decide(body.model, body.routing, query)
             adapter = await self.adapter_for(decision)
+        for choice in decision.experts or [ExpertChoice(name="base", weight=1.0)]:  # the decision served
+            self.metrics.selections.labels(choice.name, decision.mode).inc()
         payload = body.model_dump(exclude_none=True, exclude={"routing"})
         payload["model"] = adapter.name if adapter else self.settings.base_model_name
         headers = {"x-flock-experts": ",".join(f"{c.name}={c.weight:g}" for c in decision.experts) or "none",
