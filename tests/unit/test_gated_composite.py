@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from adapters import vllm_plugin
+from adapters import lora_linear, vllm_plugin
 from adapters.gated_composite import GateSpec, GatedCompositeStore, build_gated, canonical, gated_rank
 from adapters.gates import write_gates
 from adapters.validate import CONFIG_FILE, WEIGHTS_FILE
@@ -56,10 +56,19 @@ def stacked(*adapters):
     return a, b
 
 
-def plugin_forward(x, a, b, indices):
+@pytest.fixture(params=["slices", "layer"])
+def path(request):
+    """The plugin's two paths: vLLM's slice-by-slice ops, and the whole-layer add_lora_linear."""
+    return request.param
+
+
+def plugin_forward(x, a, b, indices, path="slices"):
+    y = torch.zeros(x.shape[0], D_OUT, dtype=torch.float32)
+    if path == "layer":
+        assert lora_linear.apply(y, x, indices.clone(), (a,), (b,), 1.0)
+        return y
     buffer = torch.zeros(x.shape[0], MAX_RANK, dtype=torch.float32)
     vllm_plugin.bgmv_shrink(x, a, buffer, indices, 1.0)
-    y = torch.zeros(x.shape[0], D_OUT, dtype=torch.float32)
     vllm_plugin.bgmv_expand(buffer, b, y, indices, add_inputs=True)
     return y
 
@@ -93,7 +102,7 @@ def expected_mixture(x, parts, spec: GateSpec):
 
 @pytest.mark.parametrize("spec", [GateSpec("phatgoose", 0.0, 2), GateSpec("phatgoose", 3.0, 2),
                                   GateSpec("arrow", 0.0, 1), GateSpec("phatgoose", 1000.0, 1)])
-def test_plugin_gate_matches_the_gate_math(experts, spec):
+def test_plugin_gate_matches_the_gate_math(experts, spec, path):
     parts = canonical([(p.name, s, p) for p, s in zip(experts, [0.61, 0.55, 0.32])], spec)
     tensors, config = build_gated(parts, spec)
     assert config["r"] == gated_rank([RANK] * len(parts))
@@ -106,7 +115,7 @@ def test_plugin_gate_matches_the_gate_math(experts, spec):
     gen = torch.Generator().manual_seed(5)
     x = (torch.randn(12, D_IN, generator=gen) * 2 + 0.3).to(torch.bfloat16)  # non-zero mean: LN matters
     indices = torch.tensor([1, 1, 0, -1, 1, 1, 1, 0, 1, 1, -1, 1])
-    y = plugin_forward(x, a, b, indices)
+    y = plugin_forward(x, a, b, indices, path)
 
     want, weights = expected_mixture(x[indices == 1], parts, spec)
     assert torch.allclose(y[indices == 1], want, rtol=3e-2, atol=3e-2)
@@ -121,13 +130,13 @@ def test_plugin_gate_matches_the_gate_math(experts, spec):
         assert (weights > 0).sum(dim=1).eq(min(spec.top_k, 2)).all()
 
 
-def test_batch_of_one_gated_slot_only(experts):
+def test_batch_of_one_gated_slot_only(experts, path):
     spec = GateSpec("phatgoose", 0.0, 2)
     parts = canonical([(p.name, 0.5, p) for p in experts], spec)
     tensors, _ = build_gated(parts, spec)
     a, b = stacked((tensors[f"{MODULE}.lora_A.weight"], tensors[f"{MODULE}.lora_B.weight"]))
     x = torch.randn(5, D_IN).to(torch.bfloat16)
-    y = plugin_forward(x, a, b, torch.zeros(5, dtype=torch.long))
+    y = plugin_forward(x, a, b, torch.zeros(5, dtype=torch.long), path)
     want, _ = expected_mixture(x, parts, spec)
     assert torch.allclose(y, want, rtol=3e-2, atol=3e-2)
 
@@ -175,3 +184,26 @@ def test_missing_gates_are_a_clear_error(tmp_path):
     (path / "gates.safetensors").unlink()
     with pytest.raises(ValueError, match="train-gates"):
         build_gated([("nogates", 0.5, path)], GateSpec("phatgoose", 0.0, 1))
+
+
+@pytest.mark.parametrize("spec", [GateSpec("phatgoose", 3.0, 2), GateSpec("arrow", 0.0, 1)])
+def test_whole_layer_gates_every_slice_like_the_slice_path(experts, spec):
+    """q_proj and v_proj as two slices of one layer (as vLLM's q/k/v): the whole-layer path gates each slice with
+    that slice's own gates, in one go, and agrees with the slice-by-slice path; a plain adapter and base tokens
+    share the batch."""
+    parts = canonical([(p.name, s, p) for p, s in zip(experts, [0.61, 0.55, 0.32])], spec)
+    tensors, _ = build_gated(parts, spec)
+    other = MODULE.replace("q_proj", "v_proj")
+    gen = torch.Generator().manual_seed(3)
+    plain = [((torch.randn(RANK, D_IN, generator=gen) / 8).to(torch.bfloat16),
+              (torch.randn(D_OUT, RANK, generator=gen) / 2).to(torch.bfloat16)) for _ in range(2)]
+    slices = [stacked(plain[0], (tensors[f"{m}.lora_A.weight"], tensors[f"{m}.lora_B.weight"]))
+              for m in (MODULE, other)]
+    x = (torch.randn(9, D_IN, generator=gen) * 2 + 0.3).to(torch.bfloat16)
+    for indices in ([1, 0, -1, 1, 1, 0, 1, -1, 1], [1] * 9):
+        idx = torch.tensor(indices)
+        want = torch.cat([plugin_forward(x, a, b, idx, "slices") for a, b in slices], dim=1)
+        y = torch.zeros(9, 2 * D_OUT)
+        assert lora_linear.apply(y, x, idx.clone(), tuple(a for a, _ in slices), tuple(b for _, b in slices), 1.0)
+        assert torch.allclose(y, want, rtol=1e-2, atol=1e-2)
+        assert (y[idx == -1] == 0).all()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from adapters import lora_linear
 from adapters import vllm_plugin as ours
 
 _ops = pytest.importorskip("vllm.lora.ops.torch_ops.lora_ops")
@@ -99,3 +100,49 @@ def test_padded_rank_is_skipped_and_reloads_are_seen():
     assert ours.used_rank(a.squeeze(1), 1, {0, 2}) == 3 and ours.used_rank(a.squeeze(1), 1, {-1}) == 1
     idx = torch.tensor([0, 2, 0, -1, 2, 2, 0])
     assert torch.allclose(run(ours), run(lora_ops) * (idx >= 0).unsqueeze(1), atol=1e-4)
+
+
+def slice_by_slice(x, a_slices, b_slices, idx, y):
+    """vLLM's own add_lora_linear semantics, through vLLM's original ops: per slice, shrink then expand."""
+    offset = 0
+    for a, b in zip(a_slices, b_slices):
+        buffer = torch.zeros(x.shape[0], a.shape[2])
+        lora_ops.bgmv_shrink(x, a, buffer, idx, 1.0)
+        lora_ops.bgmv_expand_slice(buffer, b, y, idx, offset, b.shape[2], True)
+        offset += b.shape[2]
+    return y * (idx >= 0).unsqueeze(1) + (idx < 0).unsqueeze(1) * y.new_ones(1)  # vLLM's -1 bug aside
+
+
+@pytest.mark.parametrize("indices", [[0] * 6, [2, 0, 1, 1, 2, 0], [-1, 1, -1, 1, 1, -1], [2, -1, 0, 2, 1, 0], [-1] * 6])
+def test_whole_layer_matches_slice_by_slice(indices):
+    """q/k/v-like slices of different widths and ranks, one shrink and one expand for the whole layer."""
+    g = torch.Generator().manual_seed(1)
+    widths, ranks = (16, 8, 8), (3, 5, 2)
+    a_slices, b_slices = [], []
+    for out, rank in zip(widths, ranks):
+        a, b = torch.zeros(3, 1, 8, 16), torch.zeros(3, 1, out, 8)  # padded to max rank 8
+        a[:, :, :rank] = torch.randn(3, 1, rank, 16, generator=g)
+        b[:, :, :, :rank] = torch.randn(3, 1, out, rank, generator=g)
+        a_slices.append(a)
+        b_slices.append(b)
+    a_slices[1][2] = 0  # slot 2 has no LoRA on the middle slice
+    b_slices[1][2] = 0
+    ours.clear_caches()
+    x, idx = torch.randn(6, 16, generator=g), torch.tensor(indices)
+    want = slice_by_slice(x, a_slices, b_slices, idx, torch.ones(6, 32))
+    y = torch.ones(6, 32)
+    assert lora_linear.apply(y, x, idx.clone(), tuple(a_slices), tuple(b_slices), 1.0)
+    assert torch.allclose(y, want, atol=1e-4)
+    # An adapter loaded into slot 1 in place (as vLLM does) is seen on the next step.
+    a_slices[0][1, 0, 0].copy_(torch.randn(16, generator=g))
+    want = slice_by_slice(x, a_slices, b_slices, idx, torch.ones(6, 32))
+    y = torch.ones(6, 32)
+    assert lora_linear.apply(y, x, idx.clone(), tuple(a_slices), tuple(b_slices), 1.0)
+    assert torch.allclose(y, want, atol=1e-4)
+
+
+def test_register_takes_the_whole_layer_path():
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    ours.register()
+    assert getattr(punica_cpu.PunicaWrapperCPU.add_lora_linear, "flock", False)

@@ -1,0 +1,221 @@
+"""Whole-layer LoRA for vLLM's CPU punica wrapper (patched in by adapters/vllm_plugin.py).
+
+vLLM applies a LoRA layer slice by slice (q, k, v; gate, up), each as a shrink and an expand op, about 14 torch
+ops per layer and 400 per decode step of a 30-layer model: on a CPU those fixed costs, not the arithmetic of
+rank-4 matrices, were most of what LoRA cost, and a batch mixing adapters paid several times more than one
+adapter. Here a layer is one shrink matmul and one expand matmul for all its slices:
+
+- each slot's A blocks of every slice are concatenated into one (in, Σr) matrix and its B blocks laid out
+  block-diagonally into one (Σr, Σout) matrix, trimmed to the rank the adapter really uses (vLLM pads every
+  adapter to --max-lora-rank with zeros). Cached per version of vLLM's stacked buffers, which loading or
+  evicting an adapter bumps;
+- the expand's product is rounded to the activation dtype before it is added, as vLLM's ops do (not one
+  fused addmm): the outputs stay those of the slice-by-slice path, which the agreement tests measured;
+- a batch on one adapter multiplies by that slot's matrices; a batch mixing adapters multiplies by every
+  slot's columns at once and masks each token's row to its own slot's columns before the expand: a little
+  more arithmetic, the same few ops whatever the mix;
+- tokens without an adapter (slot -1) get no delta; a batch with none skips LoRA entirely.
+
+A slot holding a gated composite (adapters/gated_composite.py) is gated per token between its shrink and its
+expand, all slices at once: the gate logits of every slice are one float32 matmul, top-k and softmax run on a
+(tokens, slices, candidates) tensor. The same arithmetic as vllm_plugin.apply_gate, slice by slice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class GatedSlot:
+    """A gated composite's slot on one layer: candidates' blocks of every slice, and their gates."""
+
+    kind: int  # 1 phatgoose / glider (LN(x)·row), 2 arrow (|x·row|)
+    top_k: int
+    slices: int
+    n: int  # candidates
+    a: torch.Tensor  # (in, Σ blocks) float32: the shrink runs in float32, as the gate weighting does
+    b: torch.Tensor  # (Σ blocks, Σout) block-diagonal, activation dtype
+    rows: torch.Tensor  # (in, slices·n) float32 gate rows
+    bias: torch.Tensor  # (slices, n) α·global, -inf for a candidate absent on a slice
+    columns: torch.Tensor  # (Σ blocks,) long: each block column's (slice, candidate) in slices·n
+
+    @classmethod
+    def build(cls, gates, a3, b3, slot: int, outs: list[int], dtype: torch.dtype) -> GatedSlot:
+        first = gates[0]
+        blocks = torch.zeros(sum(g.gate_start for g in gates), sum(outs), dtype=dtype)
+        row = col = 0
+        for b, g, out in zip(b3, gates, outs):
+            blocks[row:row + g.gate_start, col:col + out] = b[slot, :, :g.gate_start].T
+            row, col = row + g.gate_start, col + out
+        return cls(kind=first.kind, top_k=min(first.top_k, first.n), slices=len(gates), n=first.n,
+                   a=torch.cat([a[slot, :g.gate_start] for a, g in zip(a3, gates)]).T.float().contiguous(),
+                   b=blocks, rows=torch.cat([g.rows for g in gates]).T.contiguous(),
+                   bias=torch.stack([g.bias for g in gates]),
+                   columns=torch.cat([g.column_expert + i * first.n for i, g in enumerate(gates)]))
+
+    def shrink(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        """(tokens, Σ blocks): x·A with each candidate's block weighted by the token's gate, per slice."""
+        from router.gating import LN_EPS
+
+        u = x.float()
+        h = u @ self.a
+        if self.kind == 1:
+            local = torch.nn.functional.layer_norm(u, (u.shape[-1],), eps=LN_EPS) @ self.rows
+        else:
+            local = (u @ self.rows).abs_()
+        local = local.view(-1, self.slices, self.n) + self.bias
+        kept, idx = torch.topk(local, self.top_k, dim=-1)
+        weights = torch.zeros_like(local).scatter_(2, idx, torch.softmax(kept, dim=-1).nan_to_num_(0.0))
+        h *= weights.view(h.shape[0], -1)[:, self.columns]
+        if scale != 1.0:
+            h *= scale
+        return h.to(self.b.dtype)
+
+
+@dataclass
+class LayerWeights:
+    """One LoRA layer's adapters, rearranged for a single shrink and a single expand."""
+
+    a: dict[int, torch.Tensor]  # slot -> (in, Σr): every slice's A, transposed and concatenated
+    b: dict[int, torch.Tensor]  # slot -> (Σr, Σout): every slice's B, block-diagonal
+    a_all: torch.Tensor  # (in, C): the columns of every slot in `a`
+    b_all: torch.Tensor  # (C, Σout)
+    column_slot: torch.Tensor  # (C,): the slot each column belongs to
+    gated: dict[int, GatedSlot]  # slots holding a gated composite
+    unsupported: frozenset[int]  # gated slots whose slices disagree (left to the slice-by-slice path)
+
+
+@dataclass
+class StepPlan:
+    """What one batch's token -> slot mapping needs, computed once per step and shared by every layer."""
+
+    indices: torch.Tensor
+    slots: frozenset[int]  # distinct adapter slots in the batch (no -1)
+    uniform: bool  # every token on the same slot
+    masks: dict[int, torch.Tensor] = field(default_factory=dict)  # id(LayerWeights) -> (tokens, C) mask
+    rows: dict[int, torch.Tensor] = field(default_factory=dict)  # slot -> its tokens' row numbers
+
+    def rows_of(self, slot: int) -> torch.Tensor:
+        found = self.rows.get(slot)
+        if found is None:
+            found = self.rows[slot] = (self.indices == slot).nonzero().squeeze(1)
+        return found
+
+
+_layers: dict[tuple, LayerWeights] = {}
+_plan: StepPlan | None = None
+_plan_key: tuple | None = None
+
+
+def _version_key(tensors) -> tuple:
+    return tuple((t.data_ptr(), t._version, tuple(t.shape)) for t in tensors)
+
+
+def layer_weights(a_stacked, b_stacked, dtype: torch.dtype) -> LayerWeights:
+    from adapters.vllm_plugin import slot_gates, slot_ranks
+
+    key = (_version_key(a_stacked), _version_key(b_stacked), dtype)
+    found = _layers.get(key)
+    if found is not None:
+        return found
+    a3 = [t.squeeze(1) if t.dim() == 4 else t for t in a_stacked]  # (slots, rank, in)
+    b3 = [t.squeeze(1) if t.dim() == 4 else t for t in b_stacked]  # (slots, out, rank)
+    outs = [b.shape[1] for b in b3]
+    per_slice = [slot_gates(a) for a in a3]
+    gated, unsupported = {}, set()
+    for slot in set().union(*per_slice):
+        gates = [found.get(slot) for found in per_slice]
+        if any(g is None for g in gates) or len({(g.kind, g.n, g.top_k) for g in gates}) != 1:
+            unsupported.add(slot)
+        else:
+            gated[slot] = GatedSlot.build(gates, a3, b3, slot, outs, dtype)
+    ranks = [slot_ranks(a, 1) for a in a3]
+    a_by_slot, b_by_slot = {}, {}
+    for slot in range(a3[0].shape[0]):
+        used = [r[slot] for r in ranks]
+        if slot in gated or slot in unsupported or not any(used):
+            continue
+        a_by_slot[slot] = torch.cat([a[slot, :r] for a, r in zip(a3, used)]).T.contiguous().to(dtype)
+        blocks = torch.zeros(sum(used), sum(outs), dtype=dtype)
+        row = col = 0
+        for b, r, out in zip(b3, used, outs):
+            blocks[row:row + r, col:col + out] = b[slot, :, :r].T
+            row, col = row + r, col + out
+        b_by_slot[slot] = blocks
+    slots = sorted(a_by_slot)
+    width = a3[0].shape[2]
+    found = LayerWeights(
+        a=a_by_slot, b=b_by_slot,
+        a_all=torch.cat([a_by_slot[s] for s in slots], dim=1) if slots else torch.zeros(width, 0, dtype=dtype),
+        b_all=torch.cat([b_by_slot[s] for s in slots]) if slots else torch.zeros(0, sum(outs), dtype=dtype),
+        column_slot=torch.repeat_interleave(torch.tensor(slots, dtype=torch.long),
+                                            torch.tensor([a_by_slot[s].shape[1] for s in slots], dtype=torch.long)),
+        gated=gated, unsupported=frozenset(unsupported))
+    if len(_layers) > 4096:  # stale versions of every layer after many adapter loads
+        _layers.clear()
+    _layers[key] = found
+    return found
+
+
+def step_plan(indices: torch.Tensor) -> StepPlan:
+    """The plan for this batch. vLLM rewrites its index buffer in place every step (bumping its version)."""
+    global _plan, _plan_key
+    key = (indices.data_ptr(), indices._version, indices.shape[0])
+    if key != _plan_key or _plan is None:
+        values = set(indices.tolist())
+        slots = frozenset(v for v in values if v >= 0)
+        _plan, _plan_key = StepPlan(indices=indices, slots=slots, uniform=len(values) == 1), key
+    return _plan
+
+
+def apply(y: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, a_stacked, b_stacked, scale: float) -> bool:
+    """y += LoRA(x) for every token, all slices at once. False when this path does not apply (the caller then
+    takes vLLM's slice-by-slice path): shapes it does not expect, or a gated composite it cannot read."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if indices.shape[0] != x2.shape[0] or y.dim() != 2 or y.shape[0] != x2.shape[0]:
+        return False
+    plan = step_plan(indices)
+    if not plan.slots:
+        return True  # no adapter in the batch
+    weights = layer_weights(a_stacked, b_stacked, y.dtype)
+    if plan.slots & weights.unsupported or weights.b_all.shape[1] != y.shape[1]:
+        return False
+    gated = [slot for slot in plan.slots if slot in weights.gated]
+    for slot in gated:
+        g = weights.gated[slot]
+        if plan.uniform:
+            y += g.shrink(x2, scale) @ g.b
+            return True
+        rows = plan.rows_of(slot)
+        y.index_add_(0, rows, g.shrink(x2.index_select(0, rows), scale) @ g.b)
+    if len(gated) == len(plan.slots):
+        return True
+    if plan.uniform:
+        (slot,) = plan.slots
+        a = weights.a.get(slot)
+        if a is None:  # an adapter with no weights on this layer
+            return True
+        h = x2.to(a.dtype) @ a
+        if scale != 1.0:
+            h.mul_(scale)
+        y += h @ weights.b[slot]
+        return True
+    mask = plan.masks.get(id(weights))
+    if mask is None:
+        mask = (plan.indices.unsqueeze(1) == weights.column_slot.unsqueeze(0)).to(y.dtype)
+        if scale != 1.0:
+            mask.mul_(scale)
+        plan.masks[id(weights)] = mask
+    h = x2.to(weights.a_all.dtype) @ weights.a_all
+    h.mul_(mask)
+    y += h @ weights.b_all
+    return True
+
+
+def clear_caches() -> None:
+    global _plan, _plan_key
+    _layers.clear()
+    _plan, _plan_key = None, None
