@@ -30,21 +30,36 @@ class Embedder:
     """Synchronous encoder. `encode` is thread-compatible but not re-entrant; MicroBatcher serialises calls.
 
     The model is traced and frozen with TorchScript (about 20% faster than eager for one short query on
-    this CPU, where the encoder is compute-bound); `jit=False` keeps eager mode.
+    this CPU, where the encoder is compute-bound); `jit=False` keeps eager mode. `int8=True` quantizes the
+    linear layers' weights to int8 per output channel (activations quantized on the fly): about 4x faster
+    for one query here, at a cosine of ~0.99 to the float32 embedding. Experts and queries are embedded by
+    the same model, so routing compares like with like (`flock eval --routing-only` measures the effect).
     """
 
-    def __init__(self, model_dir: Path, threads: int = 1, jit: bool = True):
+    def __init__(self, model_dir: Path, threads: int = 1, jit: bool = True, int8: bool = False):
         torch.set_num_threads(threads)
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         model = AutoModel.from_pretrained(str(model_dir)).eval()
         self.dim = model.config.hidden_size
+        self.int8 = int8
         self.forward: torch.nn.Module = _Hidden(model)
+        if int8:
+            import warnings
+
+            from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+            with warnings.catch_warnings():  # torch.ao's notice that the API moves to torchao
+                warnings.simplefilter("ignore")
+                self.forward = quantize_dynamic(self.forward, {torch.nn.Linear: per_channel_dynamic_qconfig},
+                                                dtype=torch.qint8)
         if jit:
             example = self.tokenizer(["an example query for tracing"], return_tensors="pt")
             with torch.inference_mode():
                 traced = torch.jit.trace(self.forward, (example["input_ids"], example["attention_mask"]),
                                          check_trace=False)
-                self.forward = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
+                frozen = torch.jit.freeze(traced.eval())
+                # optimize_for_inference's fusions are for float ops; the quantized graph keeps its own.
+                self.forward = frozen if int8 else torch.jit.optimize_for_inference(frozen)
                 for _ in range(3):  # the profiling executor optimises during the first runs: not on a request
                     self.forward(example["input_ids"], example["attention_mask"])
 

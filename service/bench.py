@@ -307,7 +307,7 @@ async def embedding(settings: Settings, repeats: int = 40) -> dict:
     from router.embed import Embedder, MicroBatcher
     from service.models import embed_model_dir
 
-    batcher = MicroBatcher(Embedder(settings.embed_model_dir or embed_model_dir()))
+    batcher = MicroBatcher(Embedder(settings.embed_model_dir or embed_model_dir(), int8=settings.embed_int8))
     query = "Give me a recipe for banana bread, please."
     for _ in range(5):
         await batcher.embed(query)
@@ -347,7 +347,8 @@ async def cache_hit_route(stack: LocalStack, settings: Settings, n: int = 200) -
                       shape=ModelShape.from_model_dir(settings.resolved_base_model_dir), max_rank=64)
     pool.load(seed_dir=library)
     cache = RoutingCache(stack.redis_url, 600)
-    router = Router(pool, MicroBatcher(Embedder(settings.embed_model_dir or embed_model_dir())), cache)
+    embedder = Embedder(settings.embed_model_dir or embed_model_dir(), int8=settings.embed_int8)
+    router = Router(pool, MicroBatcher(embedder), cache)
     await router.rebuild_index()
     await router.route(QUERY.format("hit"))
     await router.drain()

@@ -41,3 +41,17 @@ def test_micro_batcher_groups_concurrent_queries(embedder):
     vectors, size = asyncio.run(run())
     assert len(vectors) == 16 and size > 1
     assert np.allclose(np.stack(vectors), embedder.encode([f"query number {i}" for i in range(16)]), atol=1e-5)
+
+
+def test_int8_embeddings_stay_close_to_float32(embedder):
+    """The int8 encoder (the service's default) points where the float32 one does; routing quality itself is
+    measured by `flock eval --routing-only`."""
+    from router.embed import Embedder
+
+    texts = ["How do I bake bread?", "SELECT name FROM employees", "Convert 5 miles to km", "a longer sentence " * 8]
+    int8 = Embedder(embed_model_dir(), int8=True).encode(texts)
+    cosine = (int8 * embedder.encode(texts)).sum(axis=1)
+    assert np.allclose(np.linalg.norm(int8, axis=1), 1.0, atol=1e-5)
+    assert (cosine > 0.97).all(), cosine
+    # Nearest neighbours among the texts are unchanged.
+    assert ((int8 @ int8.T).argsort(axis=1) == (embedder.encode(texts) @ embedder.encode(texts).T).argsort(axis=1)).all()
