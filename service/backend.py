@@ -7,14 +7,15 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
+import aiohttp
 
 from service.errors import APIError, unavailable
 from service.metrics import Metrics
+from service.protocol import dumps
 
 log = logging.getLogger(__name__)
 EJECT_AFTER_FAILURES = 2
@@ -48,27 +49,40 @@ class Adapter:
 
 class BackendPool:
     def __init__(self, urls: list[str], metrics: Metrics, *, connect_timeout_s: float, read_timeout_s: float,
-                 spill_inflight: int = 64, health_interval_s: float = 2.0):
+                 spill_inflight: int = 64, health_interval_s: float = 2.0, health_timeout_s: float = 5.0):
         self.backends = [Backend(url.rstrip("/")) for url in urls]
         self.metrics = metrics
         self.spill_inflight = spill_inflight
         self.health_interval_s = health_interval_s
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(read_timeout_s, connect=connect_timeout_s),
-            limits=httpx.Limits(max_connections=512, max_keepalive_connections=128),
-        )
+        self.health_timeout = aiohttp.ClientTimeout(total=health_timeout_s)
+        # No total limit: a long generation may stream for minutes; sock_read bounds the wait between bytes.
+        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s, sock_read=read_timeout_s)
+        self._session: aiohttp.ClientSession | None = None
         self._health_task: asyncio.Task | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """One keep-alive pool for every backend call (aiohttp: about half httpx's cost per loopback round trip).
+        Made on first use, inside the running loop, as aiohttp requires."""
+        if self._session is None:
+            # Idle connections are dropped before uvicorn's (vLLM's) 5 s keep-alive ends, so a request is not sent
+            # on a connection the server is closing, which would read as a dead backend.
+            connector = aiohttp.TCPConnector(limit=512, keepalive_timeout=4.0)
+            self._session = aiohttp.ClientSession(connector=connector, timeout=self.timeout, auto_decompress=False)
+        return self._session
 
     # --- health ---------------------------------------------------------------------------------------
     async def check(self, backend: Backend) -> bool:
         """Refused connections eject a backend after EJECT_AFTER_FAILURES checks; a slow answer (a CPU
         backend busy with a full batch answers /health late) only after EJECT_AFTER_TIMEOUTS."""
         try:
-            ok = (await self.client.get(f"{backend.url}/health", timeout=5.0)).status_code == 200
+            async with self.session.get(f"{backend.url}/health", timeout=self.health_timeout) as resp:
+                await resp.read()
+                ok = resp.status == 200
             failure = 1
-        except httpx.TimeoutException:
+        except TimeoutError:
             ok, failure = False, EJECT_AFTER_FAILURES / EJECT_AFTER_TIMEOUTS
-        except httpx.HTTPError:
+        except aiohttp.ClientError:
             ok, failure = False, 1
         if ok:
             if not backend.healthy:
@@ -96,7 +110,8 @@ class BackendPool:
     async def close(self) -> None:
         if self._health_task:
             self._health_task.cancel()
-        await self.client.aclose()
+        if self._session is not None:
+            await self._session.close()
 
     @property
     def any_healthy(self) -> bool:
@@ -130,12 +145,12 @@ class BackendPool:
             # measured 5x slower). An adapter vLLM already holds under this name may be stale (re-registered
             # while this gateway was away): unload it and load it again, once.
             body = {"lora_name": adapter.name, "lora_path": str(adapter.path)}
-            resp = await self.client.post(f"{backend.url}/v1/load_lora_adapter", json=body)
-            if resp.status_code == 400 and "already been loaded" in resp.text:
-                await self.client.post(f"{backend.url}/v1/unload_lora_adapter", json={"lora_name": adapter.name})
-                resp = await self.client.post(f"{backend.url}/v1/load_lora_adapter", json=body)
-            if resp.status_code != 200:
-                raise APIError(502, f"backend refused adapter {adapter.name!r}: {resp.text[:300]}",
+            status, text = await self._admin(backend, "load_lora_adapter", body)
+            if status == 400 and "already been loaded" in text:
+                await self._admin(backend, "unload_lora_adapter", {"lora_name": adapter.name})
+                status, text = await self._admin(backend, "load_lora_adapter", body)
+            if status != 200:
+                raise APIError(502, f"backend refused adapter {adapter.name!r}: {text[:300]}",
                                code="adapter_load_failed", type_="server_error")
             backend.loaded[adapter.name] = adapter.path
             self.metrics.adapter_loads.labels(backend.url, adapter.kind).inc()
@@ -144,13 +159,18 @@ class BackendPool:
         for backend in self.backends:
             if backend.loaded.pop(name, None) is not None:
                 try:
-                    await self.client.post(f"{backend.url}/v1/unload_lora_adapter", json={"lora_name": name})
-                except httpx.HTTPError:
+                    await self._admin(backend, "unload_lora_adapter", {"lora_name": name})
+                except (aiohttp.ClientError, TimeoutError):
                     pass
+
+    async def _admin(self, backend: Backend, action: str, body: dict) -> tuple[int, str]:
+        """POST to one of vLLM's adapter endpoints: (status, body text)."""
+        async with self.session.post(f"{backend.url}/v1/{action}", json=body) as resp:
+            return resp.status, await resp.text()
 
     # --- forwarding -----------------------------------------------------------------------------------
     async def send(self, path: str, payload: dict, adapter: Adapter | None, *, stream: bool
-                   ) -> tuple[httpx.Response, Backend, float]:
+                   ) -> tuple[BackendResponse, Backend, float]:
         """Send to the first backend that takes the request; returns (response, backend, start time).
 
         Fails over when a backend is unreachable or drops the connection before its answer is in (refused, reset,
@@ -159,6 +179,7 @@ class BackendPool:
         counts as answered once its first bytes are in; a failure after that is the caller's. The caller must close
         a streamed response. No healthy backend: a fast 503.
         """
+        body = dumps(payload)
         tried = 0
         for backend in self.candidates(adapter):
             tried += 1
@@ -169,65 +190,102 @@ class BackendPool:
                 backend.inflight += 1
                 handed_over = False
                 try:
-                    resp = await self._send_once(backend, path, payload, stream)
-                    if adapter is not None and resp.status_code == 404 and "does not exist" in (await resp.aread()).decode():
+                    resp = await self._send_once(backend, path, body, stream)
+                    if (adapter is not None and resp.status_code == 404
+                            and b"does not exist" in await resp.read()):
                         # vLLM lost the adapter (restarted between health checks): load it again, once.
                         await resp.aclose()
                         backend.loaded.pop(adapter.name, None)
                         await self.ensure_adapter(backend, adapter)
-                        resp = await self._send_once(backend, path, payload, stream)
+                        resp = await self._send_once(backend, path, body, stream)
                     if stream and resp.status_code == 200:
-                        resp = await read_ahead(resp)
+                        await resp.read_ahead()
                     handed_over = stream  # the caller now owns the stream and its inflight count
                 finally:
                     if not handed_over:
                         backend.inflight -= 1
                 return resp, backend, start
-            except (httpx.NetworkError, httpx.RemoteProtocolError, httpx.ConnectTimeout) as exc:
-                # NetworkError: ConnectError, and ReadError/WriteError from a connection the backend reset (a
-                # killed vLLM resets the keep-alive connections it held).
-                log.warning("backend %s unreachable (%s); trying another", backend.url, type(exc).__name__)
-                backend.failures = EJECT_AFTER_FAILURES
-                backend.mark_down()
-                self.metrics.backend_up.labels(backend.url).set(0)
-            except httpx.TimeoutException:
-                # Read/write/pool timeout: the backend may still be generating this request, so it is not sent
-                # elsewhere; the client gets a 504 in the OpenAI error shape rather than a traceback's 500.
+            except aiohttp.ConnectionTimeoutError as exc:  # before TimeoutError: it is one, but nothing was sent
+                self._unreachable(backend, exc)
+            except TimeoutError:
+                # Read timeout: the backend may still be generating this request, so it is not sent elsewhere; the
+                # client gets a 504 in the OpenAI error shape rather than a traceback's 500.
                 raise APIError(504, f"model backend {backend.url} did not answer in time; retry later",
                                code="backend_timeout") from None
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+                # Refused, reset or closed (a killed vLLM resets the keep-alive connections it held), or a body cut
+                # short: the backend died before its answer was in.
+                self._unreachable(backend, exc)
         why = "no backend configured" if tried == 0 else "no backend reachable"
         raise unavailable(f"model backend unavailable ({why}); retry shortly")
 
-    async def _send_once(self, backend: Backend, path: str, payload: dict, stream: bool) -> httpx.Response:
-        request = self.client.build_request("POST", f"{backend.url}{path}", json=payload)
-        return await self.client.send(request, stream=stream)
+    def _unreachable(self, backend: Backend, exc: Exception) -> None:
+        log.warning("backend %s unreachable (%s); trying another", backend.url, type(exc).__name__)
+        backend.failures = EJECT_AFTER_FAILURES
+        backend.mark_down()
+        self.metrics.backend_up.labels(backend.url).set(0)
+
+    async def _send_once(self, backend: Backend, path: str, body: bytes, stream: bool) -> BackendResponse:
+        raw = await self.session.post(f"{backend.url}{path}", data=body, headers=_JSON)
+        resp = BackendResponse(raw)
+        if not stream:
+            try:
+                await resp.read()  # in here, so that a failure while reading the body is classified as above
+            except BaseException:
+                await resp.aclose()
+                raise
+        return resp
 
 
-class _ReadAhead(httpx.AsyncByteStream):
-    """A streamed body whose first chunk has already been read; closing it closes the upstream response."""
+_JSON = {"Content-Type": "application/json"}
 
-    def __init__(self, first: bytes, rest: AsyncGenerator[bytes, None], upstream: httpx.Response):
-        self.first, self.rest, self.upstream = first, rest, upstream
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        if self.first:
-            yield self.first
-        async for chunk in self.rest:
-            yield chunk
+class BackendStreamError(Exception):
+    """A streamed answer broke after it had started (the backend died, reset or timed out mid-stream)."""
+
+    def __init__(self, cause: BaseException):
+        super().__init__(str(cause))
+        self.kind = type(cause).__name__
+
+
+class BackendResponse:
+    """A backend's answer, without the HTTP client's types: status, body (read whole, or streamed as it arrives)
+    and close. Closing a stream that was not read to its end drops the connection, which makes vLLM abort the
+    request."""
+
+    def __init__(self, raw: aiohttp.ClientResponse):
+        self._raw = raw
+        self.status_code = raw.status
+        self.content = b""
+        self._first = b""
+
+    async def read(self) -> bytes:
+        self.content = await self._raw.read()
+        return self.content
+
+    async def read_ahead(self) -> None:
+        """Wait for a stream's first bytes. vLLM sends its headers at once but its first event only after queueing
+        and prefill; a backend that dies in between has sent the client nothing yet, so the request can go
+        elsewhere (the error is raised from here, inside send's fail-over)."""
+        try:
+            self._first = await self._raw.content.readany()
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def iter_raw(self) -> AsyncIterator[bytes]:
+        """The body's bytes as they arrive; a failure mid-stream raises BackendStreamError."""
+        try:
+            if self._first:
+                first, self._first = self._first, b""
+                yield first
+            async for chunk in self._raw.content.iter_any():
+                yield chunk
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise BackendStreamError(exc) from exc
 
     async def aclose(self) -> None:
-        await self.rest.aclose()
-        await self.upstream.aclose()  # unread body: httpx drops the connection, which makes vLLM abort the request
-
-
-async def read_ahead(resp: httpx.Response) -> httpx.Response:
-    """Wait for a stream's first bytes. vLLM sends its headers at once but its first event only after queueing and
-    prefill; a backend that dies in between has sent the client nothing yet, so the request can go elsewhere."""
-    rest = resp.aiter_raw()
-    try:
-        first = await anext(rest, b"")
-    except BaseException:
-        await resp.aclose()
-        raise
-    return httpx.Response(resp.status_code, headers=resp.headers, stream=_ReadAhead(first, rest, resp),
-                          request=resp.request)
+        if self._raw.content.at_eof():
+            self._raw.release()  # read to the end: the connection goes back to the pool
+        else:
+            self._raw.close()

@@ -13,8 +13,7 @@ import time
 from collections.abc import AsyncIterator, Iterable
 from typing import TYPE_CHECKING
 
-import httpx
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from adapters.card import ExpertCard
 from adapters.composite import CompositeStore
@@ -22,10 +21,10 @@ from adapters.gated_composite import GateSpec, GatedCompositeStore
 from adapters.pool import Expert, ExpertPool
 from router.decision import ExpertChoice, RoutingDecision, RoutingParams
 from router.router import Router
-from service.backend import Adapter, Backend, BackendPool
+from service.backend import Adapter, Backend, BackendPool, BackendResponse, BackendStreamError
 from service.errors import APIError
 from service.metrics import Metrics
-from service.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from service.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, dumps, loads
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -175,10 +174,12 @@ class Gateway:
                 payload["stream_options"] = {**(body.stream_options or {}), "include_usage": True}
                 resp, backend, t0 = await self.backends.send(endpoint, payload, adapter, stream=True)
                 if resp.status_code != 200:
-                    await resp.aread()
-                    await resp.aclose()
-                    backend.inflight -= 1
-                    raise backend_error(resp.status_code, resp.content)
+                    try:
+                        content = await resp.read()
+                    finally:
+                        await resp.aclose()
+                        backend.inflight -= 1
+                    raise backend_error(resp.status_code, content)
                 self.metrics.requests.labels(endpoint, decision.mode, "ok").inc()
                 relay = self._relay(resp, backend, t0, endpoint, decision, expert_label, wants_usage)
                 return StreamingResponse(relay, media_type="text/event-stream", headers=headers)
@@ -186,7 +187,7 @@ class Gateway:
             self.metrics.backend_latency.labels(endpoint, backend.url).observe(time.perf_counter() - t0)
             if resp.status_code != 200:
                 raise backend_error(resp.status_code, resp.content)
-            data = resp.json()
+            data = loads(resp.content)
             usage = data.get("usage") or {}
             self.metrics.tokens.labels(expert_label, "prompt").inc(usage.get("prompt_tokens", 0))
             self.metrics.tokens.labels(expert_label, "completion").inc(usage.get("completion_tokens", 0))
@@ -194,34 +195,34 @@ class Gateway:
             self.metrics.requests.labels(endpoint, decision.mode, "ok").inc()
             headers["x-flock-gateway-ms"] = f"{(t0 - start) * 1000:.2f}"  # routing etc., before forwarding
             headers["x-flock-backend-ms"] = f"{(time.perf_counter() - t0) * 1000:.2f}"
-            return JSONResponse(data, headers=headers)
+            return Response(dumps(data), media_type="application/json", headers=headers)
         except APIError as exc:
             self.metrics.requests.labels(endpoint, decision.mode, "error").inc()
             exc.headers = {**headers, **exc.headers}
             raise
 
-    async def _relay(self, resp, backend: Backend, t0: float, endpoint: str, decision: RoutingDecision,
+    async def _relay(self, resp: BackendResponse, backend: Backend, t0: float, endpoint: str, decision: RoutingDecision,
                      expert_label: str, wants_usage: bool) -> AsyncIterator[bytes]:
         """Pass vLLM's SSE events through as they arrive: `routing` goes into the first event, the usage event
         (always requested, to count tokens) is dropped unless the client asked for it. A backend that fails
         mid-stream (killed, restarted) ends the stream with an OpenAI-style error event and no [DONE]."""
         buffer, first, got_token = b"", True, False
         try:
-            async for chunk in resp.aiter_raw():
+            async for chunk in resp.iter_raw():
                 buffer += chunk
                 while b"\n\n" in buffer:
                     event, buffer = buffer.split(b"\n\n", 1)
                     if first and event.startswith(b"data: {"):
-                        data = json.loads(event[6:])
+                        data = loads(event[6:])
                         data["routing"] = decision.model_dump()
-                        event = b"data: " + json.dumps(data, separators=(",", ":")).encode()
+                        event = b"data: " + dumps(data)
                         first = False
                     if not got_token and (b'"text":"' in event or
                                           (b'"content":"' in event and b'"content":""' not in event)):
                         got_token = True
                         self.metrics.ttft.labels(endpoint).observe(time.perf_counter() - t0)
                     if b'"choices":[]' in event and b'"usage":{' in event:
-                        usage = json.loads(event[6:]).get("usage") or {}
+                        usage = loads(event[6:]).get("usage") or {}
                         self.metrics.tokens.labels(expert_label, "prompt").inc(usage.get("prompt_tokens", 0))
                         self.metrics.tokens.labels(expert_label, "completion").inc(usage.get("completion_tokens", 0))
                         if not wants_usage:
@@ -229,14 +230,14 @@ class Gateway:
                     yield event + b"\n\n"
             if buffer:
                 yield buffer
-        except httpx.HTTPError as exc:
+        except BackendStreamError as exc:
             # The tokens already sent cannot be taken back, so no retry; an error event rather than an exception
             # (which would make the server cut the client's connection mid-event). A partial event is dropped.
-            log.warning("backend %s failed mid-stream (%s)", backend.url, type(exc).__name__)
+            log.warning("backend %s failed mid-stream (%s)", backend.url, exc.kind)
             self.metrics.errors.labels("backend_stream_broken").inc()
-            error = {"message": f"model backend failed mid-stream ({type(exc).__name__}); retry the request",
+            error = {"message": f"model backend failed mid-stream ({exc.kind}); retry the request",
                      "type": "server_error", "param": None, "code": "backend_stream_broken"}
-            yield b"data: " + json.dumps({"error": error}).encode() + b"\n\n"
+            yield b"data: " + dumps({"error": error}) + b"\n\n"
         finally:
             # Runs on normal end and on client disconnect: closing the upstream response aborts the vLLM request.
             await resp.aclose()

@@ -7,8 +7,10 @@ to vLLM untouched, and vLLM validates it.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 from router.decision import ExpertChoice, RoutingDecision, RoutingParams
@@ -16,8 +18,26 @@ from router.decision import ExpertChoice, RoutingDecision, RoutingParams
 __all__ = [
     "ChatCompletionRequest", "CompletionRequest", "RouteRequest", "RouteResponse", "ExpertChoice",
     "RoutingDecision", "RoutingParams", "ErrorResponse", "ModelCard", "ModelList", "ExpertIn", "ExpertOut",
-    "ExpertList", "ChatCompletionResponse", "CompletionResponse",
+    "ExpertList", "ChatCompletionResponse", "CompletionResponse", "dumps", "loads",
 ]
+
+
+def dumps(obj: Any) -> bytes:
+    """Compact JSON bytes, with orjson (several times faster than the stdlib on the proxy's hot path); the stdlib
+    for what orjson refuses (integers beyond 64 bits, which a client may pass through to vLLM)."""
+    try:
+        return orjson.dumps(obj)
+    except TypeError:
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def loads(data: bytes | str) -> Any:
+    """Parse JSON with orjson; the stdlib for what orjson rejects (NaN, Infinity)."""
+    try:
+        return orjson.loads(data)
+    except ValueError:
+        return json.loads(data)
+
 
 _PASS_THROUGH = ConfigDict(extra="allow")
 

@@ -1,65 +1,121 @@
-"""Backend health bookkeeping and placement (httpx MockTransport stands in for vLLM)."""
+"""Backend health bookkeeping, placement and forwarding, against small loopback servers standing in for vLLM
+(a real socket each: refused, reset, closed and slow connections are the real thing, not mocks)."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
-import httpx
 import pytest
 
-from service.backend import EJECT_AFTER_TIMEOUTS, Adapter, BackendPool
+from service.backend import EJECT_AFTER_TIMEOUTS, Adapter, BackendPool, BackendStreamError
 from service.errors import APIError
 from service.metrics import Metrics
+from service.processes import free_port
+
+# (request head, request body, writer) -> None: writes whatever the test needs, or nothing and closes.
+Respond = Callable[[bytes, bytes, asyncio.StreamWriter], Awaitable[None]]
 
 
-def pool_with(handler, urls=("http://a", "http://b")) -> BackendPool:
-    pool = BackendPool(list(urls), Metrics(), connect_timeout_s=1, read_timeout_s=5)
-    pool.client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
-    return pool
+def answer(status: int, body: bytes, content_type: str = "application/json") -> bytes:
+    head = f"HTTP/1.1 {status} X\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
+    return head.encode() + body
 
 
-def run(coro):
-    return asyncio.run(coro)
+CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
 
 
-def test_refused_connections_eject_after_two_checks():
-    def handler(request):
-        raise httpx.ConnectError("refused", request=request)
-
-    pool = pool_with(handler, ["http://a"])
-    b = pool.backends[0]
-    b.healthy = True
-    run(pool.check(b))
-    assert b.healthy
-    run(pool.check(b))
-    assert not b.healthy
+def chunk(data: bytes) -> bytes:
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
 
 
-def test_slow_health_answers_do_not_eject_quickly():
-    def handler(request):
-        raise httpx.ReadTimeout("busy", request=request)
+@asynccontextmanager
+async def server(respond: Respond) -> AsyncIterator[tuple[str, list[bytes]]]:
+    """An HTTP/1.1 server at the socket level: (url, request heads seen); keep-alive until respond closes."""
+    seen: list[bytes] = []
 
-    pool = pool_with(handler, ["http://a"])
-    b = pool.backends[0]
-    b.healthy = True
-    for _ in range(EJECT_AFTER_TIMEOUTS - 1):
-        run(pool.check(b))
-    assert b.healthy
-    run(pool.check(b))
-    assert not b.healthy
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)
+                body = await reader.readexactly(length)
+                seen.append(head)
+                await respond(head, body, writer)
+                if writer.is_closing():
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}", seen
+    finally:
+        srv.close()
 
 
-def test_recovery_clears_loaded_adapters():
-    pool = pool_with(lambda request: httpx.Response(200), ["http://a"])
-    b = pool.backends[0]
-    b.loaded["x"] = Path("/x")
-    run(pool.check(b))
-    assert b.healthy and b.loaded == {}  # it may be a restarted vLLM that lost its runtime adapters
+async def ok(head: bytes, body: bytes, writer: asyncio.StreamWriter) -> None:
+    writer.write(answer(200, b'{"ok":true}'))
+
+
+async def drop(head: bytes, body: bytes, writer: asyncio.StreamWriter) -> None:
+    writer.close()  # a killed backend: the request is read, no answer ever comes
+
+
+async def slow(head: bytes, body: bytes, writer: asyncio.StreamWriter) -> None:
+    await asyncio.sleep(5)
+
+
+def refused_url() -> str:
+    return f"http://127.0.0.1:{free_port()}"  # nothing listens there
+
+
+@asynccontextmanager
+async def pool_of(*urls: str, read_timeout_s: float = 5, **kw) -> AsyncIterator[BackendPool]:
+    pool = BackendPool(list(urls), Metrics(), connect_timeout_s=1, read_timeout_s=read_timeout_s, **kw)
+    for b in pool.backends:
+        b.healthy = True
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+async def test_refused_connections_eject_after_two_checks():
+    async with pool_of(refused_url()) as pool:
+        b = pool.backends[0]
+        await pool.check(b)
+        assert b.healthy
+        await pool.check(b)
+        assert not b.healthy
+
+
+async def test_slow_health_answers_do_not_eject_quickly():
+    async with server(slow) as (url, _), pool_of(url, health_timeout_s=0.05) as pool:
+        b = pool.backends[0]
+        for _ in range(EJECT_AFTER_TIMEOUTS - 1):
+            await pool.check(b)
+        assert b.healthy
+        await pool.check(b)
+        assert not b.healthy
+
+
+async def test_recovery_clears_loaded_adapters():
+    async with server(ok) as (url, _), pool_of(url) as pool:
+        b = pool.backends[0]
+        b.healthy = False
+        b.loaded["x"] = Path("/x")
+        await pool.check(b)
+        assert b.healthy and b.loaded == {}  # it may be a restarted vLLM that lost its runtime adapters
 
 
 def test_rendezvous_placement_is_stable_and_spills_over():
-    pool = pool_with(lambda request: httpx.Response(200), [f"http://r{i}" for i in range(4)])
+    pool = BackendPool([f"http://r{i}" for i in range(4)], Metrics(), connect_timeout_s=1, read_timeout_s=5)
     for b in pool.backends:
         b.healthy = True
     owners = {name: pool.candidates(Adapter(name, Path("/x")))[0].url for name in ("a", "b", "c", "d", "e", "f")}
@@ -72,81 +128,120 @@ def test_rendezvous_placement_is_stable_and_spills_over():
     assert pool.backends[1] not in pool.candidates(None)
 
 
-def test_no_healthy_backend_still_tries_then_503():
-    def handler(request):
-        raise httpx.ConnectError("refused", request=request)
-
-    pool = pool_with(handler, ["http://a"])
-    from service.errors import APIError
-
-    with pytest.raises(APIError) as err:
-        run(pool.send("/v1/completions", {"model": "m"}, None, stream=False))
-    assert err.value.status == 503 and err.value.headers["Retry-After"]
+async def test_no_healthy_backend_still_tries_then_503():
+    async with pool_of(refused_url()) as pool:
+        pool.backends[0].healthy = False
+        with pytest.raises(APIError) as err:
+            await pool.send("/v1/completions", {"model": "m"}, None, stream=False)
+        assert err.value.status == 503 and err.value.headers["Retry-After"]
 
 
+async def test_backend_that_drops_the_connection_fails_over_but_a_slow_one_does_not():
+    # A killed vLLM resets or closes the keep-alive connections it held: not a refused connection.
+    async with server(drop) as (dead, _), server(ok) as (alive, _):
+        async with pool_of(dead, alive) as pool:
+            pool.candidates = lambda adapter: list(pool.backends)  # type: ignore[method-assign]  # dead first
+            resp, backend, _ = await pool.send("/v1/completions", {"model": "m"}, None, stream=False)
+            assert resp.status_code == 200 and resp.content == b'{"ok":true}'
+            assert backend.url == alive and not pool.backends[0].healthy
+            assert [b.inflight for b in pool.backends] == [0, 0]
 
-def test_backend_that_drops_the_connection_fails_over_but_a_slow_one_does_not():
-    # A killed vLLM resets the keep-alive connections it held: ReadError (or a closed connection), not ConnectError.
-    for dropped in (httpx.ReadError, httpx.RemoteProtocolError):
-        dead: list[str] = []
+    async with server(slow) as (url, seen), server(ok) as (other, _):
+        async with pool_of(url, other, read_timeout_s=0.2) as pool:
+            pool.candidates = lambda adapter: list(pool.backends)  # type: ignore[method-assign]
+            with pytest.raises(APIError) as err:  # not sent again: the first backend may still be generating it
+                await pool.send("/v1/completions", {"model": "m"}, None, stream=False)
+            assert err.value.status == 504 and err.value.code == "backend_timeout" and len(seen) == 1
+            assert pool.backends[0].healthy and pool.backends[0].inflight == 0
 
-        def handler(request, dropped=dropped):
-            if request.url.host in dead:
-                raise dropped("connection lost", request=request)
-            return httpx.Response(200, json={"ok": True})
 
-        pool = pool_with(handler)
-        for b in pool.backends:
-            b.healthy = True
-        first = pool.candidates(None)[0]
-        dead.append(first.url.removeprefix("http://"))
-        resp, backend, _ = run(pool.send("/v1/completions", {"model": "m"}, None, stream=False))
-        assert resp.status_code == 200 and backend is not first and not first.healthy
+async def test_stream_that_breaks_before_its_first_bytes_fails_over():
+    async def broken(head: bytes, body: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(CHUNKED_HEAD)  # headers sent, then the backend died
+        await writer.drain()
+        writer.close()
 
-    def slow(request):
-        raise httpx.ReadTimeout("busy", request=request)
+    async def events(head: bytes, body: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(CHUNKED_HEAD)
+        for event in (b"data: {}\n\n", b"data: [DONE]\n\n"):  # a body that arrives over time, as vLLM's does
+            writer.write(chunk(event))
+            await writer.drain()
+            await asyncio.sleep(0.01)
+        writer.write(b"0\r\n\r\n")
 
+    async with server(broken) as (dead, _), server(events) as (alive, _), pool_of(dead, alive) as pool:
+        pool.candidates = lambda adapter: list(pool.backends)  # type: ignore[method-assign]
+        resp, backend, _ = await pool.send("/v1/completions", {"model": "m"}, None, stream=True)
+        body = b"".join([c async for c in resp.iter_raw()])
+        await resp.aclose()
+        assert body == b"data: {}\n\ndata: [DONE]\n\n" and backend.url == alive
+        assert pool.backends[0].inflight == 0 and backend.inflight == 1  # the caller releases the stream's count
+
+
+async def test_stream_that_breaks_midway_raises_a_stream_error():
+    async def dies(head: bytes, body: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(CHUNKED_HEAD + chunk(b"data: {}\n\n"))
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.transport.abort()  # reset mid-stream
+
+    async with server(dies) as (url, _), pool_of(url) as pool:
+        resp, _, _ = await pool.send("/v1/completions", {"model": "m"}, None, stream=True)
+        got = []
+        with pytest.raises(BackendStreamError):
+            async for c in resp.iter_raw():
+                got.append(c)
+        await resp.aclose()
+        assert got == [b"data: {}\n\n"]
+
+
+async def test_closing_an_unfinished_stream_drops_the_connection():
+    """On a client disconnect the gateway closes the upstream stream: vLLM must see its connection go (it aborts
+    the request then), not a connection kept open for reuse."""
+    gone = asyncio.Event()
+
+    async def endless(head: bytes, body: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(CHUNKED_HEAD)
+        try:
+            while True:
+                writer.write(chunk(b"data: {}\n\n"))
+                await writer.drain()
+                await asyncio.sleep(0.01)
+        except ConnectionError:
+            gone.set()
+            raise
+
+    async with server(endless) as (url, _), pool_of(url) as pool:
+        resp, _, _ = await pool.send("/v1/completions", {"model": "m"}, None, stream=True)
+        async for _ in resp.iter_raw():
+            break
+        await resp.aclose()
+        await asyncio.wait_for(gone.wait(), 5)
+
+
+async def test_adapter_lost_by_the_backend_is_loaded_again_once():
     calls: list[str] = []
 
-    def counting(request):
-        calls.append(request.url.host)
-        return slow(request)
+    async def vllm(head: bytes, body: bytes, writer: asyncio.StreamWriter) -> None:
+        path = head.split(b" ")[1].decode()
+        calls.append(path)
+        if path == "/v1/completions" and calls.count(path) == 1:  # restarted between health checks
+            writer.write(answer(404, b'{"error":{"message":"The model `x` does not exist."}}'))
+        else:
+            writer.write(answer(200, b'{"ok":true}'))
 
-    pool = pool_with(counting)
-    with pytest.raises(APIError) as err:  # not sent again: the first backend may still be generating it
-        run(pool.send("/v1/completions", {"model": "m"}, None, stream=False))
-    assert err.value.status == 504 and err.value.code == "backend_timeout" and len(calls) == 1
+    async with server(vllm) as (url, _), pool_of(url) as pool:
+        pool.backends[0].loaded["x"] = Path("/x")  # believed loaded
+        resp, backend, _ = await pool.send("/v1/completions", {"model": "x"}, Adapter("x", Path("/x")), stream=False)
+        assert resp.status_code == 200 and backend.inflight == 0
+        assert calls == ["/v1/completions", "/v1/load_lora_adapter", "/v1/completions"]
 
 
-def test_stream_that_breaks_before_its_first_bytes_fails_over():
-    class Broken(httpx.AsyncByteStream):
-        async def __aiter__(self):
-            raise httpx.ReadError("reset")
-            yield b""
+async def test_adapter_load_refused_is_a_502():
+    async def refuses(head: bytes, body: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(answer(400, b'{"message":"bad adapter"}'))
 
-    class Events(httpx.AsyncByteStream):  # a body that arrives over time, as vLLM's does
-        async def __aiter__(self):
-            yield b"data: {}\n\n"
-            yield b"data: [DONE]\n\n"
-
-    dead: list[str] = []
-
-    def handler(request):
-        if request.url.host in dead:
-            return httpx.Response(200, stream=Broken())  # headers sent, then the backend died
-        return httpx.Response(200, stream=Events())
-
-    pool = pool_with(handler)
-    for b in pool.backends:
-        b.healthy = True
-    first = pool.candidates(None)[0]
-    dead.append(first.url.removeprefix("http://"))
-
-    async def go():
-        resp, backend, _ = await pool.send("/v1/completions", {"model": "m"}, None, stream=True)
-        body = b"".join([chunk async for chunk in resp.aiter_raw()])
-        return body, backend
-
-    body, backend = run(go())
-    assert body == b"data: {}\n\ndata: [DONE]\n\n" and backend is not first
-    assert first.inflight == 0 and backend.inflight == 1  # the caller releases the stream's count
+    async with server(refuses) as (url, _), pool_of(url) as pool:
+        with pytest.raises(APIError) as err:
+            await pool.send("/v1/completions", {"model": "x"}, Adapter("x", Path("/x")), stream=False)
+        assert err.value.status == 502 and err.value.code == "adapter_load_failed"
