@@ -84,6 +84,7 @@ class LayerWeights:
     a_all: torch.Tensor  # (in, C): the columns of every slot in `a`
     b_all: torch.Tensor  # (C, Σout)
     column_slot: torch.Tensor  # (C,): the slot each column belongs to
+    layout: tuple  # ((slot, columns), ...): layers with the same layout share a step's mask
     gated: dict[int, GatedSlot]  # slots holding a gated composite
     unsupported: frozenset[int]  # gated slots whose slices disagree (left to the slice-by-slice path)
 
@@ -95,7 +96,7 @@ class StepPlan:
     indices: torch.Tensor
     slots: frozenset[int]  # distinct adapter slots in the batch (no -1)
     uniform: bool  # every token on the same slot
-    masks: dict[int, torch.Tensor] = field(default_factory=dict)  # id(LayerWeights) -> (tokens, C) mask
+    masks: dict[tuple, torch.Tensor] = field(default_factory=dict)  # (layout, dtype, scale) -> (tokens, C) mask
     rows: dict[int, torch.Tensor] = field(default_factory=dict)  # slot -> its tokens' row numbers
 
     def rows_of(self, slot: int) -> torch.Tensor:
@@ -153,7 +154,7 @@ def layer_weights(a_stacked, b_stacked, dtype: torch.dtype) -> LayerWeights:
         b_all=torch.cat([b_by_slot[s] for s in slots]) if slots else torch.zeros(0, sum(outs), dtype=dtype),
         column_slot=torch.repeat_interleave(torch.tensor(slots, dtype=torch.long),
                                             torch.tensor([a_by_slot[s].shape[1] for s in slots], dtype=torch.long)),
-        gated=gated, unsupported=frozenset(unsupported))
+        layout=tuple((s, a_by_slot[s].shape[1]) for s in slots), gated=gated, unsupported=frozenset(unsupported))
     if len(_layers) > 4096:  # stale versions of every layer after many adapter loads
         _layers.clear()
     _layers[key] = found
@@ -203,12 +204,13 @@ def apply(y: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, a_stacked, b_
             h.mul_(scale)
         y += h @ weights.b[slot]
         return True
-    mask = plan.masks.get(id(weights))
+    key = (weights.layout, y.dtype, scale)
+    mask = plan.masks.get(key)
     if mask is None:
         mask = (plan.indices.unsqueeze(1) == weights.column_slot.unsqueeze(0)).to(y.dtype)
         if scale != 1.0:
             mask.mul_(scale)
-        plan.masks[id(weights)] = mask
+        plan.masks[key] = mask
     h = x2.to(weights.a_all.dtype) @ weights.a_all
     h.mul_(mask)
     y += h @ weights.b_all
