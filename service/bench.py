@@ -376,7 +376,7 @@ def machine() -> dict:
 
 
 async def run(settings: Settings, backend: str | None, quick: bool) -> dict:
-    rounds1, rounds16, mixed_rounds = (3, 1, 1) if quick else (12, 3, 3)
+    rounds1, rounds16, mixed_rounds = (3, 1, 1) if quick else (12, 3, 5)
     with tempfile.TemporaryDirectory(prefix="flock-bench-") as tmp:
         say("in-process: router scaling and query embedding")
         router = router_scaling((10, 100, 1000, 10000))
