@@ -34,12 +34,10 @@ class GatedSlot:
 
     kind: int  # 1 phatgoose / glider (LN(x)·row), 2 arrow (|x·row|)
     top_k: int
-    slices: int
-    n: int  # candidates
     a: torch.Tensor  # (in, Σ blocks) float32: the shrink runs in float32, as the gate weighting does
     b: torch.Tensor  # (Σ blocks, Σout) block-diagonal, activation dtype
     rows: torch.Tensor  # (in, slices·n) float32 gate rows
-    bias: torch.Tensor  # (slices, n) α·global, -inf for a candidate absent on a slice
+    bias: torch.Tensor  # (slices, n candidates) α·global, -inf for a candidate absent on a slice
     columns: torch.Tensor  # (Σ blocks,) long: each block column's (slice, candidate) in slices·n
 
     @classmethod
@@ -50,7 +48,7 @@ class GatedSlot:
         for b, g, out in zip(b3, gates, outs):
             blocks[row:row + g.gate_start, col:col + out] = b[slot, :, :g.gate_start].T
             row, col = row + g.gate_start, col + out
-        return cls(kind=first.kind, top_k=min(first.top_k, first.n), slices=len(gates), n=first.n,
+        return cls(kind=first.kind, top_k=first.top_k,
                    a=torch.cat([a[slot, :g.gate_start] for a, g in zip(a3, gates)]).T.float().contiguous(),
                    b=blocks, rows=torch.cat([g.rows for g in gates]).T.contiguous(),
                    bias=torch.stack([g.bias for g in gates]),
@@ -58,18 +56,11 @@ class GatedSlot:
 
     def shrink(self, x: torch.Tensor, scale: float) -> torch.Tensor:
         """(tokens, Σ blocks): x·A with each candidate's block weighted by the token's gate, per slice."""
-        from router.gating import LN_EPS
+        from adapters.vllm_plugin import gate_weights
 
         u = x.float()
         h = u @ self.a
-        if self.kind == 1:
-            local = torch.nn.functional.layer_norm(u, (u.shape[-1],), eps=LN_EPS) @ self.rows
-        else:
-            local = (u @ self.rows).abs_()
-        local = local.view(-1, self.slices, self.n) + self.bias
-        kept, idx = torch.topk(local, self.top_k, dim=-1)
-        weights = torch.zeros_like(local).scatter_(2, idx, torch.softmax(kept, dim=-1).nan_to_num_(0.0))
-        h *= weights.view(h.shape[0], -1)[:, self.columns]
+        h *= gate_weights(u, self.rows, self.bias, self.kind, self.top_k)[:, self.columns]
         if scale != 1.0:
             h *= scale
         return h.to(self.b.dtype)

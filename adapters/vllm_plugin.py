@@ -137,25 +137,32 @@ def slot_gates(a: torch.Tensor) -> dict[int, SlotGate]:
     return found
 
 
+def gate_weights(u: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor, kind: int, top_k: int) -> torch.Tensor:
+    """(tokens, slices·n) float32: each token's weight for each candidate of each slice. u: the layer input in
+    float32; rows: (in, slices·n) gate rows; bias: (slices, n) α·global, -inf for an absent candidate.
+    GLIDER's combination (router.gating.select) written out with as few torch ops as it takes: each costs
+    microseconds on a CPU and this runs for every LoRA layer, every step. In float32 (the reference computes the
+    gate there): bf16 rounding of near-tied logits flips the top-k choice."""
+    from router.gating import LN_EPS
+
+    if kind == 1:  # LN(u)·LN(v)/√d, with the gate row = LN(v)/√d
+        local = torch.nn.functional.layer_norm(u, (u.shape[-1],), eps=LN_EPS) @ rows
+    else:  # |u·p|/T, with the gate row = p/T
+        local = (u @ rows).abs()
+    local = local.view(u.shape[0], *bias.shape) + bias
+    kept, idx = torch.topk(local, min(top_k, bias.shape[-1]), dim=-1)
+    weights = torch.zeros_like(local).scatter_(2, idx, torch.softmax(kept, dim=-1).nan_to_num_(0.0))
+    return weights.view(u.shape[0], -1)
+
+
 def apply_gate(x: torch.Tensor, h: torch.Tensor, gate: SlotGate) -> torch.Tensor:
     """Weight each candidate's block of the shrink output `h` = x·Aᵀ (tokens, ≥ gate rows) by the token's gate
     weight and zero the gate and header columns, in place (h is always a fresh tensor here). x: the layer
-    input of the same tokens. GLIDER's combination (router.gating.select) written out with as few torch ops
-    as it takes: each costs microseconds on a CPU and this runs for every module of every layer, every step."""
-    from router.gating import LN_EPS
-
-    start = gate.gate_start
-    # The gate logits again in float32 (the shrink wrote them to h in the activation dtype): bf16 rounding
-    # of near-tied logits flips the top-k choice, and the reference computes them in float32.
-    u = x.float()
-    if gate.kind == 1:  # LN(u)·LN(v)/√d, with the gate row = LN(v)/√d
-        local = torch.nn.functional.layer_norm(u, (u.shape[-1],), eps=LN_EPS) @ gate.rows.T
-    else:  # |u·p|/T, with the gate row = p/T
-        local = (u @ gate.rows.T).abs()
-    kept, idx = torch.topk(local + gate.bias, min(gate.top_k, gate.n), dim=-1)
-    weights = torch.zeros_like(local).scatter_(1, idx, torch.softmax(kept, dim=-1).nan_to_num_(0.0))
-    h[:, :start] *= weights[:, gate.column_expert].to(h.dtype)
-    h[:, start:] = 0
+    input of the same tokens. The gate logits are computed again (the shrink wrote them to h in the
+    activation dtype)."""
+    weights = gate_weights(x.float(), gate.rows.T, gate.bias.unsqueeze(0), gate.kind, gate.top_k)
+    h[:, :gate.gate_start] *= weights[:, gate.column_expert].to(h.dtype)
+    h[:, gate.gate_start:] = 0
     return h
 
 

@@ -41,7 +41,6 @@ class Embedder:
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         model = AutoModel.from_pretrained(str(model_dir)).eval()
         self.dim = model.config.hidden_size
-        self.int8 = int8
         self.forward: torch.nn.Module = _Hidden(model)
         if int8:
             import warnings

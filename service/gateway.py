@@ -201,8 +201,8 @@ class Gateway:
             exc.headers = {**headers, **exc.headers}
             raise
 
-    async def _relay(self, resp: BackendResponse, backend: Backend, t0: float, endpoint: str, decision: RoutingDecision,
-                     expert_label: str, wants_usage: bool) -> AsyncIterator[bytes]:
+    async def _relay(self, resp: BackendResponse, backend: Backend, t0: float, endpoint: str,
+                     decision: RoutingDecision, expert_label: str, wants_usage: bool) -> AsyncIterator[bytes]:
         """Pass vLLM's SSE events through as they arrive: `routing` goes into the first event, the usage event
         (always requested, to count tokens) is dropped unless the client asked for it. A backend that fails
         mid-stream (killed, restarted) ends the stream with an OpenAI-style error event and no [DONE]."""
