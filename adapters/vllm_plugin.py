@@ -264,6 +264,33 @@ def _whole_layer(original):
     return add_lora_linear
 
 
+def _limit_spin(busy_ms: float) -> None:
+    """vLLM's shared-memory queues spin (sched_yield) for 1 s after every read before sleeping on a socket.
+    The engine core and the worker are both readers, so after each request they keep about a core busy for a
+    second (measured: 1.0 CPU-s), and during decode the engine core spins while the worker computes: CPU the
+    gateway, the API server and the next request's embedding need. Past `busy_ms` since its last read, a reader
+    now sleeps on the writer's notification (a socket message vLLM sends on every write). With no spin window at all
+    reads stalled for vLLM's 5 s re-check, a lost wake-up not understood, so each sleep is capped as well:
+    10 ms while traffic is recent, 50 ms after a second of quiet (decode at batch 1 measured the same with a
+    1 ms and a 50 ms cap, so wake-ups do arrive)."""
+    import time
+
+    from vllm.distributed.device_communicators import shm_broadcast
+
+    original = shm_broadcast.SpinCondition.wait
+    if getattr(original, "flock", False):
+        return
+    busy_s = busy_ms / 1000
+
+    def wait(self, timeout_ms: int | None = None) -> None:
+        self.busy_loop_s = busy_s
+        cap = 10 if time.monotonic() - self.last_read < 1.0 else 50
+        return original(self, cap if timeout_ms is None else min(timeout_ms, cap))
+
+    wait.flock = True
+    shm_broadcast.SpinCondition.wait = wait
+
+
 def register() -> None:
     """Re-entrant: vLLM calls it in the API server, the engine core and every worker."""
     global _patched
@@ -286,5 +313,8 @@ def register() -> None:
     # FLOCK_LORA_WHOLE_LAYER=0 keeps vLLM's slice-by-slice path (through the ops above): for A/B benchmarks.
     if os.environ.get("FLOCK_LORA_WHOLE_LAYER", "1") != "0" and not getattr(wrapper.add_lora_linear, "flock", False):
         wrapper.add_lora_linear = _whole_layer(wrapper.add_lora_linear)
+    spin_ms = os.environ.get("FLOCK_VLLM_SPIN_MS", "")
+    if spin_ms:
+        _limit_spin(float(spin_ms))
     _patched = True
     log.info("flock vLLM plugin: CPU LoRA ops replaced (per-slot matmuls; no-adapter tokens get no delta)")

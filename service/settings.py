@@ -74,6 +74,10 @@ class Settings(BaseSettings):
     vllm_kvcache_gib: int = Field(2, description="KV cache space in GiB (VLLM_CPU_KVCACHE_SPACE).")
     vllm_threads: str = Field("auto", description="VLLM_CPU_OMP_THREADS_BIND ('auto', or cores like '0-1').")
     vllm_dtype: str = Field("bfloat16", description="Weights and activations dtype of the engine.")
+    vllm_spin_ms: float = Field(
+        2.0, ge=0.1, description="How long vLLM's engine core and worker spin (sched_yield) waiting for each "
+        "other before sleeping until woken (flock's vLLM plugin; vLLM's own window is 1000 ms, which keeps about a "
+        "core busy for a second after every request and during decode).")
 
     # --- routing -------------------------------------------------------------------------------------
     default_mode: str = Field("global", description="Routing mode when a request names none.")
