@@ -86,9 +86,16 @@ class RoutingCache:
 
     async def get(self, key: str) -> tuple[RoutingDecision | None, str]:
         """(decision or None, 'hit' | 'miss' | 'bypass'). The caller must not modify the decision."""
-        decision = self.local.get(key)
+        decision = self.get_local(key)
         if decision is not None:
             return decision, "hit"
+        return await self.get_remote(key)
+
+    def get_local(self, key: str) -> RoutingDecision | None:
+        return self.local.get(key)
+
+    async def get_remote(self, key: str) -> tuple[RoutingDecision | None, str]:
+        """Redis alone (a decision another replica made, or this one before a restart); kept locally once found."""
         if not self.available:
             return None, "bypass"
         try:

@@ -27,7 +27,7 @@ StageObserver = Callable[[str, float], None]
 @dataclass
 class RouteResult:
     decision: RoutingDecision
-    stages: dict[str, float]  # seconds spent per stage: cache, embed, score
+    stages: dict[str, float]  # seconds per stage: cache, embed, score (cache and embed overlap on a local miss)
     cache: str  # hit, miss, bypass (Redis down) or off (no cache configured)
 
 
@@ -121,18 +121,32 @@ class Router:
         key = cache_key(index.pool_version, method.name, method.cache_params(params), query)
 
         cache_status = "off"
-        if self.cache is not None:
+        if self.cache is None:
+            vector = await self._embed(query, stages)
+        else:
             t0 = time.perf_counter()
-            hit, cache_status = await self.cache.get(key)
-            stages["cache"] = time.perf_counter() - t0
+            hit = self.cache.get_local(key)
             if hit is not None:
-                return RouteResult(hit.model_copy(update={"cached": True}), stages, cache_status)
-
+                stages["cache"] = time.perf_counter() - t0
+                return RouteResult(hit.model_copy(update={"cached": True}), stages, "hit")
+            # Not decided here: ask Redis (another replica, or this one before a restart, may have decided) while
+            # the query is embedded, so a miss does not wait a round trip before its embedding starts. A Redis
+            # hit drops the embedding (cancelled if it has not started).
+            embedding = asyncio.ensure_future(self._embed(query, stages))
+            try:
+                hit, cache_status = await self.cache.get_remote(key)
+                stages["cache"] = time.perf_counter() - t0
+                if hit is not None:
+                    return RouteResult(hit.model_copy(update={"cached": True}), stages, cache_status)
+                vector = await embedding
+            finally:
+                if not embedding.done():
+                    embedding.cancel()
+                elif not embedding.cancelled():
+                    embedding.exception()  # retrieved: an embedding that failed after a Redis hit is not an error
         t0 = time.perf_counter()
-        vector = await self.embedder.embed(query)
-        stages["embed"] = time.perf_counter() - t0
         decision = self.decide(vector, method, params, index)
-        stages["score"] = time.perf_counter() - t0 - stages["embed"]
+        stages["score"] = time.perf_counter() - t0
 
         if self.cache is not None and cache_status != "bypass":
             # Stored in the background: the request does not wait for the write.
@@ -140,6 +154,12 @@ class Router:
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
         return RouteResult(decision, stages, cache_status)
+
+    async def _embed(self, query: str, stages: dict[str, float]) -> np.ndarray:
+        t0 = time.perf_counter()
+        vector = await self.embedder.embed(query)
+        stages["embed"] = time.perf_counter() - t0
+        return vector
 
     async def drain(self) -> None:
         """Wait for background cache writes (tests, benchmarks and shutdown)."""
