@@ -13,7 +13,10 @@ adapter. Here a layer is one shrink matmul and one expand matmul for all its sli
   fused addmm): the outputs stay those of the slice-by-slice path, which the agreement tests measured;
 - a batch on one adapter multiplies by that slot's matrices; a batch mixing adapters multiplies by every
   slot's columns at once and masks each token's row to its own slot's columns before the expand: a little
-  more arithmetic, the same few ops whatever the mix;
+  more arithmetic, the same few ops whatever the mix. A large batch (a prefill) whose adapters have about as
+  many tokens each is instead gathered into one group per adapter for a batched shrink and expand, doing only
+  each token's own adapter's arithmetic (8 adapters, 256 tokens: 115 -> 67 ms of LoRA per forward here; at
+  decode sizes the two are equal, and uneven groups waste the batched path's padding);
 - tokens without an adapter (slot -1) get no delta; a batch with none skips LoRA entirely.
 
 A slot holding a gated composite (adapters/gated_composite.py) is gated per token between its shrink and its
@@ -78,6 +81,38 @@ class LayerWeights:
     layout: tuple  # ((slot, columns), ...): layers with the same layout share a step's mask
     gated: dict[int, GatedSlot]  # slots holding a gated composite
     unsupported: frozenset[int]  # gated slots whose slices disagree (left to the slice-by-slice path)
+    stacks: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def stacked(self, slots: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slots, in, R) and (slots, R, Σout) for a batch's adapters, zero-padded to the largest rank among them
+        (a slot with nothing on this layer, or a gated one, is all zeros). Kept for the few latest adapter sets:
+        a batch's set changes only when requests on another adapter join or leave it."""
+        found = self.stacks.get(slots)
+        if found is None:
+            rank = max([self.a[s].shape[1] for s in slots if s in self.a], default=0)
+            a3 = self.a_all.new_zeros(len(slots), self.a_all.shape[0], rank)
+            b3 = self.b_all.new_zeros(len(slots), rank, self.b_all.shape[1])
+            for i, s in enumerate(slots):
+                if s in self.a:
+                    r = self.a[s].shape[1]
+                    a3[i, :, :r] = self.a[s]
+                    b3[i, :r] = self.b[s]
+            if len(self.stacks) >= 4:
+                self.stacks.pop(next(iter(self.stacks)))
+            found = self.stacks[slots] = (a3, b3)
+        return found
+
+
+@dataclass
+class Groups:
+    """A mixed batch's tokens gathered by adapter: row i·width + j is the j-th token of the i-th adapter."""
+
+    width: int  # tokens of the largest group
+    rows: torch.Tensor  # (slots·width,) token row of each group position; padding repeats row 0
+    padding: torch.Tensor | None  # (slots·width, 1) 1 for a token, 0 for padding; None when groups are even
+
+
+GROUPED_MIN_TOKENS = 64  # below this the masked path costs the same (per-op costs dominate)
 
 
 @dataclass
@@ -89,12 +124,32 @@ class StepPlan:
     uniform: bool  # every token on the same slot
     masks: dict[tuple, torch.Tensor] = field(default_factory=dict)  # (layout, dtype, scale) -> (tokens, C) mask
     rows: dict[int, torch.Tensor] = field(default_factory=dict)  # slot -> its tokens' row numbers
+    groups: dict[tuple, Groups | None] = field(default_factory=dict)  # (slots, dtype) -> groups, None: masked
 
     def rows_of(self, slot: int) -> torch.Tensor:
         found = self.rows.get(slot)
         if found is None:
             found = self.rows[slot] = (self.indices == slot).nonzero().squeeze(1)
         return found
+
+    def groups_of(self, slots: tuple[int, ...], dtype: torch.dtype) -> Groups | None:
+        """Groups for the batched path, or None where the masked path is as fast: few tokens, or groups so
+        uneven that padding them to the largest would cost more than the masked path's extra columns."""
+        key = (slots, dtype)
+        if key not in self.groups:
+            members = [self.rows_of(s) for s in slots]
+            tokens, width = sum(len(m) for m in members), max(len(m) for m in members)
+            if tokens < GROUPED_MIN_TOKENS or len(slots) * width > 1.25 * tokens:
+                self.groups[key] = None
+            else:
+                rows = torch.zeros(len(slots), width, dtype=torch.long)
+                padding = torch.zeros(len(slots), width, 1, dtype=dtype)
+                for i, m in enumerate(members):
+                    rows[i, :len(m)] = m
+                    padding[i, :len(m)] = 1
+                even = len(slots) * width == tokens
+                self.groups[key] = Groups(width, rows.view(-1), None if even else padding.view(-1, 1))
+        return self.groups[key]
 
 
 _layers: dict[tuple, LayerWeights] = {}
@@ -194,6 +249,20 @@ def apply(y: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, a_stacked, b_
         if scale != 1.0:
             h.mul_(scale)
         y += h @ weights.b[slot]
+        return True
+    slots = tuple(sorted(plan.slots - set(gated)))
+    groups = plan.groups_of(slots, y.dtype)
+    if groups is not None:
+        a3, b3 = weights.stacked(slots)
+        if a3.shape[2] == 0:  # none of these adapters has weights on this layer
+            return True
+        h = torch.bmm(x2.index_select(0, groups.rows).view(len(slots), groups.width, -1).to(a3.dtype), a3)
+        if scale != 1.0:
+            h.mul_(scale)
+        out = torch.bmm(h, b3).view(-1, y.shape[1])
+        if groups.padding is not None:
+            out.mul_(groups.padding)  # padding rows repeat token 0: they must add nothing to it
+        y.index_add_(0, groups.rows, out)
         return True
     key = (weights.layout, y.dtype, scale)
     mask = plan.masks.get(key)

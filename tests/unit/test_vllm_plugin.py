@@ -113,9 +113,15 @@ def slice_by_slice(x, a_slices, b_slices, idx, y):
     return y * (idx >= 0).unsqueeze(1) + (idx < 0).unsqueeze(1) * y.new_ones(1)  # vLLM's -1 bug aside
 
 
-@pytest.mark.parametrize("indices", [[0] * 6, [2, 0, 1, 1, 2, 0], [-1, 1, -1, 1, 1, -1], [2, -1, 0, 2, 1, 0], [-1] * 6])
+# A prefill-sized batch takes the grouped path: even groups, groups padded to the largest, tokens without adapter.
+GROUPED = [[i % 3 for i in range(66)], [i % 3 for i in range(65)], [i % 3 - 1 for i in range(97)]]
+
+
+@pytest.mark.parametrize("indices", [[0] * 6, [2, 0, 1, 1, 2, 0], [-1, 1, -1, 1, 1, -1], [2, -1, 0, 2, 1, 0], [-1] * 6,
+                                     [1, 1, 1, 1, 1, 2], [2, 0, 2, 2, 2, 2], *GROUPED])
 def test_whole_layer_matches_slice_by_slice(indices):
-    """q/k/v-like slices of different widths and ranks, one shrink and one expand for the whole layer."""
+    """q/k/v-like slices of different widths and ranks, one shrink and one expand for the whole layer (masked or,
+    for large near-even batches, grouped by adapter)."""
     g = torch.Generator().manual_seed(1)
     widths, ranks = (16, 8, 8), (3, 5, 2)
     a_slices, b_slices = [], []
@@ -128,15 +134,18 @@ def test_whole_layer_matches_slice_by_slice(indices):
     a_slices[1][2] = 0  # slot 2 has no LoRA on the middle slice
     b_slices[1][2] = 0
     ours.clear_caches()
-    x, idx = torch.randn(6, 16, generator=g), torch.tensor(indices)
-    want = slice_by_slice(x, a_slices, b_slices, idx, torch.ones(6, 32))
-    y = torch.ones(6, 32)
+    n = len(indices)
+    x, idx = torch.randn(n, 16, generator=g), torch.tensor(indices)
+    want = slice_by_slice(x, a_slices, b_slices, idx, torch.ones(n, 32))
+    y = torch.ones(n, 32)
     assert lora_linear.apply(y, x, idx.clone(), tuple(a_slices), tuple(b_slices), 1.0)
     assert torch.allclose(y, want, atol=1e-4)
+    if indices in GROUPED:
+        assert any(g is not None for g in lora_linear._plan.groups.values()), "the batched path was not taken"
     # An adapter loaded into slot 1 in place (as vLLM does) is seen on the next step.
     a_slices[0][1, 0, 0].copy_(torch.randn(16, generator=g))
-    want = slice_by_slice(x, a_slices, b_slices, idx, torch.ones(6, 32))
-    y = torch.ones(6, 32)
+    want = slice_by_slice(x, a_slices, b_slices, idx, torch.ones(n, 32))
+    y = torch.ones(n, 32)
     assert lora_linear.apply(y, x, idx.clone(), tuple(a_slices), tuple(b_slices), 1.0)
     assert torch.allclose(y, want, atol=1e-4)
 
@@ -167,3 +176,48 @@ def test_a_module_no_adapter_of_the_batch_targets_costs_nothing():
     s = torch.ones(7, 20)
     ours.bgmv_expand_slice(y, b, s, idx, 2, 16, True)
     assert torch.equal(s, torch.ones(7, 20))
+
+
+def test_spin_window_is_limited_and_sleeps_are_capped(monkeypatch):
+    """vLLM's readers spin for 1 s after each read; with the plugin they spin `busy_ms`, then sleep on the
+    writer's notification for at most 10 ms (50 ms after a second of quiet)."""
+    import time
+
+    from vllm.distributed.device_communicators import shm_broadcast
+
+    polls: list[int | None] = []
+    yields: list[int] = []
+
+    def original(self, timeout_ms=None):  # vLLM's logic, recorded instead of run
+        if time.monotonic() <= self.last_read + self.busy_loop_s:
+            yields.append(1)
+        else:
+            polls.append(timeout_ms)
+
+    monkeypatch.setattr(shm_broadcast.SpinCondition, "wait", original)
+    ours._limit_spin(2.0)
+    patched = shm_broadcast.SpinCondition.wait
+    assert patched is not original and patched.flock
+    reader = shm_broadcast.SpinCondition.__new__(shm_broadcast.SpinCondition)
+    reader.busy_loop_s = 1.0
+    reader.last_read = time.monotonic()
+    patched(reader, 5000)
+    assert yields == [1] and polls == []  # just read: spins
+    reader.last_read = time.monotonic() - 0.1  # 100 ms since the last read: vLLM would still spin (1 s)
+    patched(reader, 5000)
+    patched(reader, None)
+    assert polls == [10, 10]
+    reader.last_read = time.monotonic() - 5.0
+    patched(reader, 5000)
+    patched(reader, 3)
+    assert polls == [10, 10, 50, 3]
+    ours._limit_spin(2.0)  # re-entrant: not wrapped twice
+    assert shm_broadcast.SpinCondition.wait is patched
+
+
+def test_managed_vllm_gets_the_spin_window():
+    from service.processes import vllm_command
+    from service.settings import Settings
+
+    _, env = vllm_command(Settings(vllm_spin_ms=3))
+    assert env["FLOCK_VLLM_SPIN_MS"] == "3"
