@@ -380,7 +380,7 @@ def machine() -> dict:
 
 
 async def run(settings: Settings, backend: str | None, quick: bool) -> dict:
-    rounds1, rounds16, mixed_rounds = (3, 1, 1) if quick else (12, 3, 9)
+    rounds1, rounds16, mixed_rounds = (3, 1, 1) if quick else (16, 3, 9)
     with tempfile.TemporaryDirectory(prefix="flock-bench-") as tmp:
         say("in-process: router scaling and query embedding")
         router = router_scaling((10, 100, 1000, 10000))
@@ -408,6 +408,7 @@ async def run(settings: Settings, backend: str | None, quick: bool) -> dict:
             hit = await cache_hit_route(stack, settings)
             say("mixed-adapter throughput")
             mixed = await mixed_adapters(stack, mixed_rounds)
+            mixed32 = await mixed_adapters(stack, max(1, mixed_rounds // 2), requests=32)  # flock serve's batch limit
             say("decode throughput by batch size")
             decode = await decode_throughput(stack, (1, 8) if quick else (1, 8, 32), rounds=1 if quick else 3)
         finally:
@@ -438,9 +439,10 @@ async def run(settings: Settings, backend: str | None, quick: bool) -> dict:
         "mixed_adapter_throughput_ratio": mixed["ratio"],
         "mixed_adapter_tok_s": mixed["mixed_tok_s"],
         "single_adapter_tok_s": mixed["single_tok_s"],
+        "mixed_adapter_throughput_ratio_32_requests": mixed32["ratio"],
         "decode_tok_s": decode,
         "details": {"c1": c1, "c16": c16, "one_token": short, "gateway_self": selftime, "embed": embed,
-                    "fake_backend": proxy, "mixed": mixed},
+                    "fake_backend": proxy, "mixed": mixed, "mixed_32_requests": mixed32},
         "vllm_settings": {
             "threads_bind": settings.vllm_threads, "kvcache_gib": settings.vllm_kvcache_gib,
             "max_loras": settings.vllm_max_loras, "max_lora_rank": settings.vllm_max_lora_rank,
