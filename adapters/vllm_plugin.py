@@ -275,9 +275,13 @@ def _limit_spin(busy_ms: float) -> None:
     1 ms and a 50 ms cap, so wake-ups do arrive)."""
     import time
 
-    from vllm.distributed.device_communicators import shm_broadcast
+    try:
+        from vllm.distributed.device_communicators import shm_broadcast
 
-    original = shm_broadcast.SpinCondition.wait
+        original = shm_broadcast.SpinCondition.wait
+    except (ImportError, AttributeError):  # another vLLM: its own waiting, not an engine that fails to start
+        log.warning("flock's vLLM plugin: no SpinCondition in this vLLM; FLOCK_VLLM_SPIN_MS ignored")
+        return
     if getattr(original, "flock", False):
         return
     busy_s = busy_ms / 1000
