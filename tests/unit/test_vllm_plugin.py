@@ -221,3 +221,25 @@ def test_managed_vllm_gets_the_spin_window():
 
     _, env = vllm_command(Settings(vllm_spin_ms=3))
     assert env["FLOCK_VLLM_SPIN_MS"] == "3"
+
+
+def test_prepacked_all_slot_matrices_give_the_same_bf16_result(monkeypatch):
+    """In bf16 (the engine's dtype) the masked path multiplies through oneDNN's pre-packed weights: the same
+    numbers as plain matmuls."""
+    g = torch.Generator().manual_seed(3)
+    a = [torch.randn(4, 1, 8, 64, generator=g).bfloat16() * 0.1 for _ in range(2)]
+    b = [torch.randn(4, 1, 32, 8, generator=g).bfloat16() * 0.1 for _ in range(2)]
+    x, idx = torch.randn(12, 64, generator=g).bfloat16(), torch.tensor([0, 1, 2, 3, -1, 0, 1, 2, 3, 0, 1, 2])
+    ours.clear_caches()
+    y = torch.zeros(12, 64, dtype=torch.bfloat16)
+    assert lora_linear.apply(y, x, idx.clone(), tuple(a), tuple(b), 1.0)
+    weights = next(iter(lora_linear._layers.values()))
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN: nothing is pre-packed")
+    assert all(p is not None for p in weights.packed_all)
+    ours.clear_caches()
+    monkeypatch.setattr(lora_linear, "_pack", lambda w: None)
+    plain = torch.zeros(12, 64, dtype=torch.bfloat16)
+    assert lora_linear.apply(plain, x, idx.clone(), tuple(a), tuple(b), 1.0)
+    assert next(iter(lora_linear._layers.values())).packed_all == (None, None)
+    assert torch.equal(y, plain) and y.abs().sum() > 0
