@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapters.card import ExpertCard, read_card
-from adapters.errors import ExpertExists, InvalidExpert, UnknownExpert
+from adapters.errors import ExpertExists, InvalidExpert, PoolError, UnknownExpert
 from adapters.validate import ModelShape, resolve_inside, validate_adapter
 
 log = logging.getLogger(__name__)
@@ -102,10 +102,14 @@ class ExpertPool:
         """Read the saved pool; on first start, seed it from the default library directory."""
         if self._state_file.is_file():
             saved = json.loads(self._state_file.read_text())
-            experts = self._from_entries(saved.get("experts", []))
+            experts = self._from_entries(saved.get("experts", []), library=seed_dir)
+            stored = {entry.get("name"): entry.get("path") for entry in saved.get("experts", [])}
             with self._lock:
-                self._experts = experts
-                self.version = self._fingerprint()
+                if any(str(e.path) != stored[name] for name, e in experts.items()):
+                    self._commit(experts)  # library experts re-pointed: save the paths that resolve here
+                else:
+                    self._experts = experts
+                    self.version = self._fingerprint()
             return
         experts = {}
         if seed_dir is not None and seed_dir.is_dir():
@@ -134,18 +138,45 @@ class ExpertPool:
                 self._commit(experts)
         return changed
 
-    def _from_entries(self, entries: list[dict]) -> dict[str, Expert]:
+    def _from_entries(self, entries: list[dict], library: Path | None = None) -> dict[str, Expert]:
+        """Stored entries that still validate. A library expert whose stored path is gone or outside this
+        deployment's roots (the state was written by another checkout of the repository, since deleted or
+        moved) is taken from `library` when the library has an adapter of the same directory name."""
         experts = {}
         for entry in entries:
             try:
                 card = ExpertCard.model_validate({k: entry[k] for k in ("name", "description", "examples", "extra")
                                                   if k in entry})
-                expert = self.check(entry["path"], card)
+                try:
+                    expert = self.check(entry["path"], card)
+                except PoolError:
+                    moved = self._library_copy(entry["path"], library)
+                    if moved is None:
+                        raise
+                    expert = self.check(moved, card)
+                    log.warning("stored expert %s: %s is not usable here; using the library's %s",
+                                expert.name, entry["path"], moved)
             except Exception as exc:  # a stored expert whose files went away must not stop the service
                 log.warning("dropping stored expert %s: %s", entry.get("name"), exc)
                 continue
             experts[expert.name] = expert
         return experts
+
+    @staticmethod
+    def _library_copy(stored: str, library: Path | None) -> Path | None:
+        """The same expert in this checkout's library: a directory of the same name in a directory named like
+        the library, whose card carries the same expert name (never another expert under a stored name)."""
+        old = Path(stored)
+        if library is None or old.parent.name != library.name:
+            return None
+        candidate = library / old.name
+        try:
+            card = read_card(candidate)
+        except ValueError:
+            return None
+        if card is None or card.name != old.name or candidate.resolve() == old.resolve():
+            return None
+        return candidate
 
     def _commit(self, experts: dict[str, Expert]) -> None:
         # Write first, then swap: a failed write leaves both the file and the in-memory pool unchanged.

@@ -1,0 +1,68 @@
+"""The expert pool's state file across restarts and checkouts (synthetic adapters, no server)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from adapters.card import ExpertCard
+from adapters.pool import ExpertPool
+from adapters.synthetic import write_random_lora
+from adapters.validate import ModelShape
+
+BASE = "SmolLM2-135M-Instruct"
+SHAPE = ModelShape.from_config({"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 4,
+                                "num_key_value_heads": 2, "num_hidden_layers": 2})
+
+
+def library(root: Path, names=("cooking", "law")) -> Path:
+    lib = root / "adapters" / "library"
+    for seed, name in enumerate(names):
+        write_random_lora(lib / name, shape=SHAPE, base_name=BASE, seed=seed,
+                          card=ExpertCard(name=name, description=f"{name} questions"))
+    return lib
+
+
+def pool(state: Path, roots: list[Path], seed_dir: Path) -> ExpertPool:
+    p = ExpertPool(state_file=state, roots=[r.resolve() for r in roots], base_name=BASE, shape=SHAPE, max_rank=16)
+    p.load(seed_dir=seed_dir)
+    return p
+
+
+def test_state_from_a_deleted_checkout_uses_this_checkouts_library(tmp_path):
+    """The default state directory is shared by every checkout: a pool seeded by a clone that was deleted
+    since must come up with this clone's library, not empty, and save the paths that resolve now."""
+    state = tmp_path / "state" / "pool.json"
+    old = library(tmp_path / "clone1")
+    assert len(pool(state, [old], old)) == 2
+    shutil.rmtree(tmp_path / "clone1")
+
+    new = library(tmp_path / "clone2")
+    p = pool(state, [new], new)
+    assert [e.name for e in p.experts()] == ["cooking", "law"]
+    assert all(e.path.parent == new.resolve() for e in p.experts())
+    saved = json.loads(state.read_text())["experts"]
+    assert {Path(e["path"]).parent for e in saved} == {new.resolve()}
+
+
+def test_removed_library_expert_stays_removed(tmp_path):
+    state = tmp_path / "state" / "pool.json"
+    lib = library(tmp_path / "clone")
+    pool(state, [lib], lib).remove("law")
+    assert [e.name for e in pool(state, [lib], lib).experts()] == ["cooking"]
+
+
+def test_vanished_user_expert_is_not_replaced_by_a_library_namesake(tmp_path):
+    """Only library experts are re-pointed: a registered expert whose files went away is dropped, even when
+    the library holds an adapter directory of the same name."""
+    state = tmp_path / "state" / "pool.json"
+    lib = library(tmp_path / "clone", names=("law",))
+    mine = tmp_path / "mine"
+    write_random_lora(mine / "cooking", shape=SHAPE, base_name=BASE, seed=7,
+                      card=ExpertCard(name="cooking", description="my own cooking expert"))
+    p = pool(state, [lib, mine], lib)
+    p.add(mine / "cooking")
+    shutil.rmtree(mine)
+    library(tmp_path / "clone", names=("cooking",))  # the library now also has a "cooking"
+    assert [e.name for e in pool(state, [lib, mine], lib).experts()] == ["law"]
