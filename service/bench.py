@@ -454,6 +454,7 @@ async def run(settings: Settings, backend: str | None, quick: bool) -> dict:
             "max_cpu_loras": settings.vllm_max_cpu_loras, "max_num_seqs": settings.vllm_max_num_seqs,
             "max_model_len": settings.vllm_max_model_len, "dtype": settings.vllm_dtype,
             "spin_ms": settings.vllm_spin_ms,
+            "lora_kernel": settings.lora_kernel,
             "external_backend": backend,
         },
         "workload": {"max_tokens": MAX_TOKENS, "ignore_eos": True, "rounds_c1": rounds1, "rounds_c16": rounds16,

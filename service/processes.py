@@ -42,6 +42,7 @@ def vllm_command(settings: Settings, port: int | None = None) -> tuple[list[str]
         "VLLM_CPU_KVCACHE_SPACE": str(settings.vllm_kvcache_gib),
         "VLLM_CPU_OMP_THREADS_BIND": settings.vllm_threads,
         "FLOCK_VLLM_SPIN_MS": f"{settings.vllm_spin_ms:g}",
+        "FLOCK_LORA_KERNEL": "1" if settings.lora_kernel else "0",
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "VLLM_NO_USAGE_STATS": "1",

@@ -207,3 +207,36 @@ def test_whole_layer_gates_every_slice_like_the_slice_path(experts, spec):
         assert lora_linear.apply(y, x, idx.clone(), tuple(a for a, _ in slices), tuple(b for _, b in slices), 1.0)
         assert torch.allclose(y, want, rtol=1e-2, atol=1e-2)
         assert (y[idx == -1] == 0).all()
+
+
+def test_bf16_batch_of_gated_and_plain_slots_with_the_kernel(experts, monkeypatch):
+    """In bf16 a small mixed batch's plain-adapter tokens go to the per-token kernel (adapters/sgmv.cpp) while the
+    gated slot's tokens stay on the gated path: the gated rows come out exactly as without the kernel, the plain
+    rows within bf16 rounding of the torch path, the base tokens untouched."""
+    from adapters import sgmv
+
+    kernel = sgmv.kernel()
+    assert kernel is not None, "adapters/sgmv.cpp did not build on this machine: see the logged compiler error"
+    spec = GateSpec("phatgoose", 3.0, 2)
+    tensors, _ = build_gated(canonical([(p.name, s, p) for p, s in zip(experts, [0.61, 0.55, 0.32])], spec), spec)
+    gen = torch.Generator().manual_seed(4)
+    plain = ((torch.randn(RANK, D_IN, generator=gen) / 8).to(torch.bfloat16),
+             (torch.randn(D_OUT, RANK, generator=gen) / 2).to(torch.bfloat16))
+    a, b = stacked(plain, (tensors[f"{MODULE}.lora_A.weight"], tensors[f"{MODULE}.lora_B.weight"]))
+    x = (torch.randn(9, D_IN, generator=gen) * 2 + 0.3).to(torch.bfloat16)
+    idx = torch.tensor([1, 0, -1, 1, 1, 0, 1, -1, 0])
+
+    def forward(k):
+        monkeypatch.setattr(lora_linear, "_kernel", lambda: k)
+        lora_linear.clear_caches()
+        y = torch.zeros(9, D_OUT, dtype=torch.bfloat16)
+        assert lora_linear.apply(y, x, idx.clone(), (a,), (b,), 1.0)
+        return y
+
+    calls = []
+    counting = type("Counting", (), {"sgmv_bf16": staticmethod(lambda *a: calls.append(1) or kernel.sgmv_bf16(*a))})
+    with_kernel, without = forward(counting), forward(None)
+    assert calls, "the kernel was not used"
+    assert torch.equal(with_kernel[idx == 1], without[idx == 1])
+    assert torch.allclose(with_kernel[idx == 0].float(), without[idx == 0].float(), rtol=2e-2, atol=2e-2)
+    assert with_kernel[idx == 0].abs().sum() > 0 and (with_kernel[idx == -1] == 0).all()
