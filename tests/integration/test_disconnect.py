@@ -1,5 +1,6 @@
-"""A client that goes away mid-stream cancels the request in vLLM: generation stops within seconds instead of running
-on to max_tokens (real gateway, real vLLM; vLLM's own /metrics is the witness)."""
+"""A client that goes away cancels the request in vLLM, mid-stream or while waiting for a non-streamed answer:
+generation stops within seconds instead of running on to max_tokens (real gateway, real vLLM; vLLM's own /metrics
+is the witness)."""
 
 from __future__ import annotations
 
@@ -65,3 +66,22 @@ def test_client_disconnect_stops_generation(gateway, vllm_url, model):
           f"generated")
     assert stopped_after < 3.0
     assert received <= tokens < MAX_TOKENS / 2  # it did run, and stopped long before max_tokens
+
+
+@pytest.mark.parametrize("model", [BASE, "cooking"])
+def test_client_timeout_stops_non_streamed_generation(gateway, vllm_url, model):
+    """A non-streamed request whose client gives up (its read timeout) before the answer: the gateway notices the
+    closed connection and cancels its request to vLLM, which aborts the generation."""
+    settle(vllm_url, quiet_s=1.0, timeout_s=60)
+    before = generated(vllm_url)
+    body = {"model": model, "messages": [{"role": "user", "content": "Tell me a very long story."}],
+            "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}
+    with httpx.Client(base_url=gateway.url, timeout=httpx.Timeout(60, read=2.0)) as client:
+        with pytest.raises(httpx.ReadTimeout):
+            client.post("/v1/chat/completions", json=body)
+    stopped_after = settle(vllm_url, quiet_s=1.0, timeout_s=30)
+    tokens = generated(vllm_url) - before
+    print(f"\n{model}: vLLM stopped {stopped_after:.2f} s after the client left, {tokens:.0f} of {MAX_TOKENS} tokens "
+          f"generated")
+    assert stopped_after < 3.0
+    assert 0 < tokens < MAX_TOKENS / 2
