@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from service.api.deps import get_gateway, require_key
+from service.metrics import Metrics
 from service.protocol import ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse
 from service.api.responses import ERRORS
 
@@ -30,7 +31,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     return await unless_client_leaves(request, gateway.generate("/v1/completions", body), gateway.metrics)
 
 
-async def unless_client_leaves(request: Request, work: Awaitable[Response], metrics) -> Response:
+async def unless_client_leaves(request: Request, work: Awaitable[Response], metrics: Metrics) -> Response:
     """`work`, cancelled if the client hangs up first: the cancelled request to vLLM closes its connection, which
     makes vLLM abort the generation. Starlette cancels nothing for a plain response; a stream that has started is
     stopped by the gateway's relay instead (its closed generator closes the upstream stream)."""
