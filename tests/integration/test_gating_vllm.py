@@ -37,6 +37,9 @@ SCORES = (0.62, 0.55, 0.41)
 MAX_TOKENS = 8
 LOGPROB_TOL = 0.15
 TIE_TOL = 0.15  # a token vLLM chose within this many nats of the reference's best counts as the greedy choice
+# Two tokens this close may swap between batch compositions: vLLM's bf16 GEMMs give a request's row slightly
+# different sums depending on how many rows share the batch (see test_isolation). Seen: 0.25 nats, base model.
+BATCH_TIE_TOL = 0.3
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +69,13 @@ def load_adapter(vllm_url: str, name: str, path) -> None:
 async def complete(client: httpx.AsyncClient, vllm_url: str, model: str, prompt: str) -> dict:
     r = await client.post(f"{vllm_url}/v1/chat/completions", json={
         "model": model, "messages": [{"role": "user", "content": prompt}], "temperature": 0,
-        "max_tokens": MAX_TOKENS, "logprobs": True, "top_logprobs": 1, "return_tokens_as_token_ids": True})
+        "max_tokens": MAX_TOKENS, "logprobs": True, "top_logprobs": 5, "return_tokens_as_token_ids": True})
     r.raise_for_status()
     choice = r.json()["choices"][0]
     steps = choice["logprobs"]["content"]
     return {"text": choice["message"]["content"], "token_ids": [int(s["token"].split(":")[1]) for s in steps],
-            "logprobs": [s["logprob"] for s in steps]}
+            "logprobs": [s["logprob"] for s in steps],
+            "top": [{int(t["token"].split(":")[1]): t["logprob"] for t in s["top_logprobs"]} for s in steps]}
 
 
 def run_all(vllm_url: str, jobs: list[tuple[str, str]], *, one_at_a_time: bool = False) -> list[dict]:
@@ -157,7 +161,7 @@ def test_gated_output_differs_from_each_single_expert(gated, vllm_url, library_e
 
 def test_mixed_batch_gives_each_request_its_solo_output(gated, vllm_url, library_experts, prompts, tmp_path):
     """glider, arrow, merge, single-expert and base requests in one continuous batch: each answer equals the
-    answer that request gets alone."""
+    answer that request gets alone, up to a swap of near-tied tokens (BATCH_TIE_TOL), in at most 10% of them."""
     merge_id, merge_path = CompositeStore(tmp_path).ensure(
         "test", [(d.name, w, d) for d, w in zip(library_experts[:2], (0.6, 0.4))])
     load_adapter(vllm_url, merge_id, merge_path)
@@ -166,6 +170,18 @@ def test_mixed_batch_gives_each_request_its_solo_output(gated, vllm_url, library
     models = [gated["glider"][1], gated["glider_local"][1], gated["arrow"][1], merge_id, library_experts[0].name,
               Settings().base_model_name]
     jobs = [(models[i % len(models)], p) for i, p in enumerate(prompts)]
-    alone = [run_all(vllm_url, [job])[0]["text"] for job in jobs]
-    together = [x["text"] for x in run_all(vllm_url, jobs)]
-    assert together == alone
+    alone = [run_all(vllm_url, [job])[0] for job in jobs]
+    together = run_all(vllm_url, jobs)
+    same = 0
+    for job, t, a in zip(jobs, together, alone):
+        if t["token_ids"] == a["token_ids"]:
+            same += 1
+            continue
+        # Where they part, the batched request's token must have been a near-tie when the request ran alone: a
+        # request given another's adapter (or none) differs by far more, and from the first token.
+        j = next((i for i, (x, y) in enumerate(zip(t["token_ids"], a["token_ids"])) if x != y), None)
+        assert j is not None, (job, t["text"], a["text"])
+        gap = a["logprobs"][j] - a["top"][j].get(t["token_ids"][j], -math.inf)
+        print(f"\n{job[0]}: batched and alone part at token {j} ({t['text']!r} vs {a['text']!r}), {gap:.3f} nats apart")
+        assert gap <= BATCH_TIE_TOL, (job, t["text"], a["text"], gap)
+    assert same >= math.ceil(0.9 * len(jobs)), f"only {same}/{len(jobs)} identical"
