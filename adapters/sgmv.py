@@ -30,10 +30,15 @@ def _cpu_tag() -> str:
     return hashlib.sha256(flags.encode()).hexdigest()[:8]
 
 
+def turned_off() -> bool:
+    """FLOCK_LORA_KERNEL spelled off the ways pydantic-settings reads a false bool (settings.lora_kernel)."""
+    return os.environ.get("FLOCK_LORA_KERNEL", "1").strip().lower() in ("0", "false", "no", "off", "f", "n")
+
+
 @functools.cache
 def kernel():
     """The compiled module, or None (turned off, or it cannot be built here: logged once)."""
-    if os.environ.get("FLOCK_LORA_KERNEL", "1") == "0":
+    if turned_off():
         return None
     try:
         from torch.utils.cpp_extension import load
@@ -48,8 +53,8 @@ def kernel():
 if __name__ == "__main__":  # make setup: build ahead so that vLLM's first LoRA step does not wait for it
     start = time.perf_counter()
     logging.basicConfig(level=logging.INFO)
-    if os.environ.get("FLOCK_LORA_KERNEL", "1") == "0":
-        print("per-token LoRA kernel turned off (FLOCK_LORA_KERNEL=0)")
+    if turned_off():
+        print("per-token LoRA kernel turned off (FLOCK_LORA_KERNEL)")
         sys.exit(0)
     ok = kernel() is not None
     print(f"per-token LoRA kernel {'ready' if ok else 'NOT built (see the warning above)'} "
