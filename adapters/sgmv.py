@@ -1,4 +1,5 @@
-"""The per-token LoRA kernel (adapters/sgmv.cpp): built once per CPU with torch's extension builder, then loaded.
+"""The per-token LoRA kernels (adapters/sgmv.cpp: plain adapters, and gated composites with their per-token gate):
+built once per CPU with torch's extension builder, then loaded.
 
 The build (about 30 s) is cached under torch's extensions directory (~/.cache/torch_extensions), keyed by the
 source and by this CPU's instruction-set flags: it is compiled with -march=native, so a cache shared with another

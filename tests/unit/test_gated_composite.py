@@ -209,34 +209,78 @@ def test_whole_layer_gates_every_slice_like_the_slice_path(experts, spec):
         assert (y[idx == -1] == 0).all()
 
 
-def test_bf16_batch_of_gated_and_plain_slots_with_the_kernel(experts, monkeypatch):
-    """In bf16 a small mixed batch's plain-adapter tokens go to the per-token kernel (adapters/sgmv.cpp) while the
-    gated slot's tokens stay on the gated path: the gated rows come out exactly as without the kernel, the plain
-    rows within bf16 rounding of the torch path, the base tokens untouched."""
+@pytest.mark.parametrize("spec", [GateSpec("phatgoose", 3.0, 2), GateSpec("arrow", 0.0, 1),
+                                  GateSpec("phatgoose", 0.0, 3), GateSpec("phatgoose", 1000.0, 1)])
+@pytest.mark.parametrize("indices", [[1, 0, -1, 1, 1, 0, 1, -1, 0], [1] * 9])
+def test_bf16_batch_of_gated_and_plain_slots_with_the_kernel(experts, monkeypatch, spec, indices):
+    """In bf16 a small batch goes to the kernels of adapters/sgmv.cpp: the gated slot's tokens to gated_bf16
+    (its own per-token gate), the plain adapter's to sgmv_bf16. Both agree with the torch paths within bf16
+    rounding and with the experts' own mixture (float32, from their factors and gates); base tokens stay as
+    they were. Two slices (q_proj, v_proj), each gated with its own gates; scale 0.5."""
+    from adapters import sgmv
+
+    kernel = sgmv.kernel()
+    assert kernel is not None, "adapters/sgmv.cpp did not build on this machine: see the logged compiler error"
+    parts = canonical([(p.name, s, p) for p, s in zip(experts, [0.61, 0.55, 0.32])], spec)
+    tensors, _ = build_gated(parts, spec)
+    other = MODULE.replace("q_proj", "v_proj")
+    gen = torch.Generator().manual_seed(4)
+    plain = ((torch.randn(RANK, D_IN, generator=gen) / 8).to(torch.bfloat16),
+             (torch.randn(D_OUT, RANK, generator=gen) / 2).to(torch.bfloat16))
+    slices = [stacked(plain, (tensors[f"{m}.lora_A.weight"], tensors[f"{m}.lora_B.weight"])) for m in (MODULE, other)]
+    x = (torch.randn(9, D_IN, generator=gen) * 2 + 0.3).to(torch.bfloat16)
+    y0 = torch.randn(9, 2 * D_OUT, generator=gen).to(torch.bfloat16)
+    idx = torch.tensor(indices)
+
+    def forward(k):
+        monkeypatch.setattr(lora_linear, "_kernel", lambda: k)
+        lora_linear.clear_caches()
+        y = y0.clone()
+        assert lora_linear.apply(y, x, idx.clone(), tuple(a for a, _ in slices), tuple(b for _, b in slices), 0.5)
+        return y
+
+    calls = []
+
+    class Counting:
+        @staticmethod
+        def gated_bf16(*args):
+            calls.append("gated")
+            return kernel.gated_bf16(*args)
+
+        @staticmethod
+        def sgmv_bf16(*args):
+            calls.append("plain")
+            return kernel.sgmv_bf16(*args)
+
+    with_kernel, without = forward(Counting), forward(None)
+    assert calls == (["gated", "plain"] if 0 in indices else ["gated"]), calls
+    assert torch.allclose(with_kernel.float(), without.float(), rtol=2e-2, atol=2e-2)
+    assert torch.equal(with_kernel[idx == -1], y0[idx == -1])
+    # The gated rows of the q_proj slice against the mixture computed from the experts themselves.
+    gated = idx == 1
+    want = expected_mixture(x[gated], parts, spec)[0] * 0.5
+    delta = with_kernel[gated, :D_OUT].float() - y0[gated, :D_OUT].float()
+    assert want.abs().max() > 0.5, "the gated delta is ~0: the test would not see a wrong gate"
+    assert torch.allclose(delta, want, rtol=3e-2, atol=6e-2), (delta - want).abs().max()
+
+
+def test_gated_kernel_threshold(experts, monkeypatch):
+    """Batches above GATED_KERNEL_MAX_TOKENS stay on the torch gated path."""
     from adapters import sgmv
 
     kernel = sgmv.kernel()
     assert kernel is not None, "adapters/sgmv.cpp did not build on this machine: see the logged compiler error"
     spec = GateSpec("phatgoose", 3.0, 2)
     tensors, _ = build_gated(canonical([(p.name, s, p) for p, s in zip(experts, [0.61, 0.55, 0.32])], spec), spec)
-    gen = torch.Generator().manual_seed(4)
-    plain = ((torch.randn(RANK, D_IN, generator=gen) / 8).to(torch.bfloat16),
-             (torch.randn(D_OUT, RANK, generator=gen) / 2).to(torch.bfloat16))
-    a, b = stacked(plain, (tensors[f"{MODULE}.lora_A.weight"], tensors[f"{MODULE}.lora_B.weight"]))
-    x = (torch.randn(9, D_IN, generator=gen) * 2 + 0.3).to(torch.bfloat16)
-    idx = torch.tensor([1, 0, -1, 1, 1, 0, 1, -1, 0])
-
-    def forward(k):
-        monkeypatch.setattr(lora_linear, "_kernel", lambda: k)
-        lora_linear.clear_caches()
-        y = torch.zeros(9, D_OUT, dtype=torch.bfloat16)
-        assert lora_linear.apply(y, x, idx.clone(), (a,), (b,), 1.0)
-        return y
-
+    a, b = stacked((tensors[f"{MODULE}.lora_A.weight"], tensors[f"{MODULE}.lora_B.weight"]))
     calls = []
-    counting = type("Counting", (), {"sgmv_bf16": staticmethod(lambda *a: calls.append(1) or kernel.sgmv_bf16(*a))})
-    with_kernel, without = forward(counting), forward(None)
-    assert calls, "the kernel was not used"
-    assert torch.equal(with_kernel[idx == 1], without[idx == 1])
-    assert torch.allclose(with_kernel[idx == 0].float(), without[idx == 0].float(), rtol=2e-2, atol=2e-2)
-    assert with_kernel[idx == 0].abs().sum() > 0 and (with_kernel[idx == -1] == 0).all()
+    counting = type("Counting", (), {"gated_bf16": staticmethod(lambda *a: calls.append(1) or kernel.gated_bf16(*a))})
+    monkeypatch.setattr(lora_linear, "_kernel", lambda: counting)
+    monkeypatch.setattr(lora_linear, "GATED_KERNEL_MAX_TOKENS", 4)
+    for tokens, used in ((4, True), (5, False)):
+        calls.clear()
+        lora_linear.clear_caches()
+        x = torch.randn(tokens, D_IN).to(torch.bfloat16)
+        y = torch.zeros(tokens, D_OUT, dtype=torch.bfloat16)
+        assert lora_linear.apply(y, x, torch.zeros(tokens, dtype=torch.long), (a,), (b,), 1.0)
+        assert bool(calls) == used and y.abs().sum() > 0
