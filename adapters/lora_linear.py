@@ -48,9 +48,11 @@ class GatedSlot:
 
     kind: int  # 1 phatgoose / glider (LN(x)·row), 2 arrow (|x·row|)
     top_k: int
-    a: torch.Tensor  # (in, Σ blocks) float32: the shrink runs in float32, as the gate weighting does
+    # Row-major per block row and per gate row, as the kernel reads them; the torch path multiplies by their
+    # transposed views (no second copy: a glider composite's float32 blocks are some 30 MB over 30 layers).
+    a: torch.Tensor  # (Σ blocks, in) float32: the shrink runs in float32, as the gate weighting does
     b: torch.Tensor  # (Σ blocks, Σout) block-diagonal, activation dtype
-    rows: torch.Tensor  # (in, slices·n) float32 gate rows
+    rows: torch.Tensor  # (slices·n, in) float32 gate rows
     bias: torch.Tensor  # (slices, n candidates) α·global, -inf for a candidate absent on a slice
     columns: torch.Tensor  # (Σ blocks,) long: each block column's (slice, candidate) in slices·n
     outputs: torch.Tensor  # (Σ blocks, 2) int32: the output columns [c0, c1) of each block row of b
@@ -66,29 +68,27 @@ class GatedSlot:
             outputs[row:row + g.gate_start] = torch.tensor([col, col + out], dtype=torch.int32)
             row, col = row + g.gate_start, col + out
         return cls(kind=first.kind, top_k=first.top_k,
-                   a=torch.cat([a[slot, :g.gate_start] for a, g in zip(a3, gates)]).T.float().contiguous(),
-                   b=blocks, rows=torch.cat([g.rows for g in gates]).T.contiguous(),
+                   a=torch.cat([a[slot, :g.gate_start] for a, g in zip(a3, gates)]).float().contiguous(),
+                   b=blocks, rows=torch.cat([g.rows for g in gates]).contiguous(),
                    bias=torch.stack([g.bias for g in gates]),
                    columns=torch.cat([g.column_expert + i * first.n for i, g in enumerate(gates)]),
                    outputs=outputs)
 
     @functools.cached_property
     def kernel_args(self) -> tuple:
-        """What adapters/sgmv.cpp's gated_bf16 takes after (y, x, idx, slot): the same weights, row-major per
-        gate row and per block row."""
+        """What adapters/sgmv.cpp's gated_bf16 takes after (y, x, idx, slot)."""
         from router.gating import LN_EPS
 
-        return (self.kind, self.top_k, self.bias.shape[1], self.rows.T.contiguous(), self.bias.reshape(-1).contiguous(),
-                self.a.T.contiguous(), self.b.contiguous(), self.outputs, self.columns.to(torch.int32).contiguous(),
-                LN_EPS)
+        return (self.kind, self.top_k, self.bias.shape[1], self.rows, self.bias.reshape(-1).contiguous(), self.a,
+                self.b, self.outputs, self.columns.to(torch.int32), LN_EPS)
 
     def shrink(self, x: torch.Tensor, scale: float) -> torch.Tensor:
         """(tokens, Σ blocks): x·A with each candidate's block weighted by the token's gate, per slice."""
         from adapters.vllm_plugin import gate_weights
 
         u = x.float()
-        h = u @ self.a
-        h *= gate_weights(u, self.rows, self.bias, self.kind, self.top_k)[:, self.columns]
+        h = u @ self.a.T
+        h *= gate_weights(u, self.rows.T, self.bias, self.kind, self.top_k)[:, self.columns]
         if scale != 1.0:
             h *= scale
         return h.to(self.b.dtype)
