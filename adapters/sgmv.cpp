@@ -33,6 +33,30 @@ inline uint16_t to_bf16(float f) {  // round to nearest even, as torch does
 
 inline float round_bf16(float f) { return from_bf16(to_bf16(f)); }
 
+// One token's expand: yt[c] += bf16(Σ_r h[r]·b[r][c]) over each row's output columns [cols[2r], cols[2r+1]),
+// the sum rounded to bf16 before it is added, as vLLM's expand. Rows with h[r] == 0 or no columns cost nothing.
+// acc: float scratch as wide as y.
+inline void expand_add(const float* h, int64_t rows, const uint16_t* b, const int32_t* cols, int64_t O,
+                       float* acc, uint16_t* yt) {
+  int64_t lo = O, hi = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    if (h[r] == 0.f || cols[2 * r] >= cols[2 * r + 1]) continue;
+    lo = std::min<int64_t>(lo, cols[2 * r]);
+    hi = std::max<int64_t>(hi, cols[2 * r + 1]);
+  }
+  if (lo >= hi) return;
+  std::fill(acc + lo, acc + hi, 0.f);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t c0 = cols[2 * r], c1 = cols[2 * r + 1];
+    const float hr = h[r];
+    if (hr == 0.f || c0 >= c1) continue;
+    const uint16_t* br = b + r * O;
+#pragma omp simd
+    for (int64_t c = c0; c < c1; ++c) acc[c] += hr * from_bf16(br[c]);
+  }
+  for (int64_t c = lo; c < hi; ++c) yt[c] = to_bf16(from_bf16(yt[c]) + round_bf16(acc[c]));
+}
+
 }  // namespace
 
 // y (T, O) bf16, x (T, I) bf16, idx (T,) int64 slot or -1, a (S, R, I) bf16, b (S, R, O) bf16 (block-diagonal
@@ -65,7 +89,6 @@ void sgmv_bf16(torch::Tensor y, torch::Tensor x, torch::Tensor idx, torch::Tenso
 #pragma omp simd
       for (int64_t i = 0; i < I; ++i) xf[i] = from_bf16(xt[i]);
       const int32_t* cs = cp + s * R * 2;
-      int64_t lo = O, hi = 0;
       for (int64_t r = 0; r < R; ++r) {
         h[r] = 0.f;
         if (cs[2 * r] >= cs[2 * r + 1]) continue;
@@ -74,21 +97,8 @@ void sgmv_bf16(torch::Tensor y, torch::Tensor x, torch::Tensor idx, torch::Tenso
 #pragma omp simd reduction(+ : d)
         for (int64_t i = 0; i < I; ++i) d += xf[i] * from_bf16(ar[i]);
         h[r] = round_bf16(round_bf16(d) * sc);
-        lo = std::min<int64_t>(lo, cs[2 * r]);
-        hi = std::max<int64_t>(hi, cs[2 * r + 1]);
       }
-      if (lo >= hi) continue;
-      std::fill(acc.begin() + lo, acc.begin() + hi, 0.f);
-      for (int64_t r = 0; r < R; ++r) {
-        const int64_t c0 = cs[2 * r], c1 = cs[2 * r + 1];
-        if (c0 >= c1) continue;
-        const float hr = h[r];
-        const uint16_t* br = bp + (s * R + r) * O;
-#pragma omp simd
-        for (int64_t c = c0; c < c1; ++c) acc[c] += hr * from_bf16(br[c]);
-      }
-      uint16_t* yt = yp + t * O;
-      for (int64_t c = lo; c < hi; ++c) yt[c] = to_bf16(from_bf16(yt[c]) + round_bf16(acc[c]));
+      expand_add(h.data(), R, bp + s * R * O, cs, O, acc.data(), yp + t * O);
     }
   });
 }
@@ -177,7 +187,6 @@ void gated_bf16(torch::Tensor y, torch::Tensor x, torch::Tensor idx, int64_t slo
         for (int64_t j = 0; j < k; ++j) z += std::exp(logit[s0 + kept[j]] - top);
         for (int64_t j = 0; j < k; ++j) w[s0 + kept[j]] = std::exp(logit[s0 + kept[j]] - top) / z;
       }
-      int64_t lo = O, hi = 0;
       for (int64_t c = 0; c < C; ++c) {
         h[c] = 0.f;
         const float wc = w[colp[c]];
@@ -187,21 +196,8 @@ void gated_bf16(torch::Tensor y, torch::Tensor x, torch::Tensor idx, int64_t slo
 #pragma omp simd reduction(+ : d)
         for (int64_t i = 0; i < I; ++i) d += u[i] * ar[i];
         h[c] = round_bf16(d * wc * sc);
-        lo = std::min<int64_t>(lo, cp[2 * c]);
-        hi = std::max<int64_t>(hi, cp[2 * c + 1]);
       }
-      if (lo >= hi) continue;
-      std::fill(acc.begin() + lo, acc.begin() + hi, 0.f);
-      for (int64_t c = 0; c < C; ++c) {
-        const float hc = h[c];
-        if (hc == 0.f) continue;
-        const uint16_t* br = bp + c * O;
-        const int64_t c0 = cp[2 * c], c1 = cp[2 * c + 1];
-#pragma omp simd
-        for (int64_t o = c0; o < c1; ++o) acc[o] += hc * from_bf16(br[o]);
-      }
-      uint16_t* yt = yp + t * O;
-      for (int64_t o = lo; o < hi; ++o) yt[o] = to_bf16(from_bf16(yt[o]) + round_bf16(acc[o]));
+      expand_add(h.data(), C, bp, cp, O, acc.data(), yp + t * O);
     }
   });
 }

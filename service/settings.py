@@ -75,8 +75,9 @@ class Settings(BaseSettings):
     vllm_threads: str = Field("auto", description="VLLM_CPU_OMP_THREADS_BIND ('auto', or cores like '0-1').")
     vllm_dtype: str = Field("bfloat16", description="Weights and activations dtype of the engine.")
     lora_kernel: bool = Field(
-        True, description="Small LoRA batches (decode steps) through flock's per-token CPU kernel "
-        "(adapters/sgmv.cpp, built on first use or by make setup); off: torch's matmuls only (for A/B runs).")
+        True, description="Small LoRA batches (decode steps), and gated composites' batches up to 256 tokens, "
+        "through flock's per-token CPU kernel (adapters/sgmv.cpp, built on first use or by make setup); off: "
+        "torch's matmuls only (for A/B runs).")
     vllm_spin_ms: float = Field(
         2.0, ge=0.1, description="How long vLLM's engine core and worker spin (sched_yield) waiting for each "
         "other before sleeping until woken (flock's vLLM plugin; vLLM's own window is 1000 ms, which keeps about a "
