@@ -19,14 +19,18 @@ COPY pyproject.toml README.md ./
 COPY service/ service/
 COPY router/ router/
 COPY adapters/ adapters/
+COPY library/ library/
+COPY training/ training/
 COPY eval/ eval/
+COPY bench/ bench/
+COPY cli/ cli/
 # The converted base model lives at a fixed path, which a separate vLLM container's --model names
 # (deploy/docker-compose.yml, profile cpu).
 ENV FLOCK_CACHE_DIR=/opt/flock/cache
 RUN pip install --no-cache-dir --no-deps -e . && flock prepare
-# The per-token LoRA kernel, built for the build host's CPU (-march=native; adapters/sgmv.py). On a host with
+# The per-token LoRA kernel, built for the build host's CPU (-march=native; adapters/engine/sgmv.py). On a host with
 # another instruction set vLLM's first LoRA step builds its own copy (build-essential is in the image, ~30 s).
-RUN python -m adapters.sgmv || echo "LoRA kernel not built; the torch paths serve"
+RUN python -m adapters.engine.sgmv || echo "LoRA kernel not built; the torch paths serve"
 
 ENV FLOCK_HOST=0.0.0.0 FLOCK_PORT=8000 FLOCK_STATE_DIR=/data/state HF_HUB_OFFLINE=1
 VOLUME /data

@@ -1,5 +1,5 @@
 # Two commands: `make run` serves flock, `make test` runs the tests. Both set everything up first (idempotent).
-.PHONY: setup run test unit bench clean
+.PHONY: setup run test unit lint bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -7,11 +7,17 @@ setup:
 run: setup
 	.venv/bin/flock serve
 
-test: setup
+# Lint and types first (seconds), then every test: unit, integration (real redis-server and vLLM), deploy.
+test: setup lint
 	.venv/bin/python -m pytest -ra tests
 
-unit: setup
+# The in-process tests only: no vLLM, no Redis, no network; seconds to a few minutes.
+unit: setup lint
 	.venv/bin/python -m pytest -ra tests/unit
+
+lint:
+	.venv/bin/ruff check .
+	.venv/bin/mypy
 
 bench: setup
 	.venv/bin/flock bench

@@ -1,9 +1,9 @@
 """Gated composites: a per-token routing decision (arrow, phatgoose, glider) written as ONE LoRA directory.
 
-The global router picks C candidate experts and their global scores; the per-token gate (router/gating.py)
+The global router picks C candidate experts and their global scores; the per-token gate (adapters/engine/gating.py)
 then mixes them inside the engine's batch. vLLM applies one adapter per request, so the whole decision travels
 as one adapter whose rank blocks are the candidates' factors, plus, per module, one gate row per candidate and a
-header row that flock's vLLM plugin (adapters/vllm_plugin.py) recognises:
+header row that flock's vLLM plugin (adapters/engine/plugin.py) recognises (adapters/engine/gated_format.py):
 
     A rows:  A_1 … A_C  |  gate_1 … gate_C  |  header          (rank R = Σ r_e + C + 1)
     B cols:  s_1 B_1 … s_C B_C  |  0 … 0  |  0
@@ -39,20 +39,13 @@ import torch
 from safetensors.torch import load_file
 
 from adapters.composite import lora_scale, write_once
+from adapters.engine.gated_format import GATE_CODES, SCORE_STEP, encode_header
+from adapters.engine.gating import standardize
 from adapters.gates import read_gates
 from adapters.validate import CONFIG_FILE, WEIGHTS_FILE
-from router.gating import standardize
 
 GATED_PREFIX = "flock-gated-"
-MAGIC = 77.0
-KINDS = {"phatgoose": 1, "arrow": 2}
-HEADER_FIXED = 5  # MAGIC, kind, C, k, alpha
-SCORE_STEP = 0.05  # global-score gaps are stored as integers on this grid
 GLOBAL_CUTOFF = 20.0  # candidates with α·gap below −this are left out
-
-
-def header_width(candidates: int) -> int:
-    return HEADER_FIXED + 3 * candidates + 1
 
 
 def bf16_exact(value: float) -> float:
@@ -94,8 +87,8 @@ def gated_rank(ranks: Sequence[int]) -> int:
 def build_gated(parts: Sequence[tuple[str, float, Path]], spec: GateSpec) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, adapter_config) of the gated composite of `parts` = (name, global score, adapter dir), taken
     as they are (GatedCompositeStore.ensure canonicalises them first)."""
-    if spec.kind not in KINDS:
-        raise ValueError(f"gate kind must be one of {sorted(KINDS)}")
+    if spec.kind not in GATE_CODES:
+        raise ValueError(f"gate kind must be one of {sorted(GATE_CODES)}")
     spec = spec.normalised()
     configs = [json.loads((Path(d) / CONFIG_FILE).read_text()) for _, _, d in parts]
     loaded = [load_file(str(Path(d) / WEIGHTS_FILE)) for _, _, d in parts]
@@ -108,8 +101,6 @@ def build_gated(parts: Sequence[tuple[str, float, Path]], spec: GateSpec) -> tup
         ref_a = next(t[f"{module}.lora_A.weight"] for t in loaded if f"{module}.lora_A.weight" in t)
         ref_b = next(t[f"{module}.lora_B.weight"] for t in loaded if f"{module}.lora_B.weight" in t)
         d_in, d_out = ref_a.shape[1], ref_b.shape[0]
-        if d_in < header_width(n):
-            raise ValueError(f"{module}: input width {d_in} too small for a header of {n} candidates")
         a_blocks, b_blocks, gate_rows, present = [], [], [], []
         for tensors, config, rank, gate in zip(loaded, configs, ranks, gates):
             a = tensors.get(f"{module}.lora_A.weight")
@@ -127,11 +118,10 @@ def build_gated(parts: Sequence[tuple[str, float, Path]], spec: GateSpec) -> tup
             g = g.float()
             gate_rows.append(standardize(g) / math.sqrt(d_in) if spec.kind == "phatgoose" else g / spec.temperature)
             present.append(1.0)
-        header = torch.zeros(d_in)
-        values = [MAGIC, float(KINDS[spec.kind]), float(n), float(spec.top_k), spec.alpha, *map(float, ranks),
-                  *(float(round(score / SCORE_STEP)) for _, score, _ in parts), *present]
-        header[: len(values)] = torch.tensor(values)
-        header[-1] = -MAGIC
+        try:
+            header = encode_header(d_in, spec.kind, spec.top_k, spec.alpha, ranks, [s for _, s, _ in parts], present)
+        except ValueError as exc:
+            raise ValueError(f"{module}: {exc}") from None
         out[f"{module}.lora_A.weight"] = torch.cat([*a_blocks, torch.stack(gate_rows), header[None]]).contiguous()
         out[f"{module}.lora_B.weight"] = torch.cat([*b_blocks, torch.zeros(d_out, n + 1)], dim=1).contiguous()
     total = gated_rank(ranks)

@@ -1,8 +1,9 @@
 """Local gate signals of an expert, computed once and stored beside it in `gates.safetensors`.
 
-Keys (float32 as written; the default library's were converted to bf16 to halve its size; read as float32. One [d_in] vector per LoRA-wrapped module, named by PEFT's module name):
-    arrow.<module>      Arrow prototype: top right-singular vector of B·A (router.gating.arrow_prototype)
-    phatgoose.<module>  PHATGOOSE gate vector v, trained post hoc (adapters.gate_training)
+Keys (float32 as written; the default library's were converted to bf16 to halve its size; read as float32.
+One [d_in] vector per LoRA-wrapped module, named by PEFT's module name):
+    arrow.<module>      Arrow prototype: top right-singular vector of B·A (adapters.engine.gating.arrow_prototype)
+    phatgoose.<module>  PHATGOOSE gate vector v, trained post hoc (training.gates)
 e.g. `arrow.base_model.model.model.layers.0.self_attn.q_proj`. The file's metadata holds, per kind, a JSON
 record (`<kind>`) and `<kind>.adapter_sha256`, the hash of the adapter weights the gates were computed from, so
 gates of a replaced adapter read as missing rather than silently wrong.
@@ -116,7 +117,7 @@ def has_gates(expert_dir: Path, kind: str) -> bool:
 
 def arrow_gates(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Arrow prototypes of every module; modules with equal factor shapes are done in one batched call."""
-    from router.gating import arrow_prototype
+    from adapters.engine.gating import arrow_prototype
 
     groups: dict[tuple, list[str]] = defaultdict(list)
     for module, (a, b) in factors.items():

@@ -14,9 +14,9 @@ from collections.abc import Callable
 
 import httpx
 
-from adapters.tasks import get_task
 from eval.metrics import top_expert
 from eval.testset import EvalExample
+from training.tasks import get_task
 
 MAX_TOKENS = 48
 CONCURRENCY = 16

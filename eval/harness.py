@@ -1,6 +1,6 @@
 """`flock eval`: routing quality and task accuracy of the expert library, written to results.json / .md / .png.
 
-    flock eval                                  # start redis-server, vLLM and the gateway on adapters/library
+    flock eval                                  # start redis-server, vLLM and the gateway on library
     flock eval --routing-only                   # routing variants only (in process; glider needs an LLM or cache)
     flock eval --gateway http://127.0.0.1:8000  # measure a running gateway (its pool, whatever it holds)
     flock eval --backend http://127.0.0.1:8100  # start redis + gateway, reuse a running vLLM
@@ -20,33 +20,11 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from adapters.tasks import HELD_IN, HELD_OUT
+from bench.stack import LocalStack, say
 from eval import generation, metrics, report, routing
-from eval.stack import EvalStack, say
 from eval.testset import EVAL_SEED, build_test_set, default_tasks, describe
 from service.settings import Settings
-
-DEFAULT_MODES = "base,oracle,global,merge,arrow,phatgoose,glider"
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("eval", help="routing-quality benchmark of the expert library (accuracy by mode)")
-    p.add_argument("--modes", default=DEFAULT_MODES,
-                   help="comma-separated: base, oracle and routing modes, a mode with parameters as "
-                        "glider:alpha=3+top_k=1 (default %(default)s)")
-    p.add_argument("--n-per-task", type=int, default=50, help="test examples per task (default %(default)s)")
-    p.add_argument("--out", default="eval", help="directory for results.json, results.md, results.png")
-    p.add_argument("--backend", help="use this running vLLM instead of starting one (also the GLIDER LLM)")
-    p.add_argument("--gateway", help="measure this running gateway instead of starting a stack")
-    p.add_argument("--routing-only", action="store_true", help="routing variants only, no generation")
-    p.add_argument("--library", help="expert library directory (default: FLOCK_LIBRARY_DIR)")
-    p.add_argument("--redis-url", help="cache GLIDER instructions in this Redis (default: FLOCK_REDIS_URL; "
-                                       "without one: <out>/glider_cache.json)")
-    p.add_argument("--no-glider", action="store_true", help="skip the GLIDER routing variant")
-    p.add_argument("--centroid-train", type=int, default=0,
-                   help="also measure centroids of the card examples plus this many train-split prompts per expert")
-    p.add_argument("--concurrency", type=int, default=generation.CONCURRENCY)
-    p.set_defaults(func=main)
+from training.tasks import HELD_IN, HELD_OUT
 
 
 def parse_modes(text: str) -> list[str]:
@@ -115,7 +93,7 @@ async def run(args, settings: Settings) -> dict:
         llm_url = args.backend
         if not args.routing_only and gateway_url is None:
             say("starting the stack (redis-server, vLLM unless --backend, gateway on the library)")
-            s = EvalStack(settings, library, args.backend, work / "stack")
+            s = LocalStack(settings, library, args.backend, work / "stack")
             stack.callback(s.close)
             gateway_url, llm_url = s.gateway, s.vllm
         llm_url = llm_url or gateway_url

@@ -5,7 +5,7 @@ Each variant is an `ExpertIndex` (one unit vector per expert + its own abstain t
 
 * `description`: query embedding vs description embeddings;
 * `centroid`: each expert is the normalised mean embedding of its card's examples plus `train_per_expert`
-  prompts from its task's train split (when the expert's name is a task of `adapters.tasks`; 0 by default:
+  prompts from its task's train split (when the expert's name is a task of `training.tasks`; 0 by default:
   the library's cards carry 32 train-split prompts, so with 0 this is exactly the service's centroid index);
 * `generated`: the cards' LLM-written descriptions (`extra.generated_description`, the hand-written one where
   missing) instead of the hand-written ones; only when at least one card has one;
@@ -32,12 +32,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from adapters.tasks import TASKS
 from eval.metrics import routing_summary, top_expert
 from eval.testset import EvalExample
 from router.calibration import OUT_OF_DOMAIN_PROMPTS
 from router.decision import RoutingParams
 from router.index import ExpertIndex, calibrate_threshold, unit_rows
+from training.tasks import TASKS
 
 EmbedMany = Callable[[list[str]], Awaitable[np.ndarray]]
 Progress = Callable[[str], None]
@@ -135,7 +135,8 @@ async def centroid_variant(specs: list[ExpertSpec], embed_many: EmbedMany, *, tr
         ood_vectors = await embed_chunked(embed_many, list(OUT_OF_DOMAIN_PROMPTS))
     threshold = calibrate(vectors, in_vecs, ood_vectors)
     return Variant("centroid", make_index(specs, vectors, threshold), "prompt",
-                   f"query vs centroid of the description, the card examples and {train_per_expert} train-split prompts",
+                   f"query vs centroid of the description, the card examples and {train_per_expert} "
+                   "train-split prompts",
                    {"sources": sources, "train_per_expert": train_per_expert, "train_seed": CENTROID_SEED})
 
 

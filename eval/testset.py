@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict, dataclass
 
-from adapters.tasks import HELD_IN, HELD_OUT, TASKS, get_task
+from training.tasks import HELD_IN, HELD_OUT, TASKS, get_task
 
 EVAL_SEED = 7  # fixed: every run evaluates the same prompts
 OOD_TASK = "ood"

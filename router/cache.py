@@ -101,7 +101,9 @@ class RoutingCache:
         try:
             # The remaining TTL too, so the local copy expires when Redis's does (one round trip: a pipeline).
             async with self._redis.pipeline(transaction=False) as pipe:
-                raw, ttl_ms = await pipe.get(key).pttl(key).execute()
+                pipe.get(key)
+                pipe.pttl(key)
+                raw, ttl_ms = await pipe.execute()
         except (RedisError, OSError) as exc:
             self._failed("get", exc)
             return None, "bypass"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +19,7 @@ from router.calibration import OUT_OF_DOMAIN_PROMPTS
 from router.decision import RoutingDecision, RoutingParams
 from router.embed import MicroBatcher
 from router.index import ExpertIndex, calibrate_threshold, expert_vectors, in_domain_best
-from router.methods import RoutingMethod, create_method, method_names
+from router.methods import MethodConfig, RoutingMethod, method_class, method_names
 
 StageObserver = Callable[[str, float], None]
 
@@ -45,7 +45,7 @@ class Router:
         cache: RoutingCache | None,
         *,
         default_mode: str = "global",
-        method_defaults: dict[str, dict] | None = None,
+        method_configs: Mapping[str, MethodConfig] | None = None,
         fixed_threshold: float | None = None,
         expert_vector: str = "centroid",
     ):
@@ -55,8 +55,8 @@ class Router:
         self.default_mode = default_mode
         self.fixed_threshold = fixed_threshold
         self.expert_vector = expert_vector
-        defaults = method_defaults or {}
-        self.methods: dict[str, RoutingMethod] = {n: create_method(n, **defaults.get(n, {})) for n in method_names()}
+        configs = method_configs or {}
+        self.methods: dict[str, RoutingMethod] = {n: method_class(n)(configs.get(n)) for n in method_names()}
         self.index = ExpertIndex(names=[], vectors=np.zeros((0, embedder.embedder.dim), dtype=np.float32))
         self._rebuild_lock = asyncio.Lock()
         self._pending: set[asyncio.Task] = set()  # background cache writes, kept referenced until done

@@ -49,8 +49,8 @@ if ! command -v g++ >/dev/null 2>&1 && [[ $(id -u) == 0 ]] && command -v apt-get
   say "installing g++ (apt-get), for the per-token LoRA kernel"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null
 fi
-say "per-token LoRA kernel (adapters/sgmv.cpp; about 30 s the first time on a CPU)"
-$PY -m adapters.sgmv || say "WARNING: the kernel did not build: vLLM's LoRA stays on the slower torch paths"
+say "per-token LoRA kernel (adapters/engine/sgmv.cpp; about 30 s the first time on a CPU)"
+$PY -m adapters.engine.sgmv || say "WARNING: the kernel did not build: vLLM's LoRA stays on the slower torch paths"
 
 say "base model"
 HF_HUB_OFFLINE=1 $VENV/bin/flock prepare

@@ -9,13 +9,14 @@ from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapters.composite import CompositeStore
 from adapters.pool import ExpertPool
 from adapters.validate import ModelShape
 from router.cache import RoutingCache
 from router.embed import Embedder, MicroBatcher
+from router.methods import GateConfig, MergeConfig, MethodConfig
 from router.router import Router
 from service import models
 from service.api import completions, experts, health
@@ -46,7 +47,7 @@ class BodySizeLimit:
             return await self._reject(send)
         received = 0
 
-        async def limited() -> dict:
+        async def limited() -> Message:
             nonlocal received
             message = await receive()
             received += len(message.get("body", b""))
@@ -80,20 +81,26 @@ def build_pool(settings: Settings) -> ExpertPool:
     return pool
 
 
+def method_configs(settings: Settings) -> dict[str, MethodConfig]:
+    """Each routing method's typed config, from the settings table."""
+    rank = settings.vllm_max_lora_rank
+    gated = GateConfig(top_k=settings.gate_top_k, max_rank=rank)
+    return {"global": MethodConfig(max_rank=rank),
+            "merge": MergeConfig(top_k=settings.merge_top_k, temperature=settings.merge_temperature,
+                                 weight_step=settings.merge_weight_step, max_rank=rank),
+            "phatgoose": gated, "arrow": gated,
+            "glider": GateConfig(top_k=settings.gate_top_k, max_rank=rank, alpha=settings.glider_alpha)}
+
+
 def build_gateway(settings: Settings, metrics: Metrics) -> Gateway:
     pool = build_pool(settings)
     embedder = MicroBatcher(Embedder(settings.embed_model_dir or models.embed_model_dir(), int8=settings.embed_int8))
     cache = None
     if settings.redis_url:
         cache = RoutingCache(settings.redis_url, settings.cache_ttl_s)
-    gated = {"top_k": settings.gate_top_k, "max_rank": settings.vllm_max_lora_rank}
     router = Router(pool, embedder, cache, default_mode=settings.default_mode,
                     fixed_threshold=settings.abstain_threshold, expert_vector=settings.expert_vector,
-                    method_defaults={"merge": {"top_k": settings.merge_top_k, "temperature": settings.merge_temperature,
-                                               "weight_step": settings.merge_weight_step,
-                                               "max_rank": settings.vllm_max_lora_rank},
-                                     "phatgoose": gated, "arrow": gated,
-                                     "glider": {**gated, "alpha": settings.glider_alpha}})
+                    method_configs=method_configs(settings))
     backends = BackendPool(settings.backend_urls, metrics, connect_timeout_s=settings.backend_connect_timeout_s,
                            read_timeout_s=settings.backend_timeout_s)
     composites = CompositeStore(settings.composites_dir)

@@ -75,6 +75,7 @@ class BackendPool:
     async def check(self, backend: Backend) -> bool:
         """Refused connections eject a backend after EJECT_AFTER_FAILURES checks; a slow answer (a CPU
         backend busy with a full batch answers /health late) only after EJECT_AFTER_TIMEOUTS."""
+        failure: float
         try:
             async with self.session.get(f"{backend.url}/health", timeout=self.health_timeout) as resp:
                 await resp.read()

@@ -17,7 +17,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from adapters.card import ExpertCard
 from adapters.composite import CompositeStore
-from adapters.gated_composite import GateSpec, GatedCompositeStore
+from adapters.gated_composite import GatedCompositeStore, GateSpec
 from adapters.pool import Expert, ExpertPool
 from router.decision import ExpertChoice, RoutingDecision, RoutingParams
 from router.router import Router
@@ -25,6 +25,7 @@ from service.backend import Adapter, Backend, BackendPool, BackendResponse, Back
 from service.errors import APIError
 from service.metrics import Metrics
 from service.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, dumps, loads
+from service.query import query_text
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -32,24 +33,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 AUTO = "auto"
-
-
-def query_text(body: ChatCompletionRequest | CompletionRequest) -> str:
-    """The text the router embeds: the last user message, or the (first) text prompt."""
-    if isinstance(body, ChatCompletionRequest):
-        for message in reversed(body.messages):
-            if message.role == "user":
-                content = message.content
-                if isinstance(content, list):
-                    return " ".join(str(p.get("text", "")) for p in content if p.get("type") == "text")
-                return content or ""
-        return ""
-    prompt = body.prompt
-    if isinstance(prompt, str):
-        return prompt
-    if prompt and isinstance(prompt[0], str):
-        return prompt[0]
-    return ""  # token ids: nothing to embed, the router abstains
 
 
 class Gateway:

@@ -47,11 +47,11 @@ def convert_base_model(target: Path, *, progress=print) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]
     tmp = target.with_name(target.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     progress(f"[2/3] writing bf16 safetensors to {target}...")
-    model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
+    model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)  # type: ignore[arg-type]
     tokenizer.save_pretrained(tmp)
     config = json.loads((tmp / "config.json").read_text())
     config["torch_dtype"] = "bfloat16"

@@ -98,7 +98,7 @@ class SharedPool:
         entries = {name: json.dumps(entry) for name, entry in self.pool.entries().items()}
         async with self._redis.pipeline(transaction=True) as pipe:
             if entries:
-                pipe.hset(EXPERTS_KEY, mapping=entries)
+                pipe.hset(EXPERTS_KEY, mapping=entries)  # type: ignore[arg-type]  # redis-py types Mapping invariantly
             pipe.incr(REVISION_KEY)
             *_, revision = await pipe.execute()
         self._revision = revision

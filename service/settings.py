@@ -1,5 +1,8 @@
 """Every setting flock reads, in one place. Environment variables use the FLOCK_ prefix.
 
+The engine's settings (the vLLM plugin's) are declared in adapters/engine/settings.py, which this table
+includes, so that code running inside vLLM can read them without importing the service.
+
 List-valued settings (FLOCK_BACKEND_URLS, FLOCK_EXPERT_ROOTS) accept a comma-separated string.
 """
 
@@ -11,7 +14,9 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import NoDecode, SettingsConfigDict
+
+from adapters.engine.settings import EngineSettings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "flock"
@@ -23,7 +28,7 @@ def _split_csv(value: object) -> object:
     return value
 
 
-class Settings(BaseSettings):
+class Settings(EngineSettings):
     model_config = SettingsConfigDict(env_prefix="FLOCK_", env_file=None, extra="ignore")
 
     # --- gateway -------------------------------------------------------------------------------------
@@ -34,7 +39,7 @@ class Settings(BaseSettings):
     # --- where things live ---------------------------------------------------------------------------
     cache_dir: Path = Field(DEFAULT_CACHE, description="Converted base model and other derived files.")
     state_dir: Path = Field(DEFAULT_CACHE / "state", description="Pool registry and composite adapters.")
-    library_dir: Path = Field(REPO_ROOT / "adapters" / "library", description="Default expert library.")
+    library_dir: Path = Field(REPO_ROOT / "library", description="Default expert library.")
     expert_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
         description="Directories experts may be registered from (comma-separated). "
@@ -74,14 +79,11 @@ class Settings(BaseSettings):
     vllm_kvcache_gib: int = Field(2, description="KV cache space in GiB (VLLM_CPU_KVCACHE_SPACE).")
     vllm_threads: str = Field("auto", description="VLLM_CPU_OMP_THREADS_BIND ('auto', or cores like '0-1').")
     vllm_dtype: str = Field("bfloat16", description="Weights and activations dtype of the engine.")
-    lora_kernel: bool = Field(
-        True, description="Small LoRA batches (decode steps), and gated composites' batches up to 256 tokens, "
-        "through flock's per-token CPU kernel (adapters/sgmv.cpp, built on first use or by make setup); off: "
-        "torch's matmuls only (for A/B runs).")
-    vllm_spin_ms: float = Field(
-        2.0, ge=0.1, description="How long vLLM's engine core and worker spin (sched_yield) waiting for each "
-        "other before sleeping until woken (flock's vLLM plugin; vLLM's own window is 1000 ms, which keeps about a "
-        "core busy for a second after every request and during decode).")
+    # lora_kernel, lora_whole_layer, vllm_spin_ms: the engine's own settings (EngineSettings).
+
+    # --- training (flock train, flock train-gates) ----------------------------------------------------
+    train_threads: int = Field(2, ge=1, description="Torch threads of a training process (two 1-thread "
+                               "processes beat one 2-thread process when they share the cores).")
 
     # --- routing -------------------------------------------------------------------------------------
     default_mode: str = Field("global", description="Routing mode when a request names none.")

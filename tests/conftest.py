@@ -15,10 +15,10 @@ import httpx
 import pytest
 
 from adapters.card import ExpertCard
-from adapters.synthetic import write_random_lora
 from adapters.validate import ModelShape
 from service.processes import ManagedProcess, free_port, redis_command, vllm_command, wait_http, wait_redis
 from service.settings import Settings
+from training.synthetic import write_random_lora
 
 BASE = "SmolLM2-135M-Instruct"
 REPO = Path(__file__).resolve().parent.parent

@@ -1,5 +1,5 @@
 """Per-token modes: `phatgoose`, `arrow` and `glider`. The global router picks the candidates; the engine mixes
-them per token and per layer (adapters/gated_composite.py, adapters/vllm_plugin.py, router/gating.py).
+them per token and per layer (adapters/gated_composite.py, adapters/engine/plugin.py, adapters/engine/gating.py).
 
 Candidates are the experts with the needed gate signals, best global score first, as many as fit the backend's
 LoRA rank (a gated composite has rank Σ r_e + C + 1). Like `global` and `merge`, these modes answer with the base
@@ -8,24 +8,35 @@ model when the best global score is below the abstain threshold: the local gates
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from router.decision import ExpertChoice, GateParams, RoutingParams
 from router.index import ExpertIndex
-from router.methods.base import RoutingMethod, register
+from router.methods.base import MethodConfig, RoutingMethod, register
+
+
+@dataclass(frozen=True)
+class GateConfig(MethodConfig):
+    top_k: int = 2  # experts mixed per token
+    alpha: float = 0.0  # weight of the global score (glider): s = local + α·global
+    max_candidates: int = 16  # candidates in one gated composite
 
 
 class GatedRouting(RoutingMethod):
+    config_type = GateConfig
+    config: GateConfig
     local: str = "phatgoose"
     uses_global: bool = True
 
     def alpha(self, params: RoutingParams) -> float:
         if not self.uses_global:
             return 0.0
-        return float(params.alpha if params.alpha is not None else self.defaults.get("alpha", 0.0))
+        return float(params.alpha if params.alpha is not None else self.config.alpha)
 
     def top_k(self, params: RoutingParams) -> int:
-        return params.top_k or int(self.defaults.get("top_k", 2))
+        return params.top_k or self.config.top_k
 
     def cache_params(self, params: RoutingParams) -> dict:
         return {"alpha": self.alpha(params), "top_k": self.top_k(params)}
@@ -34,11 +45,11 @@ class GatedRouting(RoutingMethod):
         order = [i for i in index.top(scores, len(scores)) if self.local in index.gates.get(index.names[i], ())]
         if not order or scores[index.top(scores, 1)[0]] < index.threshold:
             return []
-        max_rank = int(self.defaults.get("max_rank", 1 << 30))
-        kept, rank = [], 1
-        for i in order[: int(self.defaults.get("max_candidates", 16))]:
+        kept: list[int] = []
+        rank = 1
+        for i in order[: self.config.max_candidates]:
             rank += index.ranks.get(index.names[i], 0) + 1
-            if kept and rank > max_rank:
+            if kept and rank > self.config.max_rank:
                 break
             kept.append(i)
         prior = np.exp(self.alpha(params) * (scores[kept] - scores[kept].max()))

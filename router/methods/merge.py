@@ -6,19 +6,30 @@ experts beyond the backend's max LoRA rank (the composite's rank is the sum of t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from router.decision import ExpertChoice, RoutingParams
 from router.index import ExpertIndex
-from router.methods.base import RoutingMethod, register
+from router.methods.base import MethodConfig, RoutingMethod, register
+
+
+@dataclass(frozen=True)
+class MergeConfig(MethodConfig):
+    top_k: int = 2  # experts combined
+    temperature: float = 0.05  # softmax temperature turning global scores into weights
+    weight_step: float = 0.05  # weights are rounded to this step so composites are reused across queries
 
 
 @register
 class MergeRouting(RoutingMethod):
     name = "merge"
+    config_type = MergeConfig
+    config: MergeConfig
 
     def top_k(self, params: RoutingParams) -> int:
-        return params.top_k or int(self.defaults.get("top_k", 2))
+        return params.top_k or self.config.top_k
 
     def cache_params(self, params: RoutingParams) -> dict:
         return {"top_k": self.top_k(params)}
@@ -28,18 +39,17 @@ class MergeRouting(RoutingMethod):
         if not top or scores[top[0]] < index.threshold:
             return []
         # The composite's rank is the sum of the experts' ranks: keep the best experts that fit the backend.
-        max_rank = int(self.defaults.get("max_rank", 1 << 30))
-        kept, rank = [], 0
+        kept: list[int] = []
+        rank = 0
         for i in top:
             rank += index.ranks.get(index.names[i], 0)
-            if kept and rank > max_rank:
+            if kept and rank > self.config.max_rank:
                 break
             kept.append(i)
         top = kept
-        temperature = float(self.defaults.get("temperature", 0.05))
-        step = float(self.defaults.get("weight_step", 0.05))
+        step = self.config.weight_step
         chosen = scores[top]
-        weights = np.exp((chosen - chosen.max()) / temperature)
+        weights = np.exp((chosen - chosen.max()) / self.config.temperature)
         weights /= weights.sum()
         weights = np.round(weights / step) * step
         keep = [(i, w) for i, w in zip(top, weights) if w > 0]

@@ -9,9 +9,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from service.api.deps import get_gateway, require_key
+from service.api.responses import ERRORS
 from service.metrics import Metrics
 from service.protocol import ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse
-from service.api.responses import ERRORS
 
 router = APIRouter(tags=["generation"], dependencies=[Depends(require_key)])
 

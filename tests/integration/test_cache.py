@@ -34,8 +34,8 @@ def test_repeat_is_a_hit_and_normalised(gateway):
 
 def test_pool_change_invalidates(gateway, shape, expert_root):
     from adapters.card import ExpertCard
-    from adapters.synthetic import write_random_lora
     from tests.conftest import BASE
+    from training.synthetic import write_random_lora
 
     text = f"Multiply 14 by 12 ({uuid.uuid4().hex[:6]})"
     spare = write_random_lora(expert_root / "spare_cache", shape=shape, base_name=BASE, seed=41,

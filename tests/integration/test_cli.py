@@ -51,8 +51,8 @@ def test_experts_cli_through_the_gateway(gateway):
 def test_experts_cli_offline_add_and_remove(tmp_path, expert_root, shape):
     """Without a gateway the CLI edits the pool file; a bad path is refused with a message, not a traceback."""
     from adapters.card import ExpertCard
-    from adapters.synthetic import write_random_lora
     from tests.conftest import BASE, free_port
+    from training.synthetic import write_random_lora
 
     path = write_random_lora(expert_root / "cli_offline", shape=shape, base_name=BASE, seed=70,
                              card=ExpertCard(name="cli_offline", description="Offline registration test."))

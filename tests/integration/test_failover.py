@@ -31,9 +31,9 @@ import httpx
 import pytest
 
 from adapters.card import ExpertCard
-from adapters.synthetic import write_random_lora
 from tests.conftest import BASE, Gateway, free_port, start_gateway, stop_gateway
 from tests.integration.test_disconnect import vllm_metric
+from training.synthetic import write_random_lora
 
 pytestmark = pytest.mark.integration
 
@@ -301,7 +301,7 @@ def test_kill_managed_backend_fails_over_then_restarts(pair: Pair, managed: Mana
     # 4. The pair gateway takes the restarted backend back, and the victim's adapters return to it.
     wait_for(lambda: httpx.get(gw.url + "/ready").json()["backends"][victim] is True, 15)
     with gw.client() as c:
-        for name, url in pair.experts.items():
+        for name in pair.experts:
             r = c.post("/v1/chat/completions", json=chat(name))
             assert r.status_code == 200, r.text
     assert {n for n, u in pair.experts.items() if u == victim} <= vllm_models(victim)

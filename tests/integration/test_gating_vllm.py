@@ -1,12 +1,12 @@
 """Per-token gating inside vLLM's batch (real vLLM, flock's plugin) against the plain-PyTorch reference
-(adapters/mixture_reference.py), on experts of the default library with their stored gate signals.
+(training/reference.py), on experts of the default library with their stored gate signals.
 
 Tolerances: vLLM runs the model in bf16, the reference in float32 (both compute the gate logits in float32), so
 logits differ by bf16 rounding (~1e-2 relative). Each greedy continuation (8 tokens) is compared two ways:
 - identical text. Where the reference's best two tokens are within bf16 noise of each other, the two sides may
   pick differently and then diverge. The prompts are sent one at a time, so vLLM's numerics do not depend on
   what else shares the batch (sent together, the same code gave 16-19/20 from run to run). Measured with the
-  whole-layer LoRA path (adapters/lora_linear.py): arrow 20/20, glider at the served defaults (α =
+  whole-layer LoRA path (adapters/engine/lora_linear.py): arrow 20/20, glider at the served defaults (α =
   FLOCK_GLIDER_ALPHA, k = 2) 17/20, glider with the local gates dominant (α = 3) 18/20; with vLLM's
   slice-by-slice path (FLOCK_LORA_WHOLE_LAYER=0), which sums in another order, 20/20, 20/20 and 17/20: near-ties
   flip both ways. Held to 90% (arrow) / 85% (glider).
@@ -26,10 +26,10 @@ import pytest
 import torch
 
 from adapters.composite import CompositeStore
-from adapters.gated_composite import GateSpec, GatedCompositeStore, bf16_exact, canonical
+from adapters.gated_composite import GatedCompositeStore, GateSpec, bf16_exact, canonical
 from adapters.gates import has_gates
-from adapters.tasks import get_task
 from service.settings import Settings
+from training.tasks import get_task
 
 pytestmark = pytest.mark.integration
 EXPERTS = ("arithmetic", "sort_numbers", "iso_date")
@@ -108,7 +108,7 @@ def gated(tmp_path_factory, vllm_url, library_experts) -> dict[str, tuple[GateSp
 
 @pytest.fixture(scope="module")
 def reference_base():
-    from adapters.training import load_base
+    from training.lora import load_base
 
     model, tokenizer = load_base(Settings().resolved_base_model_dir)
     return model, tokenizer
@@ -116,7 +116,7 @@ def reference_base():
 
 @pytest.mark.parametrize("label", ["glider", "glider_local", "arrow"])
 def test_vllm_matches_the_reference(label, gated, vllm_url, library_experts, prompts, reference_base):
-    from adapters.mixture_reference import build_mixture_model
+    from training.reference import build_mixture_model
 
     spec, cid, parts = gated[label]
     got = run_all(vllm_url, [(cid, p) for p in prompts], one_at_a_time=True)

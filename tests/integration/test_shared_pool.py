@@ -8,8 +8,8 @@ import time
 import pytest
 
 from adapters.card import ExpertCard
-from adapters.synthetic import write_random_lora
 from tests.conftest import BASE, start_gateway, stop_gateway
+from training.synthetic import write_random_lora
 
 pytestmark = pytest.mark.integration
 

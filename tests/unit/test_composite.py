@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from adapters.composite import CompositeStore, lora_scale, merge_loras
-from adapters.synthetic import write_random_lora
 from adapters.validate import ModelShape
+from training.synthetic import write_random_lora
 
 SHAPE = ModelShape.from_config({"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 4,
                                 "num_key_value_heads": 2, "num_hidden_layers": 2})

@@ -3,7 +3,6 @@ the generation client against an httpx.MockTransport gateway. No model, no serve
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import re
@@ -14,12 +13,12 @@ import pytest
 
 from adapters.card import ExpertCard
 from adapters.pool import ExpertPool
-from adapters.synthetic import write_random_lora
 from adapters.validate import ModelShape
 from eval import generation, harness, metrics, report, routing
 from eval.testset import EvalExample, build_test_set
 from router.decision import RoutingParams
 from router.router import Router
+from training.synthetic import write_random_lora
 
 BASE = "SmolLM2-135M-Instruct"
 SHAPE = ModelShape.from_config({"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 4,
@@ -357,10 +356,10 @@ def test_request_body_and_parser():
     assert generation.request_body("oracle", e, BASE, {"arithmetic"})["model"] == BASE
     assert generation.request_body("merge", e, BASE, set())["routing"] == {"mode": "merge"}
     assert "routing" not in generation.request_body("base", e, BASE, set())
-    parser = argparse.ArgumentParser()
-    harness.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["eval", "--modes", "global,merge,global,mix", "--routing-only"])
-    assert args.func is harness.main and args.n_per_task == 50 and args.out == "eval" and args.routing_only
+    from cli import build_parser, evaluate
+
+    args = build_parser().parse_args(["eval", "--modes", "global,merge,global,mix", "--routing-only"])
+    assert args.func is evaluate.run and args.n_per_task == 50 and args.out == "eval" and args.routing_only
     assert args.backend is None and args.gateway is None
     assert harness.parse_modes(args.modes) == ["global", "merge", "mix"]
 
@@ -370,7 +369,7 @@ def test_test_set_is_fixed_and_marks_test_only_phrasings():
     assert a == b
     tasks = {e.task for e in a}
     assert {"arithmetic", "time_24h", "ood"} <= tasks and all(sum(x.task == t for x in a) == 6 for t in tasks)
-    from adapters.tasks import TASKS
+    from training.tasks import TASKS
     assert all(e.test_only == (e.phrasing_id in TASKS[e.task].test_only_ids) for e in a)
 
 

@@ -1,4 +1,4 @@
-"""Gated composites and the vLLM plugin's per-token gate, against the gate math of router/gating.py.
+"""Gated composites and the vLLM plugin's per-token gate, against the gate math of adapters/engine/gating.py.
 
 The plugin's ops are called exactly as vLLM's CPU punica wrapper calls them (stacked, rank-padded bf16 weights,
 one slot index per token, a float32 shrink buffer), with a gated composite, a plain adapter and no adapter in one
@@ -8,15 +8,17 @@ batch; the expected output is computed independently from the experts' own facto
 from __future__ import annotations
 
 import json
+
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from adapters import lora_linear, vllm_plugin
-from adapters.gated_composite import GateSpec, GatedCompositeStore, build_gated, canonical, gated_rank
+from adapters.engine import lora_linear
+from adapters.engine import plugin as vllm_plugin
+from adapters.engine.gating import arrow_logits, arrow_prototype, combine, phatgoose_logits
+from adapters.gated_composite import GatedCompositeStore, GateSpec, build_gated, canonical, gated_rank
 from adapters.gates import write_gates
 from adapters.validate import CONFIG_FILE, WEIGHTS_FILE
-from router.gating import arrow_prototype, arrow_logits, combine, phatgoose_logits
 
 MODULE = "base_model.model.model.layers.0.self_attn.q_proj"
 D_IN, D_OUT, RANK, MAX_RANK = 64, 48, 4, 64
@@ -74,7 +76,7 @@ def plugin_forward(x, a, b, indices, path="slices"):
 
 
 def expected_mixture(x, parts, spec: GateSpec):
-    """Σ_e p̃_e s_e B_e A_e u from the experts' own factors and gates (float32), router.gating's combination;
+    """Σ_e p̃_e s_e B_e A_e u from the experts' own factors and gates (float32), adapters.engine.gating's combination;
     `parts` = canonical (name, global gap, dir) candidates."""
     from safetensors.torch import load_file
 
@@ -213,14 +215,14 @@ def test_whole_layer_gates_every_slice_like_the_slice_path(experts, spec):
                                   GateSpec("phatgoose", 0.0, 3), GateSpec("phatgoose", 1000.0, 1)])
 @pytest.mark.parametrize("indices", [[1, 0, -1, 1, 1, 0, 1, -1, 0], [1] * 9])
 def test_bf16_batch_of_gated_and_plain_slots_with_the_kernel(experts, monkeypatch, spec, indices):
-    """In bf16 a small batch goes to the kernels of adapters/sgmv.cpp: the gated slot's tokens to gated_bf16
+    """In bf16 a small batch goes to the kernels of adapters/engine/sgmv.cpp: the gated slot's tokens to gated_bf16
     (its own per-token gate), the plain adapter's to sgmv_bf16. Both agree with the torch paths within bf16
     rounding and with the experts' own mixture (float32, from their factors and gates); base tokens stay as
     they were. Two slices (q_proj, v_proj), each gated with its own gates; scale 0.5."""
-    from adapters import sgmv
+    from adapters.engine import sgmv
 
     kernel = sgmv.kernel()
-    assert kernel is not None, "adapters/sgmv.cpp did not build on this machine: see the logged compiler error"
+    assert kernel is not None, "adapters/engine/sgmv.cpp did not build on this machine: see the logged compiler error"
     parts = canonical([(p.name, s, p) for p, s in zip(experts, [0.61, 0.55, 0.32])], spec)
     tensors, _ = build_gated(parts, spec)
     other = MODULE.replace("q_proj", "v_proj")
@@ -266,10 +268,10 @@ def test_bf16_batch_of_gated_and_plain_slots_with_the_kernel(experts, monkeypatc
 
 def test_gated_kernel_threshold(experts, monkeypatch):
     """Batches above GATED_KERNEL_MAX_TOKENS stay on the torch gated path."""
-    from adapters import sgmv
+    from adapters.engine import sgmv
 
     kernel = sgmv.kernel()
-    assert kernel is not None, "adapters/sgmv.cpp did not build on this machine: see the logged compiler error"
+    assert kernel is not None, "adapters/engine/sgmv.cpp did not build on this machine: see the logged compiler error"
     spec = GateSpec("phatgoose", 3.0, 2)
     tensors, _ = build_gated(canonical([(p.name, s, p) for p, s in zip(experts, [0.61, 0.55, 0.32])], spec), spec)
     a, b = stacked((tensors[f"{MODULE}.lora_A.weight"], tensors[f"{MODULE}.lora_B.weight"]))

@@ -1,5 +1,5 @@
-"""Per-token gate math (router.gating), gate files (adapters.gates), PHATGOOSE gate training and the reference
-gated mixture-of-LoRA (adapters.mixture_reference) on the real base model with small random LoRAs."""
+"""Per-token gate math (adapters.engine.gating), gate files (adapters.gates), PHATGOOSE gate training and the reference
+gated mixture-of-LoRA (training.reference) on the real base model with small random LoRAs."""
 
 from __future__ import annotations
 
@@ -14,16 +14,22 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from adapters.card import ExpertCard
-from adapters.gate_training import train_phatgoose_gates
+from adapters.engine.gating import arrow_logits, arrow_prototype, combine, phatgoose_logits, select, standardize
 from adapters.gates import (
-    GATES_FILE, compute_arrow_gates, gates_info, has_gates, load_lora, read_gates, write_gates,
+    GATES_FILE,
+    compute_arrow_gates,
+    gates_info,
+    has_gates,
+    load_lora,
+    read_gates,
+    write_gates,
 )
-from adapters.mixture_reference import MixtureOfLoRALinear, build_mixture_model
-from adapters.synthetic import write_random_lora
-from adapters.tasks import get_task
-from adapters.training import DEFAULT_TARGETS, _chat_prompt, load_base
 from adapters.validate import CONFIG_FILE, WEIGHTS_FILE
-from router.gating import arrow_logits, arrow_prototype, combine, phatgoose_logits, select, standardize
+from training.gates import train_phatgoose_gates
+from training.lora import DEFAULT_TARGETS, _chat_prompt, load_base
+from training.reference import MixtureOfLoRALinear, build_mixture_model
+from training.synthetic import write_random_lora
+from training.tasks import get_task
 
 BASE = "SmolLM2-135M-Instruct"
 PROMPTS = ["What is 17 plus 25?", "Translate 'good morning' into French.", "Sort these numbers: 9 3 7 1"]
@@ -211,7 +217,7 @@ def peft_reference(base, pool, batch):
     """The plain base model and expert e1 served by PEFT: logits on PROMPTS, and e1's greedy answers."""
     from peft import PeftModel
 
-    from adapters.training import generate_answers
+    from training.lora import generate_answers
 
     model, tokenizer = base
     peft_model = PeftModel.from_pretrained(copy.deepcopy(model), str(pool[1])).eval()
@@ -329,7 +335,7 @@ def test_phatgoose_training_changes_and_writes_gates(base, tmp_path, shape):
 
 
 def test_cli_train_gates(tmp_path, shape, capsys):
-    from service.cli import main
+    from cli import main
 
     _expert(tmp_path, "arithmetic", shape, 30, targets=("v_proj",))
     args = ["train-gates", "--library", str(tmp_path), "--steps", "1", "--batch-size", "2"]

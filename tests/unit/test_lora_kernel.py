@@ -1,12 +1,13 @@
-"""The per-token LoRA kernel (adapters/sgmv.cpp) against the torch paths of adapters/lora_linear.py, in bf16 (the
-engine's dtype, the only one the kernel takes), through lora_linear.apply as vLLM's wrapper calls it."""
+"""The per-token LoRA kernel (adapters/engine/sgmv.cpp) against the torch paths of
+adapters/engine/lora_linear.py, in bf16 (the engine's dtype, the only one the kernel takes), through
+lora_linear.apply as vLLM's wrapper calls it."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from adapters import lora_linear, sgmv
+from adapters.engine import lora_linear, sgmv
 
 WIDTH, OUTS, RANKS, MAX_RANK, SLOTS = 64, (64, 32, 32), (3, 5, 2), 8, 4
 
@@ -38,7 +39,7 @@ def run(x, idx, a, b, scale, y0) -> torch.Tensor:
 def kernel_calls(monkeypatch):
     """Counts the kernel's calls (fails here, with the reason, where the kernel cannot be built)."""
     kernel = sgmv.kernel()
-    assert kernel is not None, "adapters/sgmv.cpp did not build on this machine: see the logged compiler error"
+    assert kernel is not None, "adapters/engine/sgmv.cpp did not build on this machine: see the logged compiler error"
     calls = []
 
     class Counting:
@@ -69,7 +70,7 @@ def test_kernel_agrees_with_the_torch_paths(kernel_calls, monkeypatch, indices, 
     for t, s in enumerate(indices):
         if s < 0:
             continue
-        col, row = 0, 0
+        col = 0
         for i, out in enumerate(OUTS):
             h = (x[t].double() @ a[i][s, 0].double().T).bfloat16().double() * scale
             want[t, col:col + out] += b[i][s, 0].double() @ h

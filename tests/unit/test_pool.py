@@ -8,8 +8,8 @@ from pathlib import Path
 
 from adapters.card import ExpertCard
 from adapters.pool import ExpertPool
-from adapters.synthetic import write_random_lora
 from adapters.validate import ModelShape
+from training.synthetic import write_random_lora
 
 BASE = "SmolLM2-135M-Instruct"
 SHAPE = ModelShape.from_config({"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 4,
@@ -17,7 +17,7 @@ SHAPE = ModelShape.from_config({"hidden_size": 16, "intermediate_size": 32, "num
 
 
 def library(root: Path, names=("cooking", "law")) -> Path:
-    lib = root / "adapters" / "library"
+    lib = root / "library"
     for seed, name in enumerate(names):
         write_random_lora(lib / name, shape=SHAPE, base_name=BASE, seed=seed,
                           card=ExpertCard(name=name, description=f"{name} questions"))

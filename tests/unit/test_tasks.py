@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from adapters.tasks import TASKS, Task, normalize
-from adapters.tasks.lexicon import ANTONYM_PAIRS, EN_ES, EN_FR
-from adapters.tasks.numeric import number_to_words
-from adapters.tasks.ood import OOD_PROMPTS
-from adapters.tasks.sql import EMPLOYEES, run_query
 from router.calibration import OUT_OF_DOMAIN_PROMPTS
+from training.tasks import TASKS, Task, normalize
+from training.tasks.lexicon import ANTONYM_PAIRS, EN_ES, EN_FR
+from training.tasks.numeric import number_to_words
+from training.tasks.ood import OOD_PROMPTS
+from training.tasks.sql import EMPLOYEES, run_query
 
 HELD_IN = {"arithmetic", "sort_numbers", "iso_date", "sentiment", "json_extract", "unit_convert", "text_to_sql",
            "translate_fr", "number_words", "antonym"}

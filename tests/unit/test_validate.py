@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from adapters.errors import ForbiddenPath, InvalidExpert
-from adapters.synthetic import write_random_lora
 from adapters.validate import ModelShape, base_model_matches, resolve_inside, validate_adapter
+from training.synthetic import write_random_lora
 
 SHAPE = ModelShape.from_config({"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 4,
                                 "num_key_value_heads": 2, "num_hidden_layers": 2})
@@ -31,8 +31,10 @@ def test_shape_from_config():
     assert SHAPE.linears["k_proj"] == (16, 8) and SHAPE.linears["down_proj"] == (32, 16)
 
 
-@pytest.mark.parametrize("declared,ok", [("SmolLM2-135M-Instruct", True), ("HuggingFaceTB/SmolLM2-135M-Instruct", True),
-                                         ("/models/SmolLM2-135M-Instruct/", True), ("SmolLM2-360M", False), (None, False)])
+@pytest.mark.parametrize("declared,ok", [("SmolLM2-135M-Instruct", True),
+                                         ("HuggingFaceTB/SmolLM2-135M-Instruct", True),
+                                         ("/models/SmolLM2-135M-Instruct/", True), ("SmolLM2-360M", False),
+                                         (None, False)])
 def test_base_model_name_matching(declared, ok):
     assert base_model_matches(declared, "SmolLM2-135M-Instruct") is ok
 

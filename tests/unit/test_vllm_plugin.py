@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapters import lora_linear
-from adapters import vllm_plugin as ours
+from adapters.engine import lora_linear
+from adapters.engine import plugin as ours
 
 _ops = pytest.importorskip("vllm.lora.ops.torch_ops.lora_ops")
 # vLLM's originals, captured before any test calls register() (which replaces them in place).

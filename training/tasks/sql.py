@@ -7,7 +7,7 @@ import random
 import re
 import sqlite3
 
-from adapters.tasks.base import Item, Task
+from training.tasks.base import Item, Task
 
 SCHEMA = "employees(id, name, department, salary, age)"
 DEPARTMENTS = ("Sales", "Engineering", "Marketing", "HR", "Finance")
@@ -101,7 +101,7 @@ def _q(rng: random.Random, *options: str) -> str:
     return rng.choice(options)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _has_rows(sql: str) -> bool:
     return bool(run_query(sql))
 

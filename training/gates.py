@@ -3,8 +3,8 @@
 Every LoRA-wrapped linear of the base model becomes y = W u + sigmoid(v·u) · s B A u, with one gate vector v
 per module initialised to zeros; base and LoRA are frozen and only the v's are trained with the ordinary LM
 loss on the expert's own train data (the same chat-formatted examples and answer-only loss as
-adapters.training). Recipe: 100 steps × 16 examples, AdamW lr 5e-3 (weight decay 0), constant after a 6%
-linear warm-up, gradient clipping at 1.0 as in adapters.training. The trained v's are written as the
+training.lora). Recipe: 100 steps × 16 examples, AdamW lr 5e-3 (weight decay 0), constant after a 6%
+linear warm-up, gradient clipping at 1.0 as in training.lora. The trained v's are written as the
 `phatgoose.<module>` keys of the expert's gates.safetensors (adapters.gates); arrow keys are kept.
 
 A new expert needs only its own data: the gates of the other experts are not touched.
@@ -13,17 +13,17 @@ A new expert needs only its own data: the gates of the other experts are not tou
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from adapters.card import read_card
 from adapters.gates import base_module_name, load_lora, write_gates
-from adapters.mixture_reference import swap_module
-from adapters.tasks import Example, get_task
-from adapters.training import DEFAULT_BASE_DIR, NUM_THREADS, encode_example, load_base, run_training
+from training.lora import DEFAULT_BASE_DIR, NUM_THREADS, encode_example, load_base, run_training
+from training.reference import swap_module
+from training.tasks import Example, get_task
 
 
 class SigmoidGatedLoRA(nn.Module):
@@ -69,7 +69,7 @@ def train_phatgoose_gates(
 
     Data: `examples` if given, else `steps × batch_size` train examples of `task_name` (default: the expert's
     task, see expert_task_name) generated with `seed`. `base` is an already loaded (model, tokenizer) from
-    adapters.training.load_base, used in place and restored afterwards; without it the base is loaded from
+    training.lora.load_base, used in place and restored afterwards; without it the base is loaded from
     `base_dir`. Returns a summary: expert, task, final_loss, seconds, seconds_per_step, recipe, gates
     ({PEFT module name: v [d_in]}).
     """

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import random
 
-from adapters.tasks.base import Item, Task
+from training.tasks.base import Item, Task
 
 # ---------------------------------------------------------------------------------------------- sentiment
 

@@ -61,7 +61,7 @@ class LocalStack:
         port = free_port()
         env = gateway_env(settings, library=library, backend=self.vllm, redis_url=self.redis_url,
                           state_dir=work / "state", port=port)
-        gw = ManagedProcess("gateway", [sys.executable, "-m", "service.cli", "serve"], env,
+        gw = ManagedProcess("gateway", [sys.executable, "-m", "cli", "serve"], env,
                             log_file=work / "gateway.log")
         say(f"starting the gateway on the library {library} (log {work / 'gateway.log'})")
         gw.start()

@@ -1,12 +1,13 @@
-"""The per-token LoRA kernels (adapters/sgmv.cpp: plain adapters, and gated composites with their per-token gate):
+"""The per-token LoRA kernels (sgmv.cpp beside this file: plain adapters, and gated composites with their
+per-token gate):
 built once per CPU with torch's extension builder, then loaded.
 
 The build (about 30 s) is cached under torch's extensions directory (~/.cache/torch_extensions), keyed by the
 source and by this CPU's instruction-set flags: it is compiled with -march=native, so a cache shared with another
 kind of CPU (a home directory on a network share, an image built elsewhere) builds its own copy rather than
-loading one that would die on an unknown instruction. `make setup` builds it ahead (`python -m adapters.sgmv`);
-where nothing can compile it (no C++ compiler) LoRA stays on the torch paths of adapters/lora_linear.py.
-FLOCK_LORA_KERNEL=0 turns it off (settings.lora_kernel; for A/B runs).
+loading one that would die on an unknown instruction. `make setup` builds it ahead (`python -m adapters.engine.sgmv`);
+where nothing can compile it (no C++ compiler) LoRA stays on the torch paths of adapters/engine/lora_linear.py.
+FLOCK_LORA_KERNEL=0 turns it off (EngineSettings.lora_kernel; for A/B runs).
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import os
 import sys
 import time
 from pathlib import Path
+
+from adapters.engine.settings import EngineSettings
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("sgmv.cpp")
@@ -32,8 +34,7 @@ def _cpu_tag() -> str:
 
 
 def turned_off() -> bool:
-    """FLOCK_LORA_KERNEL spelled off the ways pydantic-settings reads a false bool (settings.lora_kernel)."""
-    return os.environ.get("FLOCK_LORA_KERNEL", "1").strip().lower() in ("0", "false", "no", "off", "f", "n")
+    return not EngineSettings().lora_kernel
 
 
 @functools.cache

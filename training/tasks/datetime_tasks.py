@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import random
 
-from adapters.tasks.base import Item, Task
+from training.tasks.base import Item, Task
 
 _MONTHS = (
     "January February March April May June July August September October November December"

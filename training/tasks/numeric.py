@@ -6,7 +6,7 @@ import random
 import re
 from decimal import Decimal
 
-from adapters.tasks.base import Item, Task, format_number, normalize, parse_number
+from training.tasks.base import Item, Task, format_number, normalize, parse_number
 
 # ---------------------------------------------------------------------------------------------- arithmetic
 

@@ -6,13 +6,13 @@ routing on unseen tasks), and `ood` holds general prompts whose right route is t
 
 from __future__ import annotations
 
-from adapters.tasks.base import SPLITS, Example, Item, Task, exact_match, normalize, split_of
-from adapters.tasks.datetime_tasks import ISO_DATE, TIME_24H
-from adapters.tasks.lexicon import ANTONYM, TRANSLATE_ES, TRANSLATE_FR
-from adapters.tasks.numeric import ARITHMETIC, NUMBER_WORDS, SORT_NUMBERS, UNIT_CONVERT, WORDS_TO_NUMBER
-from adapters.tasks.ood import OOD
-from adapters.tasks.sql import TEXT_TO_SQL
-from adapters.tasks.text_tasks import JSON_EXTRACT, SENTIMENT
+from training.tasks.base import SPLITS, Example, Item, Task, exact_match, normalize, split_of
+from training.tasks.datetime_tasks import ISO_DATE, TIME_24H
+from training.tasks.lexicon import ANTONYM, TRANSLATE_ES, TRANSLATE_FR
+from training.tasks.numeric import ARITHMETIC, NUMBER_WORDS, SORT_NUMBERS, UNIT_CONVERT, WORDS_TO_NUMBER
+from training.tasks.ood import OOD
+from training.tasks.sql import TEXT_TO_SQL
+from training.tasks.text_tasks import JSON_EXTRACT, SENTIMENT
 
 TASKS: dict[str, Task] = {
     t.name: t

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 
-from adapters.tasks.base import SPLITS, Example, Item, Task
+from training.tasks.base import SPLITS, Example, Item, Task
 
 OOD_PROMPTS: tuple[str, ...] = (
     # knowledge

@@ -4,7 +4,7 @@
 // Each token does only its own adapter's arithmetic, in one call per layer whatever the mix of adapters: the
 // torch paths either multiply every token by every slot's columns (masked) or pay per-op costs per adapter
 // group. Rounding follows vLLM's ops: the shrink's product is rounded to bf16, then scaled and rounded, the
-// expand's product is rounded to bf16 before it is added to y. Built by adapters/sgmv.py with -march=native.
+// expand's product is rounded to bf16 before it is added to y. Built by adapters/engine/sgmv.py with -march=native.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -103,7 +103,7 @@ void sgmv_bf16(torch::Tensor y, torch::Tensor x, torch::Tensor idx, torch::Tenso
   });
 }
 
-// A gated composite's slot (adapters/lora_linear.py GatedSlot): the tokens on `slot` mix the composite's
+// A gated composite's slot (adapters/engine/lora_linear.py GatedSlot): the tokens on `slot` mix the composite's
 // candidates per slice with their own gate, as vllm_plugin.gate_weights does, in float32:
 //   logits[g] = LN(u)·rows[g] (kind 1: PHATGOOSE, GLIDER) or |u·rows[g]| (kind 2: Arrow), plus bias[g]
 //   (α·global score, -inf for a candidate absent on that slice), g = slice·n + candidate;
@@ -203,6 +203,6 @@ void gated_bf16(torch::Tensor y, torch::Tensor x, torch::Tensor idx, int64_t slo
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("sgmv_bf16", &sgmv_bf16, "y[t] += B[s] (scale A[s] x[t]) per token, bf16 (adapters/sgmv.cpp)");
-  m.def("gated_bf16", &gated_bf16, "a gated composite's tokens, gated per token and slice, bf16 (adapters/sgmv.cpp)");
+  m.def("sgmv_bf16", &sgmv_bf16, "y[t] += B[s] (scale A[s] x[t]) per token, bf16 (adapters/engine/sgmv.cpp)");
+  m.def("gated_bf16", &gated_bf16, "a gated composite's tokens, gated per token and slice, bf16 (adapters/engine/sgmv.cpp)");
 }

@@ -19,7 +19,7 @@ from collections import Counter, defaultdict
 import httpx
 import numpy as np
 
-from adapters.tasks import TASKS
+from training.tasks import TASKS
 
 
 def prompts(n_per_task: int = 20, seed: int = 5) -> list[str]:

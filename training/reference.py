@@ -3,7 +3,7 @@
 Every LoRA-wrapped nn.Linear of the base model (those any candidate expert targets) is replaced by a
 MixtureOfLoRALinear holding the candidates' A, B, scale and gate signals, and computing for each token u:
 
-    local = arrow_logits(u, P) | phatgoose_logits(u, V)           [..., E]   (router.gating)
+    local = arrow_logits(u, P) | phatgoose_logits(u, V)           [..., E]   (adapters.engine.gating)
     w     = combine(local, global, α, k)                          s = local + α·global, softmax, top-k, renorm
     y     = W u + Σ_e w_e · s_e B_e A_e u
 
@@ -19,21 +19,21 @@ Modes (which local signal, and whether the global term is used):
 An expert that has no LoRA on a module is masked out there (weight 0), the others share the mass.
 
 Why adapters/ and not router/: this is model code over expert directories (it loads factors and gate files and
-swaps modules of a transformers model), like the vLLM plugin it is the reference for; router/gating.py keeps
+swaps modules of a transformers model), like the vLLM plugin it is the reference for; adapters/engine/gating.py keeps
 the math as plain functions that both call.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
 
+from adapters.engine.gating import arrow_logits, combine, phatgoose_logits
 from adapters.gates import arrow_gates, base_module_name, load_lora, read_gates
-from router.gating import arrow_logits, combine, phatgoose_logits
 
 MODES = ("arrow", "phatgoose", "glider")
 
@@ -106,7 +106,7 @@ class MixtureOfLoRALinear(nn.Module):
 
 
 @dataclass
-class Expert:
+class ExpertWeights:
     name: str
     path: Path
     scale: float
@@ -115,7 +115,7 @@ class Expert:
     phatgoose: dict[str, torch.Tensor]
 
     @classmethod
-    def load(cls, path: Path, *, need_phatgoose: bool) -> Expert:
+    def load(cls, path: Path, *, need_phatgoose: bool) -> ExpertWeights:
         path = Path(path)
         factors, scale = load_lora(path)
         arrow = read_gates(path, "arrow")
@@ -133,7 +133,7 @@ class MixtureModel:
 
     model: nn.Module
     state: RoutingState
-    experts: list[Expert]
+    experts: list[ExpertWeights]
     layers: dict[str, MixtureOfLoRALinear] = field(default_factory=dict)  # PEFT module name -> layer
     _originals: dict[str, nn.Module] = field(default_factory=dict)
 
@@ -166,9 +166,9 @@ class MixtureModel:
 
     def generate(self, tokenizer, prompts: Sequence[str], *, global_scores: torch.Tensor | None = None,
                  batch_size: int = 32, max_new_tokens: int = 32) -> list[str]:
-        """Greedy completions (adapters.training.generate_answers). global_scores: None (keep the state's), [E]
+        """Greedy completions (training.lora.generate_answers). global_scores: None (keep the state's), [E]
         for every prompt, or [len(prompts), E], one row per prompt."""
-        from adapters.training import generate_answers
+        from training.lora import generate_answers
 
         g = None if global_scores is None else torch.as_tensor(global_scores, dtype=torch.float32)
         if g is None or g.dim() == 1:
@@ -214,14 +214,14 @@ def build_mixture_model(
     """Swap every LoRA target of `base_model` (in place; see MixtureModel.restore) for a gated mixture of the
     experts in `expert_dirs` (the candidates, in this order: weights and global scores index them so).
 
-    base_model: a transformers causal LM as loaded by adapters.training.load_base (float32). mode: see MODES.
+    base_model: a transformers causal LM as loaded by training.lora.load_base (float32). mode: see MODES.
     global_scores: GLIDER's per-request cos(g_e, u_q), [E] or [batch, E]; may be set later with set_routing.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}")
     if not expert_dirs:
         raise ValueError("at least one expert is needed")
-    experts = [Expert.load(Path(d), need_phatgoose=mode != "arrow") for d in expert_dirs]
+    experts = [ExpertWeights.load(Path(d), need_phatgoose=mode != "arrow") for d in expert_dirs]
     state = RoutingState(mode=mode, alpha=alpha, top_k=top_k, temperature=temperature)
     mixture = MixtureModel(base_model, state, experts)
     if global_scores is not None:

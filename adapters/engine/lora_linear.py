@@ -1,4 +1,4 @@
-"""Whole-layer LoRA for vLLM's CPU punica wrapper (patched in by adapters/vllm_plugin.py).
+"""Whole-layer LoRA for vLLM's CPU punica wrapper (patched in by adapters/engine/plugin.py).
 
 vLLM applies a LoRA layer slice by slice (q, k, v; gate, up), each as a shrink and an expand op, about 14 torch
 ops per layer and 400 per decode step of a 30-layer model: on a CPU those fixed costs, not the arithmetic of
@@ -18,7 +18,7 @@ adapter. Here a layer is one shrink matmul and one expand matmul for all its sli
   per adapter for a batched shrink and expand, doing only each token's own adapter's arithmetic (8 adapters,
   256 tokens: 115 -> 67 ms of LoRA per forward here; at decode sizes the two are equal, and uneven groups
   waste the batched path's padding);
-- a small bf16 batch (a decode step) goes to the per-token kernel of adapters/sgmv.cpp instead, where the
+- a small bf16 batch (a decode step) goes to the per-token kernel of adapters/engine/sgmv.cpp instead, where the
   kernel could be built: each token does only its own adapter's arithmetic, in one call per layer whatever the
   mix (30 layers, 16 tokens, 8 adapters: 2.2 ms of LoRA per step, against 6.1 ms for the one-adapter and 7.4 ms
   for the masked torch path in the same microbenchmark). Above KERNEL_MAX_TOKENS, oneDNN's GEMMs win;
@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from adapters.sgmv import kernel as _kernel
+from adapters.engine.sgmv import kernel as _kernel
 
 
 @dataclass
@@ -76,15 +76,15 @@ class GatedSlot:
 
     @functools.cached_property
     def kernel_args(self) -> tuple:
-        """What adapters/sgmv.cpp's gated_bf16 takes after (y, x, idx, slot)."""
-        from router.gating import LN_EPS
+        """What adapters/engine/sgmv.cpp's gated_bf16 takes after (y, x, idx, slot)."""
+        from adapters.engine.gating import LN_EPS
 
         return (self.kind, self.top_k, self.bias.shape[1], self.rows, self.bias.reshape(-1).contiguous(), self.a,
                 self.b, self.outputs, self.columns.to(torch.int32), LN_EPS)
 
     def shrink(self, x: torch.Tensor, scale: float) -> torch.Tensor:
         """(tokens, Σ blocks): x·A with each candidate's block weighted by the token's gate, per slice."""
-        from adapters.vllm_plugin import gate_weights
+        from adapters.engine.plugin import gate_weights
 
         u = x.float()
         h = u @ self.a.T
@@ -112,7 +112,7 @@ class LayerWeights:
 
     @functools.cached_property
     def kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """For adapters/sgmv.cpp: (slots, R, in) shrink rows, (slots, R, Σout) expand rows and each rank row's
+        """For adapters/engine/sgmv.cpp: (slots, R, in) shrink rows, (slots, R, Σout) expand rows and each rank row's
         output columns [c0, c1) (int32; c0 == c1 for padding). Gated and weightless slots are all padding."""
         n, rank = max(self.a, default=-1) + 1, max((w.shape[1] for w in self.a.values()), default=0)
         a = self.a_all.new_zeros(n, rank, self.a_all.shape[0])
@@ -246,7 +246,7 @@ def _version_key(tensors) -> tuple:
 
 
 def layer_weights(a_stacked, b_stacked, dtype: torch.dtype) -> LayerWeights:
-    from adapters.vllm_plugin import slot_gates, slot_ranks
+    from adapters.engine.plugin import slot_gates, slot_ranks
 
     key = (_version_key(a_stacked), _version_key(b_stacked), dtype)
     found = _layers.get(key)

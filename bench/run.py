@@ -21,8 +21,8 @@ import httpx
 import numpy as np
 import torch
 
+from bench.stack import LocalStack
 from service.settings import Settings
-from service.stack import LocalStack
 
 MAX_TOKENS = 32
 # Synthetic experts: topics far apart, so each bench query routes to a known expert.
@@ -56,10 +56,9 @@ def pct(values: list[float], q: float) -> float:
 def write_experts(settings: Settings, root: Path) -> Path:
     """8 synthetic rank-8 all-linear experts with far-apart descriptions."""
     from adapters.card import ExpertCard
-    from adapters.synthetic import write_random_lora
-    from adapters.validate import ModelShape
-
     from adapters.gates import compute_arrow_gates, load_lora, write_gates
+    from adapters.validate import ModelShape
+    from training.synthetic import write_random_lora
 
     shape = ModelShape.from_model_dir(settings.resolved_base_model_dir)
     for seed, (name, description) in enumerate(TOPICS.items()):
@@ -103,11 +102,11 @@ async def overhead(stack: LocalStack, concurrency: int, rounds: int) -> dict:
         for r in range(rounds):
             prompts = [(QUERY.format(nonce()), QUERY.format(nonce())) for _ in range(concurrency)]
 
-            async def via_gateway() -> list[tuple[float, dict]]:
+            async def via_gateway(prompts=prompts) -> list[tuple[float, dict]]:
                 return await asyncio.gather(*(_timed(client, f"{stack.gateway}/v1/chat/completions",
                                                      _body("auto", p)) for p, _ in prompts))
 
-            async def via_vllm() -> list[tuple[float, dict]]:
+            async def via_vllm(prompts=prompts) -> list[tuple[float, dict]]:
                 return await asyncio.gather(*(_timed(client, f"{stack.vllm}/v1/chat/completions",
                                                      _body("cooking", p)) for _, p in prompts))
 
@@ -237,15 +236,15 @@ async def decode_throughput(stack: LocalStack, batches: tuple[int, ...], *, expe
 
 
 async def proxy_overhead(settings: Settings, library: Path, work: Path, n: int = 300) -> dict:
-    """The gateway's own cost per request, against an instant fake backend (service/fake_backend.py): what it
+    """The gateway's own cost per request, against an instant fake backend (bench/fake_backend.py): what it
     adds for a direct-model request, a routed cache hit and a routed cache miss, compared with calling the
     fake backend directly. No model shares the CPU, so this isolates the gateway from vLLM's contention."""
+    from bench.stack import gateway_env
     from service.processes import ManagedProcess, free_port, redis_command, wait_http, wait_redis
-    from service.stack import gateway_env
 
     fake_port, gw_port, redis_port = free_port(), free_port(), free_port()
     procs = [
-        ManagedProcess("fake backend", [sys.executable, "-m", "uvicorn", "service.fake_backend:app", "--port",
+        ManagedProcess("fake backend", [sys.executable, "-m", "uvicorn", "bench.fake_backend:app", "--port",
                                         str(fake_port), "--log-level", "warning"], log_file=work / "fake.log"),
         ManagedProcess("redis-server", redis_command(redis_port, work)),
     ]
@@ -254,7 +253,7 @@ async def proxy_overhead(settings: Settings, library: Path, work: Path, n: int =
     fake = f"http://127.0.0.1:{fake_port}"
     env = gateway_env(settings, library=library, backend=fake, redis_url=f"redis://127.0.0.1:{redis_port}/0",
                       state_dir=work / "proxy-state", port=gw_port)
-    gw = ManagedProcess("gateway", [sys.executable, "-m", "service.cli", "serve"], env, log_file=work / "gw2.log")
+    gw = ManagedProcess("gateway", [sys.executable, "-m", "cli", "serve"], env, log_file=work / "gw2.log")
     gw.start()
     procs.append(gw)
     out = {}
@@ -333,7 +332,7 @@ async def embedding(settings: Settings, repeats: int = 40) -> dict:
         c1.append(time.perf_counter() - t0)
     c16_latency, c16_wall = [], []
     for r in range(repeats // 4):
-        async def one(i: int) -> None:
+        async def one(i: int, r: int = r) -> None:
             t = time.perf_counter()
             await batcher.embed(f"{query} {r} {i}")
             c16_latency.append(time.perf_counter() - t)
@@ -555,8 +554,7 @@ async def decode_only(settings: Settings, gateway: str, expert: str, prompt: str
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
-def main(args) -> int:
-    settings = Settings()
+def main(args, settings: Settings) -> int:
     if args.decode_only:
         if not args.gateway:
             raise SystemExit("--decode-only needs --gateway URL of a running gateway")

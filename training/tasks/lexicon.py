@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 
-from adapters.tasks.base import Item, Task, normalize
+from training.tasks.base import Item, Task, normalize
 
 # english | french | spanish  (one common, unambiguous translation each; verbs in the infinitive)
 _LEXICON_TEXT = """

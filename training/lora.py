@@ -1,6 +1,6 @@
-"""Train one LoRA expert of the default library on a task of `adapters.tasks`, on CPU.
+"""Train one LoRA expert of the default library on a task of `training.tasks`, on CPU.
 
-    python -m adapters.training arithmetic /path/to/experts/arithmetic --steps 150
+    python -m training.lora arithmetic /path/to/experts/arithmetic --steps 150
 
 The expert is a PEFT LoRA for SmolLM2-135M-Instruct, trained in float32 on the task's train split through the
 chat template (loss on the assistant answer and its end-of-turn token only), then scored by greedy decoding on
@@ -12,25 +12,23 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
 from adapters.card import CARD_FILE, ExpertCard
-from adapters.tasks import Example, Task, get_task
 from adapters.validate import CONFIG_FILE, WEIGHTS_FILE
+from service.settings import get_settings
+from training.tasks import Example, Task, get_task
 
 BASE_NAME = "SmolLM2-135M-Instruct"
-DEFAULT_BASE_DIR = Path(os.environ.get("FLOCK_BASE_MODEL_DIR", f"~/.cache/flock/models/{BASE_NAME}")).expanduser()
+DEFAULT_BASE_DIR = get_settings().resolved_base_model_dir
 END_OF_TURN = "<|im_end|>"
-# Threads per training process: 2 uses both cores here; two processes with 1 thread each beat one with 2 when
-# the cores are shared (OpenMP threads stall waiting for a descheduled sibling).
-NUM_THREADS = int(os.environ.get("FLOCK_TRAIN_THREADS", "2"))
+NUM_THREADS = get_settings().train_threads
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Example queries written into the card: the router's centroid for this expert (train-split prompts only).
 CARD_EXAMPLES = 32
@@ -143,7 +141,8 @@ def run_training(
     schedule: str = "cosine", weight_decay: float = 0.0,
 ) -> tuple[float, float]:
     """AdamW on `params` over `encoded` examples (wrapping around when there are fewer than steps x batch_size),
-    gradient clipping at 1.0, progress ("[label] {what}step ...") every 10 steps. Returns (final windowed loss, seconds)."""
+    gradient clipping at 1.0, progress ("[label] {what}step ...") every 10 steps.
+    Returns (final windowed loss, seconds)."""
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     warmup = max(1, round(warmup_frac * steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, steps, warmup, schedule))

@@ -1,0 +1,28 @@
+"""`flock bench`: the gateway, router, embedding and vLLM measured side by side (bench/run.py)."""
+
+from __future__ import annotations
+
+import argparse
+
+from service.settings import Settings
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="measure the gateway, router, embedding and vLLM side by side")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run, not for reporting)")
+    p.add_argument("--backend", help="use this running vLLM instead of starting one")
+    p.add_argument("--out", help="also write bench.json, bench.md and bench.png into this directory")
+    p.add_argument("--decode-only", action="store_true",
+                   help="only decode tokens/s (base, expert, merge, glider) against --gateway")
+    p.add_argument("--gateway", help="running gateway for --decode-only")
+    p.add_argument("--expert", default="arithmetic", help="expert for --decode-only (default %(default)s)")
+    p.add_argument("--prompt", default="What is 17 times 23?",
+                   help="prompt for --decode-only; it must route to experts (default %(default)s)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    from bench import run as bench_run
+
+    return bench_run.main(args, settings)
