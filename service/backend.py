@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import aiohttp
 
@@ -38,13 +39,31 @@ class Backend:
         self.loaded.clear()  # a restarted vLLM has lost its runtime adapters
 
 
+AdapterKind = Literal["expert", "merge", "gated"]
+
+
 @dataclass(frozen=True)
 class Adapter:
     """An adapter to serve a request with: vLLM name and directory. None in its place means the base model."""
 
     name: str
     path: Path
-    kind: str = "expert"  # or "composite"
+    kind: AdapterKind = "expert"  # an expert, a merge composite or a gated composite
+
+
+class Lease:
+    """A request's hold on a backend: counts in the backend's in-flight load until released, once."""
+
+    def __init__(self, backend: Backend):
+        self.backend = backend
+        self.start = time.perf_counter()
+        backend.inflight += 1
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self.backend.inflight -= 1
 
 
 class BackendPool:
@@ -170,15 +189,15 @@ class BackendPool:
             return resp.status, await resp.text()
 
     # --- forwarding -----------------------------------------------------------------------------------
-    async def send(self, path: str, payload: dict, adapter: Adapter | None, *, stream: bool
-                   ) -> tuple[BackendResponse, Backend, float]:
-        """Send to the first backend that takes the request; returns (response, backend, start time).
+    async def send(self, path: str, payload: dict, adapter: Adapter | None, *, stream: bool) -> BackendResponse:
+        """Send to the first backend that takes the request. The response holds the backend's lease
+        (`response.lease`: which backend, since when) until it is closed.
 
         Fails over when a backend is unreachable or drops the connection before its answer is in (refused, reset,
         closed: it died or restarted, and whatever it had generated is lost, so sending the request elsewhere
         duplicates nothing the client saw), never on a timeout (a slow backend would get the work twice). A stream
         counts as answered once its first bytes are in; a failure after that is the caller's. The caller must close
-        a streamed response. No healthy backend: a fast 503.
+        a streamed response (a whole one is closed already). No healthy backend: a fast 503.
         """
         body = dumps(payload)
         tried = 0
@@ -187,25 +206,25 @@ class BackendPool:
             try:
                 if adapter is not None:
                     await self.ensure_adapter(backend, adapter)
-                start = time.perf_counter()
-                backend.inflight += 1
-                handed_over = False
+                lease = Lease(backend)
                 try:
-                    resp = await self._send_once(backend, path, body, stream)
+                    resp = await self._send_once(lease, path, body, stream)
                     if (adapter is not None and resp.status_code == 404
                             and b"does not exist" in await resp.read()):
                         # vLLM lost the adapter (restarted between health checks): load it again, once.
                         await resp.aclose()
+                        lease = Lease(backend)
                         backend.loaded.pop(adapter.name, None)
                         await self.ensure_adapter(backend, adapter)
-                        resp = await self._send_once(backend, path, body, stream)
+                        resp = await self._send_once(lease, path, body, stream)
                     if stream and resp.status_code == 200:
                         await resp.read_ahead()
-                    handed_over = stream  # the caller now owns the stream and its inflight count
-                finally:
-                    if not handed_over:
-                        backend.inflight -= 1
-                return resp, backend, start
+                except BaseException:
+                    lease.release()
+                    raise
+                if not stream:
+                    lease.release()  # read whole: the backend is done with it
+                return resp
             except aiohttp.ConnectionTimeoutError as exc:  # before TimeoutError: it is one, but nothing was sent
                 self._unreachable(backend, exc)
             except TimeoutError:
@@ -226,9 +245,9 @@ class BackendPool:
         backend.mark_down()
         self.metrics.backend_up.labels(backend.url).set(0)
 
-    async def _send_once(self, backend: Backend, path: str, body: bytes, stream: bool) -> BackendResponse:
-        raw = await self.session.post(f"{backend.url}{path}", data=body, headers=_JSON)
-        resp = BackendResponse(raw)
+    async def _send_once(self, lease: Lease, path: str, body: bytes, stream: bool) -> BackendResponse:
+        raw = await self.session.post(f"{lease.backend.url}{path}", data=body, headers=_JSON)
+        resp = BackendResponse(raw, lease)
         if not stream:
             try:
                 await resp.read()  # in here, so that a failure while reading the body is classified as above
@@ -251,11 +270,12 @@ class BackendStreamError(Exception):
 
 class BackendResponse:
     """A backend's answer, without the HTTP client's types: status, body (read whole, or streamed as it arrives)
-    and close. Closing a stream that was not read to its end drops the connection, which makes vLLM abort the
-    request."""
+    and close. Closing releases the backend's lease; closing a stream that was not read to its end drops the
+    connection, which makes vLLM abort the request."""
 
-    def __init__(self, raw: aiohttp.ClientResponse):
+    def __init__(self, raw: aiohttp.ClientResponse, lease: Lease):
         self._raw = raw
+        self.lease = lease
         self.status_code = raw.status
         self.content = b""
         self._first = b""
@@ -286,6 +306,7 @@ class BackendResponse:
             raise BackendStreamError(exc) from exc
 
     async def aclose(self) -> None:
+        self.lease.release()
         if self._raw.content.at_eof():
             self._raw.release()  # read to the end: the connection goes back to the pool
         else:

@@ -9,8 +9,9 @@ from fastapi import APIRouter, Depends
 from service.api.deps import get_gateway, require_key
 from service.api.responses import ERRORS
 from service.errors import APIError
-from service.gateway import AUTO, Gateway, query_text
+from service.gateway import AUTO, Gateway
 from service.protocol import ChatCompletionRequest, ModelCard, ModelList, RouteRequest, RouteResponse
+from service.query import query_text
 
 router = APIRouter(tags=["models"], dependencies=[Depends(require_key)])
 _STARTED = int(time.time())

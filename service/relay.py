@@ -1,0 +1,108 @@
+"""The SSE relay: vLLM's server-sent events passed to the client as they arrive, read as events, not bytes.
+
+`routing` goes into the first data event; the usage event (always requested from vLLM, to count tokens) is
+dropped unless the client asked for it; a backend that fails mid-stream ends the stream with an OpenAI-style
+error event and no [DONE].
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from service.backend import BackendResponse, BackendStreamError
+from service.protocol import dumps, loads
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Event:
+    """One server-sent event: its raw bytes (without the blank line that ends it) and its data, parsed."""
+
+    raw: bytes
+    data: dict | None  # the JSON of its `data:` field; None for [DONE], comments and other fields
+
+    @classmethod
+    def parse(cls, raw: bytes) -> Event:
+        payload = b"\n".join(line[5:].lstrip(b" ") for line in raw.split(b"\n") if line.startswith(b"data:"))
+        data = None
+        if payload.startswith(b"{"):
+            try:
+                data = loads(payload)
+            except ValueError:
+                data = None
+        return cls(raw, data if isinstance(data, dict) else None)
+
+    @property
+    def has_token(self) -> bool:
+        """A chunk carrying generated text (chat delta content or a completion's text)."""
+        for choice in (self.data or {}).get("choices") or ():
+            delta = choice.get("delta") or {}
+            if delta.get("content") or choice.get("text"):
+                return True
+        return False
+
+    @property
+    def usage_only(self) -> dict | None:
+        """The usage of the final usage-only chunk (no choices), else None."""
+        if self.data is not None and not self.data.get("choices") and self.data.get("usage"):
+            return self.data["usage"]
+        return None
+
+
+def events(buffer: bytes) -> tuple[list[bytes], bytes]:
+    """Complete events in `buffer` (split on the blank line; CRLF accepted) and what remains."""
+    buffer = buffer.replace(b"\r\n", b"\n")
+    *done, rest = buffer.split(b"\n\n")
+    return [e for e in done if e], rest
+
+
+@dataclass
+class StreamObserver:
+    """What the gateway records about a stream: time to first token, tokens, backend latency, broken streams."""
+
+    on_first_token: Callable[[float], None]
+    on_usage: Callable[[dict], None]
+    on_broken: Callable[[str], None]
+    on_end: Callable[[float], None]
+
+
+async def relay(resp: BackendResponse, routing: dict, wants_usage: bool, observe: StreamObserver
+                ) -> AsyncIterator[bytes]:
+    t0 = resp.lease.start
+    first, got_token, buffer = True, False, b""
+    try:
+        async for chunk in resp.iter_raw():
+            done, buffer = events(buffer + chunk)
+            for raw in done:
+                event = Event.parse(raw)
+                if first and event.data is not None:
+                    event.data["routing"] = routing
+                    raw = b"data: " + dumps(event.data)
+                    first = False
+                if not got_token and event.has_token:
+                    got_token = True
+                    observe.on_first_token(time.perf_counter() - t0)
+                usage = event.usage_only
+                if usage is not None:
+                    observe.on_usage(usage)
+                    if not wants_usage:
+                        continue
+                yield raw + b"\n\n"
+        if buffer.strip():
+            yield buffer
+    except BackendStreamError as exc:
+        # The tokens already sent cannot be taken back, so no retry; an error event rather than an exception
+        # (which would make the server cut the client's connection mid-event). A partial event is dropped.
+        log.warning("backend %s failed mid-stream (%s)", resp.lease.backend.url, exc.kind)
+        observe.on_broken(exc.kind)
+        error = {"message": f"model backend failed mid-stream ({exc.kind}); retry the request",
+                 "type": "server_error", "param": None, "code": "backend_stream_broken"}
+        yield b"data: " + dumps({"error": error}) + b"\n\n"
+    finally:
+        # Runs on normal end and on client disconnect: closing the upstream response aborts the vLLM request.
+        await resp.aclose()
+        observe.on_end(time.perf_counter() - t0)

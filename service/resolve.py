@@ -1,0 +1,66 @@
+"""A routing decision becomes the adapter that serves it: an expert, a merge composite or a gated composite.
+
+Composites are built (or found built) in the state directory; vLLM loads them like any LoRA directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from adapters.composite import CompositeStore
+from adapters.gated_composite import GatedCompositeStore, GateSpec
+from adapters.pool import ExpertPool
+from router.decision import RoutingDecision
+from service.backend import Adapter
+from service.errors import APIError
+
+
+class ExpertLeft(APIError):
+    """A decision names an expert that has left the pool since it was made (or cached)."""
+
+    def __init__(self, name: str):
+        super().__init__(503, f"expert {name!r} left the pool; retry", code="pool_changed",
+                         headers={"Retry-After": "0"})
+
+
+class Resolver:
+    def __init__(self, pool: ExpertPool, composites: CompositeStore, gated: GatedCompositeStore):
+        self.pool = pool
+        self.composites = composites
+        self.gated = gated
+
+    async def resolve(self, decision: RoutingDecision) -> Adapter | None:
+        """The adapter for `decision`; None: the base model. Raises ExpertLeft."""
+        experts = decision.experts
+        if not experts:
+            return None
+        resolved = []
+        for choice in experts:
+            expert = self.pool.get(choice.name)
+            if expert is None:
+                raise ExpertLeft(choice.name)
+            resolved.append((choice.name, choice.weight, expert.path))
+        if len(resolved) == 1:
+            return Adapter(name=resolved[0][0], path=resolved[0][2])
+        if decision.gate is not None:  # per-token modes: candidates + global scores + gate signals, one adapter
+            g = decision.gate
+            parts = [(c.name, c.score or 0.0, path) for c, (_, _, path) in zip(experts, resolved, strict=True)]
+            spec = GateSpec(kind=g.local, alpha=g.alpha, top_k=g.top_k)
+            cid, path = await asyncio.to_thread(self.gated.ensure, self.pool.version, parts, spec)
+            return Adapter(name=cid, path=path, kind="gated")
+        cid, path = await asyncio.to_thread(self.composites.ensure, self.pool.version, resolved)
+        return Adapter(name=cid, path=path, kind="merge")
+
+    async def resolve_or_reroute(self, decision: RoutingDecision,
+                                 reroute: Callable[[], Awaitable[RoutingDecision]] | None
+                                 ) -> tuple[RoutingDecision, Adapter | None]:
+        """As `resolve`; a routed decision whose expert left the pool is routed again on the pool as it is now,
+        once (`reroute`; None for a request that named its expert, which then gets the 503)."""
+        try:
+            return decision, await self.resolve(decision)
+        except ExpertLeft:
+            if reroute is None:
+                raise
+        decision = await reroute()
+        return decision, await self.resolve(decision)

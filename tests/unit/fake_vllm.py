@@ -1,0 +1,100 @@
+"""A small stand-in for vLLM's OpenAI server, for in-process gateway tests: answers at once, records what it
+was sent, and misbehaves on request (the prompt names the failure). Served on a real loopback socket, in the
+test's event loop, so the gateway's HTTP client is the real one."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from service.processes import free_port
+
+USAGE = {"prompt_tokens": 8, "completion_tokens": 2, "total_tokens": 10}
+
+
+@dataclass
+class FakeVLLM:
+    url: str = ""
+    requests: list[dict] = field(default_factory=list)  # bodies of generation requests, in order
+    loaded: list[str] = field(default_factory=list)  # adapter names, in load order
+
+    def app(self) -> FastAPI:
+        app = FastAPI()
+
+        @app.get("/health")
+        async def health() -> dict:
+            return {}
+
+        @app.post("/v1/load_lora_adapter")
+        async def load(request: Request) -> Response:
+            self.loaded.append((await request.json())["lora_name"])
+            return Response(b"ok")
+
+        @app.post("/v1/unload_lora_adapter")
+        async def unload(request: Request) -> Response:
+            return Response(b"ok")
+
+        @app.post("/v1/chat/completions")
+        async def chat(request: Request) -> Response:
+            return await self.answer(await request.json(), chat=True)
+
+        @app.post("/v1/completions")
+        async def completions(request: Request) -> Response:
+            return await self.answer(await request.json(), chat=False)
+
+        return app
+
+    async def answer(self, body: dict, *, chat: bool) -> Response:
+        self.requests.append(body)
+        text = json.dumps(body.get("messages") or body.get("prompt"))
+        if "FAIL500" in text:
+            return JSONResponse({"error": {"message": "engine exploded", "code": 500}}, status_code=500)
+        if "TOOLONG" in text:
+            return JSONResponse({"error": {"message": "This model's maximum context length is 2048 tokens",
+                                           "code": 400}}, status_code=400)
+        words = ["Hello", " there"]
+        if not body.get("stream"):
+            choice = ({"index": 0, "message": {"role": "assistant", "content": "".join(words)},
+                       "finish_reason": "stop"} if chat else
+                      {"index": 0, "text": "".join(words), "finish_reason": "stop"})
+            return JSONResponse({"id": "x", "object": "chat.completion" if chat else "text_completion",
+                                 "created": 0, "model": body["model"], "choices": [choice], "usage": USAGE})
+        break_midway = "BREAK" in text
+
+        async def events() -> AsyncIterator[bytes]:
+            for i, word in enumerate(words):
+                choice = {"index": 0, "delta": {"content": word}} if chat else {"index": 0, "text": word}
+                yield b"data: " + json.dumps({"id": "x", "model": body["model"], "choices": [choice]}).encode() \
+                    + b"\n\n"
+                await asyncio.sleep(0)
+                if break_midway and i == 0:
+                    raise ConnectionResetError("killed")  # uvicorn drops the connection mid-stream
+            if (body.get("stream_options") or {}).get("include_usage"):
+                yield b"data: " + json.dumps({"id": "x", "choices": [], "usage": USAGE}).encode() + b"\n\n"
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+
+@asynccontextmanager
+async def serve_fake_vllm() -> AsyncIterator[FakeVLLM]:
+    fake = FakeVLLM()
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(fake.app(), host="127.0.0.1", port=port, log_level="critical",
+                                           lifespan="off"))
+    task = asyncio.ensure_future(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    fake.url = f"http://127.0.0.1:{port}"
+    try:
+        yield fake
+    finally:
+        server.should_exit = True
+        await task

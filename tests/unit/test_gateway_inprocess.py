@@ -1,0 +1,186 @@
+"""The gateway in process: the real app (FastAPI, router with the real embedding model, backend pool) over
+httpx's ASGI transport, against a fake vLLM on a loopback socket. No Redis, no vLLM: limits, error mapping,
+the SSE relay, auth, /v1/route and the experts API, in seconds."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import pytest_asyncio
+from fastapi import FastAPI
+
+from adapters.card import ExpertCard
+from adapters.validate import ModelShape
+from service.app import create_app
+from service.settings import Settings
+from tests.unit.fake_vllm import FakeVLLM, serve_fake_vllm
+from training.synthetic import write_random_lora
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+BASE = "SmolLM2-135M-Instruct"
+ADMIN, USER = "admin-key", "user-key"
+EXPERTS = {
+    "cooking": ("Cooking and baking: recipes, bread dough, pancakes, boiling eggs, sauces, pasta.",
+                ["How long should I boil an egg?", "How do I make a tomato sauce for pasta?"]),
+    "arith": ("Arithmetic: adds, subtracts and multiplies integers.", ["What is 12 times 7?", "Compute 345 plus 289."]),
+}
+
+
+@dataclass
+class Stack:
+    app: FastAPI
+    client: httpx.AsyncClient
+    fake: FakeVLLM
+    root: Path
+
+    def auth(self, key: str = USER) -> dict[str, str]:
+        return {"authorization": f"Bearer {key}"}
+
+    async def chat(self, content: str | list, key: str = USER, **kw) -> httpx.Response:
+        body = {"model": "auto", "messages": [{"role": "user", "content": content}], "max_tokens": 4, **kw}
+        return await self.client.post("/v1/chat/completions", json=body, headers=self.auth(key))
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def stack(tmp_path_factory) -> AsyncIterator[Stack]:
+    settings = Settings()
+    shape = ModelShape.from_model_dir(settings.resolved_base_model_dir)
+    root = tmp_path_factory.mktemp("experts")
+    for seed, (name, (description, examples)) in enumerate(EXPERTS.items()):
+        write_random_lora(root / name, shape=shape, base_name=BASE, seed=seed, rank=2, targets=("q_proj",),
+                          card=ExpertCard(name=name, description=description, examples=examples))
+    write_random_lora(root / "spare", shape=shape, base_name=BASE, seed=9, rank=2, targets=("q_proj",),
+                      card=ExpertCard(name="spare", description="Translates English words to German."))
+    async with serve_fake_vllm() as fake:
+        settings = settings.model_copy(update={
+            "backend_urls": [fake.url], "redis_url": None, "state_dir": tmp_path_factory.mktemp("state"),
+            "library_dir": root / "no-library", "expert_roots": [root], "api_keys": [USER], "admin_keys": [ADMIN],
+            "max_messages": 4, "max_prompt_chars": 200, "max_tokens_limit": 64})
+        app = create_app(settings)
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://flock") as client:
+                s = Stack(app, client, fake, root)
+                for name in EXPERTS:
+                    r = await client.post("/v1/experts", json={"path": str(root / name)}, headers=s.auth(ADMIN))
+                    assert r.status_code == 201, r.text
+                yield s
+
+
+def error_of(r: httpx.Response) -> dict:
+    body = r.json()
+    assert set(body) == {"error"} and {"message", "type", "param", "code"} <= set(body["error"]), body
+    return body["error"]
+
+
+async def test_routed_request_reaches_the_backend_with_the_experts_adapter(stack: Stack):
+    r = await stack.chat("How long do I boil an egg for a soft yolk?")
+    assert r.status_code == 200, r.text
+    assert r.json()["routing"]["experts"][0]["name"] == "cooking"
+    assert r.headers["x-flock-mode"] == "global" and r.headers["x-flock-experts"] == "cooking=1"
+    sent = stack.fake.requests[-1]
+    assert sent["model"] == "cooking" and "routing" not in sent and "cooking" in stack.fake.loaded
+
+
+async def test_base_model_and_unknown_model(stack: Stack):
+    body = {"model": BASE, "messages": [{"role": "user", "content": "hi"}]}
+    r = await stack.client.post("/v1/chat/completions", json=body, headers=stack.auth())
+    assert r.status_code == 200 and stack.fake.requests[-1]["model"] == BASE
+    r = await stack.client.post("/v1/chat/completions", json={**body, "model": "nope"}, headers=stack.auth())
+    assert r.status_code == 404 and error_of(r)["code"] == "model_not_found"
+    r = await stack.client.post("/v1/chat/completions", json={**body, "routing": {"mode": "merge"}},
+                                headers=stack.auth())
+    assert r.status_code == 400 and error_of(r)["param"] == "routing"
+
+
+async def test_auth(stack: Stack):
+    r = await stack.client.post("/v1/chat/completions", json={"model": BASE, "messages": [{"role": "user",
+                                                                                            "content": "hi"}]})
+    assert r.status_code == 401 and error_of(r)["type"] == "authentication_error"
+    r = await stack.chat("hi", key="wrong")
+    assert r.status_code == 401
+    r = await stack.client.post("/v1/experts", json={"path": str(stack.root / "spare")}, headers=stack.auth(USER))
+    assert r.status_code == 403 and error_of(r)["type"] == "permission_error"
+
+
+@pytest.mark.parametrize("kw, code, param", [
+    ({"max_tokens": 65}, "max_tokens_too_large", "max_tokens"),
+    ({"n": 9}, "invalid_value", "n"),
+    ({"messages": [{"role": "user", "content": "x"}] * 5}, "too_many_messages", "messages"),
+    ({"messages": [{"role": "user", "content": "x" * 201}]}, "context_length_exceeded", "messages"),
+    # Text parts count toward the limit as plain strings do.
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "y" * 150},
+                                                {"type": "text", "text": "z" * 60}]}]},
+     "context_length_exceeded", "messages"),
+    ({"routing": {"mode": "nope"}}, "invalid_routing_mode", "routing.mode"),
+])
+async def test_limits_are_400s_before_any_backend_call(stack: Stack, kw, code, param):
+    before = len(stack.fake.requests)
+    body = {"model": "auto", "messages": [{"role": "user", "content": "hi"}], **kw}
+    r = await stack.client.post("/v1/chat/completions", json=body, headers=stack.auth())
+    assert r.status_code == 400, r.text
+    assert error_of(r)["code"] == code and error_of(r)["param"] == param
+    assert len(stack.fake.requests) == before
+
+
+async def test_backend_errors_are_mapped(stack: Stack):
+    r = await stack.chat("FAIL500 please")
+    assert r.status_code == 502 and error_of(r)["code"] == "backend_error" and error_of(r)["type"] == "server_error"
+    r = await stack.chat("TOOLONG please")
+    assert r.status_code == 400 and error_of(r)["code"] == "context_length_exceeded"
+    r = await stack.client.post("/v1/chat/completions", content=b"{not json", headers=stack.auth())
+    assert 400 <= r.status_code < 500 and "error" in r.json()
+
+
+async def test_stream_carries_routing_first_and_drops_unrequested_usage(stack: Stack):
+    r = await stack.chat("What is 12 times 7?", stream=True)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = [e for e in r.text.split("\n\n") if e]
+    first = json.loads(events[0].removeprefix("data: "))
+    assert first["routing"]["experts"][0]["name"] == "arith"
+    assert events[-1] == "data: [DONE]" and all("usage" not in e for e in events)
+    assert "".join(json.loads(e[6:])["choices"][0]["delta"]["content"] for e in events[:-1]) == "Hello there"
+    # Asked for, the usage chunk is passed through.
+    r = await stack.chat("What is 12 times 7?", stream=True, stream_options={"include_usage": True})
+    assert any(json.loads(e[6:]).get("usage") for e in r.text.split("\n\n") if e.startswith("data: {"))
+
+
+async def test_stream_broken_midway_ends_with_an_error_event(stack: Stack):
+    r = await stack.chat("BREAK the stream", stream=True)
+    assert r.status_code == 200
+    events = [e for e in r.text.split("\n\n") if e]
+    assert json.loads(events[0][6:])["choices"][0]["delta"]["content"] == "Hello"
+    last = json.loads(events[-1][6:])
+    assert last["error"]["code"] == "backend_stream_broken" and "[DONE]" not in r.text
+    backend = stack.app.state.gateway.backends.backends[0]
+    assert backend.inflight == 0  # the stream's lease was released
+
+
+async def test_route_endpoint(stack: Stack):
+    r = await stack.client.post("/v1/route", json={"prompt": "Compute 17 plus 25."}, headers=stack.auth())
+    assert r.status_code == 200 and r.json()["routing"]["experts"][0]["name"] == "arith"
+    r = await stack.client.post("/v1/route", json={}, headers=stack.auth())
+    assert r.status_code == 400 and error_of(r)["code"] == "invalid_request"
+
+
+async def test_experts_crud(stack: Stack):
+    admin = stack.auth(ADMIN)
+    r = await stack.client.post("/v1/experts", json={"path": str(stack.root / "spare")}, headers=admin)
+    assert r.status_code == 201, r.text
+    names = {e["name"] for e in (await stack.client.get("/v1/experts", headers=admin)).json()["data"]}
+    assert names == {"cooking", "arith", "spare"}
+    r = await stack.client.post("/v1/experts", json={"path": str(stack.root / "spare")}, headers=admin)
+    assert r.status_code == 409 and error_of(r)["type"] == "conflict_error"
+    r = await stack.client.post("/v1/experts", json={"path": "/etc"}, headers=admin)
+    assert 400 <= r.status_code < 500 and "error" in r.json()
+    r = await stack.client.delete("/v1/experts/spare", headers=admin)
+    assert r.status_code == 200
+    r = await stack.client.delete("/v1/experts/spare", headers=admin)
+    assert r.status_code == 404 and error_of(r)["type"] == "not_found_error"
+    models = {m["id"] for m in (await stack.client.get("/v1/models", headers=stack.auth())).json()["data"]}
+    assert {"auto", BASE, "cooking", "arith"} <= models and "spare" not in models
