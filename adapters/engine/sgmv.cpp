@@ -104,7 +104,7 @@ void sgmv_bf16(torch::Tensor y, torch::Tensor x, torch::Tensor idx, torch::Tenso
 }
 
 // A gated composite's slot (adapters/engine/lora_linear.py GatedSlot): the tokens on `slot` mix the composite's
-// candidates per slice with their own gate, as vllm_plugin.gate_weights does, in float32:
+// candidates per slice with their own gate, as gating.gate_weights does, in float32:
 //   logits[g] = LN(u)·rows[g] (kind 1: PHATGOOSE, GLIDER) or |u·rows[g]| (kind 2: Arrow), plus bias[g]
 //   (α·global score, -inf for a candidate absent on that slice), g = slice·n + candidate;
 //   per slice the top-k logits are softmaxed, the others weigh 0;

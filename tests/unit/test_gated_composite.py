@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from adapters.engine import lora_linear
 from adapters.engine import plugin as vllm_plugin
+from adapters.engine import slots as slot_data
 from adapters.engine.gating import arrow_logits, arrow_prototype, combine, phatgoose_logits
 from adapters.gated_composite import GatedCompositeStore, GateSpec, build_gated, canonical, gated_rank
 from adapters.gates import write_gates
@@ -148,7 +149,7 @@ def test_header_round_trip_and_plain_adapters_untouched(experts):
     tensors, _ = build_gated([(p.name, s, p) for p, s in zip(experts, [0.9, 0.2, -0.1])], spec)
     a, _ = stacked((torch.randn(RANK, D_IN).to(torch.bfloat16), torch.zeros(D_OUT, RANK)),
                    (tensors[f"{MODULE}.lora_A.weight"], tensors[f"{MODULE}.lora_B.weight"]))
-    gates = vllm_plugin.slot_gates(a.squeeze(1))
+    gates = slot_data.slot_gates(a.squeeze(1))
     assert set(gates) == {1}  # slot 0 is an ordinary adapter
     g = gates[1]
     assert (g.kind, g.n, g.top_k, g.alpha, g.gate_start) == (2, 3, 2, 2.5, 12)

@@ -109,3 +109,20 @@ def test_the_check_reads_imports_inside_functions(tmp_path):
     for package in PACKAGES:
         (tmp_path / package).mkdir(exist_ok=True)
     assert violations(tmp_path) == ["router/late.py:2: router.late (router) imports service.gateway.Gateway (service)"]
+
+
+def test_every_flock_import_resolves():
+    """Imports inside functions run only when called: a moved module must not leave one of them dangling."""
+    import importlib
+
+    missing = []
+    for package in PACKAGES:
+        for path in sorted((REPO / package).rglob("*.py")):
+            for line, target in imports(path):
+                try:
+                    importlib.import_module(target)
+                except ModuleNotFoundError:
+                    parent, _, name = target.rpartition(".")
+                    if not hasattr(importlib.import_module(parent), name):  # a name, not a module
+                        missing.append(f"{path.relative_to(REPO)}:{line}: {target}")
+    assert missing == []

@@ -7,6 +7,7 @@ import torch
 
 from adapters.engine import lora_linear
 from adapters.engine import plugin as ours
+from adapters.engine import slots as slot_data
 
 _ops = pytest.importorskip("vllm.lora.ops.torch_ops.lora_ops")
 # vLLM's originals, captured before any test calls register() (which replaces them in place).
@@ -81,7 +82,7 @@ def test_padded_rank_is_skipped_and_reloads_are_seen():
     a[:, :, 3:] = 0  # every slot uses rank 3 of 8
     b[:, :, :, 3:] = 0
     idx = torch.tensor([0, 1, 2, 0, 1, 2, 0])
-    assert ours.used_rank(a.squeeze(1), 1) == 3 and ours.used_rank(b.squeeze(1), 2) == 3
+    assert slot_data.used_rank(a.squeeze(1), 1) == 3 and slot_data.used_rank(b.squeeze(1), 2) == 3
 
     def run(ops):
         y = torch.full((7, 8), 5.0)  # stale values in the buffer must not leak
@@ -94,10 +95,10 @@ def test_padded_rank_is_skipped_and_reloads_are_seen():
     g = torch.Generator().manual_seed(5)
     a[1, 0, 6].copy_(torch.randn(16, generator=g))  # slot 1 reloaded with a rank-7 adapter, in place
     b[1, 0, :, 6].copy_(torch.randn(16, generator=g))
-    assert ours.used_rank(a.squeeze(1), 1) == 7
+    assert slot_data.used_rank(a.squeeze(1), 1) == 7
     assert torch.allclose(run(ours), run(lora_ops), atol=1e-4)
     # A batch without slot 1 multiplies only the rank its own slots use, with the same result.
-    assert ours.used_rank(a.squeeze(1), 1, {0, 2}) == 3 and ours.used_rank(a.squeeze(1), 1, {-1}) == 0
+    assert slot_data.used_rank(a.squeeze(1), 1, {0, 2}) == 3 and slot_data.used_rank(a.squeeze(1), 1, {-1}) == 0
     idx = torch.tensor([0, 2, 0, -1, 2, 2, 0])
     assert torch.allclose(run(ours), run(lora_ops) * (idx >= 0).unsqueeze(1), atol=1e-4)
 
