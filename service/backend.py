@@ -14,6 +14,8 @@ from typing import Literal
 
 import aiohttp
 
+from adapters.engine.capabilities import CAPABILITIES_PATH
+from adapters.engine.gated_format import FORMAT_VERSION
 from service.errors import APIError, unavailable
 from service.metrics import Metrics
 from service.protocol import dumps
@@ -23,12 +25,38 @@ EJECT_AFTER_FAILURES = 2
 EJECT_AFTER_TIMEOUTS = 5
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend told the gateway about itself (GET /flock/capabilities; a 404 there: a vLLM without flock's
+    plugin, which serves plain LoRA and whose platform is unknown)."""
+
+    plugin: bool = False
+    gated_format: int | None = None
+    platform: str | None = None
+    gated: bool = False  # applies the per-token gate of gated composites of a format this gateway writes
+    base_isolation: bool | None = None  # a no-adapter request batched with adapter requests gets no delta
+
+    @classmethod
+    def from_answer(cls, status: int, body: dict | None) -> Capabilities:
+        if status != 200 or not isinstance(body, dict) or body.get("plugin") != "flock":
+            return cls()
+        fmt = body.get("gated_format")
+        return cls(plugin=True, gated_format=fmt, platform=body.get("platform"),
+                   gated=bool(body.get("gated")) and fmt == FORMAT_VERSION,
+                   base_isolation=body.get("base_isolation"))
+
+    def describe(self) -> dict:
+        return {"plugin": self.plugin, "platform": self.platform, "gated_format": self.gated_format,
+                "gated": self.gated, "base_isolation": self.base_isolation}
+
+
 @dataclass
 class Backend:
     url: str
     healthy: bool = False
     failures: float = 0
     inflight: int = 0
+    caps: Capabilities | None = None  # None until read (on each start of the backend)
     loaded: dict[str, Path] = field(default_factory=dict)  # adapter name -> directory loaded from
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)
 
@@ -108,6 +136,9 @@ class BackendPool:
             if not backend.healthy:
                 log.info("backend %s is up", backend.url)
                 backend.loaded.clear()
+                backend.caps = None  # a restarted backend may be another vLLM
+            if backend.caps is None:
+                backend.caps = await self.read_capabilities(backend)
             backend.healthy, backend.failures = True, 0
         else:
             backend.failures += failure
@@ -115,6 +146,32 @@ class BackendPool:
                 backend.mark_down()
         self.metrics.backend_up.labels(backend.url).set(1 if backend.healthy else 0)
         return backend.healthy
+
+    async def read_capabilities(self, backend: Backend) -> Capabilities | None:
+        """The backend's capabilities; None when it could not be asked (read again on the next check)."""
+        try:
+            async with self.session.get(f"{backend.url}{CAPABILITIES_PATH}", timeout=self.health_timeout) as resp:
+                body = await resp.json(content_type=None) if resp.status == 200 else None
+                caps = Capabilities.from_answer(resp.status, body)
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return None
+        if not caps.plugin:
+            log.warning("backend %s has no flock plugin (GET %s: no answer): it serves experts, merges and the base "
+                        "model, not the per-token modes; a CPU vLLM without it gives base-model requests batched "
+                        "with adapter requests another adapter's output", backend.url, CAPABILITIES_PATH)
+        elif caps.base_isolation is False:
+            log.warning("backend %s: base-model isolation does not hold on platform %s", backend.url, caps.platform)
+        return caps
+
+    def gated_status(self) -> str:
+        """Whether gated composites can be served now: 'ok' (a healthy backend applies the gate), 'down' (only
+        backends that are down do) or 'unsupported' (no backend does, as far as they said)."""
+        capable = [b for b in self.backends if b.caps is not None and b.caps.gated]
+        if any(b.healthy for b in capable):
+            return "ok"
+        if capable or any(b.caps is None for b in self.backends):
+            return "down"  # capable ones are down, or a backend has not said yet
+        return "unsupported"
 
     async def check_all(self) -> None:
         await asyncio.gather(*(self.check(b) for b in self.backends))
@@ -143,7 +200,10 @@ class BackendPool:
         stays hot on one replica; the owner is skipped while saturated and others have room."""
         # With none healthy, try them all anyway: a refused connection fails in microseconds, and a backend
         # that is only slow to answer health checks may still serve.
-        healthy = [b for b in self.backends if b.healthy] or list(self.backends)
+        backends = self.backends
+        if adapter is not None and adapter.kind == "gated":  # never to a backend that would serve it ungated
+            backends = [b for b in backends if b.caps is not None and b.caps.gated]
+        healthy = [b for b in backends if b.healthy] or list(backends)
         key = adapter.name if adapter else ""
 
         def weight(b: Backend) -> int:

@@ -27,6 +27,7 @@ from adapters.composite import CompositeStore
 from adapters.gated_composite import GatedCompositeStore
 from adapters.pool import Expert, ExpertPool
 from router.decision import ExpertChoice, RoutingDecision, RoutingParams
+from router.methods.gated import GatedRouting
 from router.router import Router
 from service.backend import Adapter, BackendPool
 from service.errors import APIError
@@ -99,6 +100,25 @@ class Gateway:
         raise APIError(404, f"The model {model!r} does not exist; GET /v1/models lists the models", param="model",
                        code="model_not_found")
 
+    def check_gated_servable(self, mode: str) -> None:
+        """A per-token mode needs a backend that applies the gate: none at all is the client's 400 (this
+        deployment does not serve the mode), none up right now a 503. Never a silent fallback."""
+        status = self.backends.gated_status()
+        if status == "unsupported":
+            raise APIError(400, f"routing mode {mode!r} mixes experts per token, which needs a vLLM backend running "
+                           "flock's plugin on a platform where it applies the gate (CPU); no backend of this "
+                           "deployment does (GET /ready lists the modes served). Use 'global' or 'merge'.",
+                           param="routing.mode", code="routing_mode_unavailable")
+        if status == "down":
+            raise APIError(503, f"no backend that serves routing mode {mode!r} is up; retry shortly",
+                           param="routing.mode", code="routing_mode_unavailable", headers={"Retry-After": "1"})
+
+    def modes_served(self) -> list[str]:
+        """Routing modes this deployment serves now (per-token modes only where a backend applies the gate)."""
+        gated = self.backends.gated_status() == "ok"
+        return [name for name, method in self.router.methods.items()
+                if gated or not isinstance(method, GatedRouting)] + ["base", "direct"]
+
     # --- generating -----------------------------------------------------------------------------------
     async def generate(self, endpoint: str, body: ChatCompletionRequest | CompletionRequest) -> Response:
         """One request: limits, decide, resolve to an adapter, forward, answer with `routing` added."""
@@ -113,6 +133,8 @@ class Gateway:
             new, cache_status = await self.decide(body.model, body.routing, query)
             return new
 
+        if isinstance(self.router.methods.get(decision.mode), GatedRouting):  # even when it chose no expert
+            self.check_gated_servable(decision.mode)
         decision, adapter = await self.resolver.resolve_or_reroute(decision, reroute if body.model == AUTO else None)
         for choice in decision.experts or [ExpertChoice(name="base", weight=1.0)]:  # the decision served
             self.metrics.selections.labels(choice.name, decision.mode).inc()

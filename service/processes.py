@@ -42,6 +42,9 @@ def vllm_command(settings: Settings, port: int | None = None) -> tuple[list[str]
         "VLLM_CPU_KVCACHE_SPACE": str(settings.vllm_kvcache_gib),
         "VLLM_CPU_OMP_THREADS_BIND": settings.vllm_threads,
         **settings.engine_env(),
+        # flock's plugins: the LoRA ops (general plugin) and GET /flock/capabilities (endpoint plugin, which vLLM
+        # loads only when named here). vLLM's own LoRA resolvers are not used.
+        "VLLM_PLUGINS": "flock",
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "VLLM_NO_USAGE_STATS": "1",

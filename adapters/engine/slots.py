@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from adapters.engine.gated_format import decode_header, is_header
+from adapters.engine.gated_format import UnknownFormat, decode_header, is_header
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +74,16 @@ def slot_gates(a: torch.Tensor) -> dict[int, SlotGate]:
         last = int(rows.max())
         if not is_header(a[slot, last]):
             continue
-        header = decode_header(a[slot, last])
-        n = len(header.ranks)
-        if header.gate_start + n != last:
-            log.warning("slot %d: malformed gated-composite header; served ungated", slot)
+        try:
+            header = decode_header(a[slot, last])
+            n = len(header.ranks)
+            if header.gate_start + n != last:
+                raise UnknownFormat("the header's ranks do not match its position")
+        except UnknownFormat as exc:
+            # Served ungated, a composite would add every candidate's delta and the gate rows too: remove this
+            # slot's LoRA here instead (its requests get the base layer) and say so.
+            log.error("slot %d holds a gated composite this engine cannot apply (%s): its LoRA is removed", slot, exc)
+            a[slot].zero_()
             continue
         found[slot] = SlotGate(
             kind=header.kind, n=n, top_k=header.top_k, alpha=header.alpha, gate_start=header.gate_start,

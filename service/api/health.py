@@ -27,6 +27,8 @@ async def ready(gateway: Gateway = Depends(get_gateway)) -> JSONResponse:
         "pool": {"experts": len(gateway.pool), "version": gateway.pool.version,
                  "abstain_threshold": round(gateway.router.index.threshold, 4)},
         "redis": None if cache is None else await cache.ping(),
+        "modes": gateway.modes_served(),
+        "capabilities": {b.url: b.caps.describe() if b.caps else None for b in gateway.backends.backends},
     }
     return JSONResponse(body, status_code=200 if body["ready"] else 503)
 

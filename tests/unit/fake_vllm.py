@@ -14,6 +14,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from adapters.engine.capabilities import capabilities
 from service.processes import free_port
 
 USAGE = {"prompt_tokens": 8, "completion_tokens": 2, "total_tokens": 10}
@@ -24,6 +25,8 @@ class FakeVLLM:
     url: str = ""
     requests: list[dict] = field(default_factory=list)  # bodies of generation requests, in order
     loaded: list[str] = field(default_factory=list)  # adapter names, in load order
+    # GET /flock/capabilities answers this (flock's plugin on a CPU vLLM); None: 404, as a stock vLLM does.
+    capabilities: dict | None = field(default_factory=lambda: capabilities("cpu"))
 
     def app(self) -> FastAPI:
         app = FastAPI()
@@ -31,6 +34,12 @@ class FakeVLLM:
         @app.get("/health")
         async def health() -> dict:
             return {}
+
+        @app.get("/flock/capabilities")
+        async def caps() -> Response:
+            if self.capabilities is None:
+                return JSONResponse({"detail": "Not Found"}, status_code=404)
+            return JSONResponse(self.capabilities)
 
         @app.post("/v1/load_lora_adapter")
         async def load(request: Request) -> Response:

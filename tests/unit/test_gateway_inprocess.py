@@ -15,6 +15,8 @@ import pytest_asyncio
 from fastapi import FastAPI
 
 from adapters.card import ExpertCard
+from adapters.engine.capabilities import capabilities
+from adapters.gates import compute_arrow_gates
 from adapters.validate import ModelShape
 from service.app import create_app
 from service.settings import Settings
@@ -54,6 +56,7 @@ async def stack(tmp_path_factory) -> AsyncIterator[Stack]:
     for seed, (name, (description, examples)) in enumerate(EXPERTS.items()):
         write_random_lora(root / name, shape=shape, base_name=BASE, seed=seed, rank=2, targets=("q_proj",),
                           card=ExpertCard(name=name, description=description, examples=examples))
+        compute_arrow_gates(root / name)  # so the per-token mode arrow has candidates
     write_random_lora(root / "spare", shape=shape, base_name=BASE, seed=9, rank=2, targets=("q_proj",),
                       card=ExpertCard(name="spare", description="Translates English words to German."))
     async with serve_fake_vllm() as fake:
@@ -184,3 +187,44 @@ async def test_experts_crud(stack: Stack):
     assert r.status_code == 404 and error_of(r)["type"] == "not_found_error"
     models = {m["id"] for m in (await stack.client.get("/v1/models", headers=stack.auth())).json()["data"]}
     assert {"auto", BASE, "cooking", "arith"} <= models and "spare" not in models
+
+
+async def test_gated_modes_only_where_a_backend_applies_the_gate(stack: Stack):
+    gateway = stack.app.state.gateway
+    r = await stack.chat("What is 12 times 7?", routing={"mode": "arrow"})
+    assert r.status_code == 200, r.text
+    assert r.json()["routing"]["gate"]["local"] == "arrow"
+    assert stack.fake.requests[-1]["model"].startswith("flock-gated-")
+    ready = (await stack.client.get("/ready")).json()
+    assert "arrow" in ready["modes"] and ready["capabilities"][stack.fake.url]["gated"] is True
+
+    # The same backend without flock's plugin (a stock vLLM: 404 on /flock/capabilities): a clear 400, no fallback.
+    stack.fake.capabilities = None
+    gateway.backends.backends[0].caps = None
+    await gateway.backends.check_all()
+    try:
+        before = len(stack.fake.requests)
+        for mode in ("arrow", "phatgoose", "glider"):
+            r = await stack.chat("What is 12 times 7?", routing={"mode": mode})
+            assert r.status_code == 400 and error_of(r)["code"] == "routing_mode_unavailable", r.text
+        assert len(stack.fake.requests) == before
+        r = await stack.chat("What is 12 times 7?")  # global routing, experts and the base model still served
+        assert r.status_code == 200 and r.json()["routing"]["experts"][0]["name"] == "arith"
+        ready = (await stack.client.get("/ready")).json()
+        assert "glider" not in ready["modes"] and "global" in ready["modes"]
+        assert ready["capabilities"][stack.fake.url]["plugin"] is False
+    finally:
+        stack.fake.capabilities = capabilities("cpu")
+        gateway.backends.backends[0].caps = None
+        await gateway.backends.check_all()
+
+
+async def test_gated_modes_wait_while_the_capable_backend_is_down(stack: Stack):
+    backend = stack.app.state.gateway.backends.backends[0]
+    backend.healthy = False
+    try:
+        r = await stack.chat("What is 12 times 7?", routing={"mode": "glider"})
+        assert r.status_code == 503 and error_of(r)["code"] == "routing_mode_unavailable"
+        assert r.headers["retry-after"] == "1"
+    finally:
+        backend.healthy = True
