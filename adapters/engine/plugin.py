@@ -167,12 +167,11 @@ def _whole_layer(original):
 def _limit_spin(busy_ms: float) -> None:
     """vLLM's shared-memory queues spin (sched_yield) for 1 s after every read before sleeping on a socket.
     The engine core and the worker are both readers, so after each request they keep about a core busy for a
-    second (measured: 1.0 CPU-s), and during decode the engine core spins while the worker computes: CPU the
-    gateway, the API server and the next request's embedding need. Past `busy_ms` since its last read, a
-    reader now sleeps on the writer's notification (a socket message vLLM sends on every write). With no spin
-    window at all reads stalled for vLLM's 5 s re-check, a lost wake-up not understood, so each sleep is
-    capped as well: 10 ms while traffic is recent, 50 ms after a second of quiet (decode at batch 1 measured
-    the same with a 1 ms and a 50 ms cap, so wake-ups do arrive)."""
+    second, and during decode the engine core spins while the worker computes: CPU the gateway, the API server
+    and the next request's embedding need. Past `busy_ms` since its last read, a reader now sleeps on the
+    writer's notification (a socket message vLLM sends on every write). With no spin window at all reads
+    stalled for vLLM's 5 s re-check (a lost wake-up, not understood), so each sleep is capped as well: 10 ms
+    while traffic is recent, 50 ms after a second of quiet (docs/architecture.md, "spin window")."""
     import time
 
     try:
