@@ -10,6 +10,7 @@ import argparse
 import logging
 
 from cli import bench, describe, evaluate, experts, loadtest, prepare, route, serve, train, train_gates
+from service.request_id import RequestIdFilter
 from service.settings import Settings
 
 COMMANDS = (serve, prepare, route, experts, train, train_gates, describe, evaluate, bench, loadtest)
@@ -25,8 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s [%(request_id)s]: "
+                        "%(message)s", datefmt="%H:%M:%S")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RequestIdFilter())
     for noisy in ("httpx", "httpcore", "transformers", "sentence_transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -19,7 +19,7 @@ from router.embed import Embedder, MicroBatcher
 from router.methods import GateConfig, MergeConfig, MethodConfig
 from router.router import Router
 from service import models
-from service.api import completions, experts, health
+from service.api import completions, experts, health, tokenize
 from service.api import models as models_api
 from service.auth import Authenticator, RateLimiter
 from service.backend import BackendPool
@@ -27,6 +27,7 @@ from service.errors import error_body, install_error_handlers
 from service.gateway import Gateway
 from service.metrics import Metrics
 from service.pool_sync import SharedPool
+from service.request_id import RequestIdMiddleware
 from service.settings import Settings, get_settings
 
 log = logging.getLogger("flock")
@@ -153,8 +154,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="flock", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible gateway routing each request across a pool of LoRA experts.")
     install_error_handlers(app, on_error=lambda kind: metrics.errors.labels(kind).inc())
-    for module in (completions, models_api, experts, health):
+    for module in (completions, models_api, tokenize, experts, health):
         app.include_router(module.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestIdMiddleware)  # outermost: every answer, a 413 included, carries the id
     app.state.metrics = metrics
     return app

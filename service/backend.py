@@ -16,6 +16,7 @@ import aiohttp
 
 from adapters.engine.capabilities import CAPABILITIES_PATH
 from adapters.engine.gated_format import FORMAT_VERSION
+from service import request_id
 from service.errors import APIError, unavailable
 from service.metrics import Metrics
 from service.protocol import dumps
@@ -306,7 +307,9 @@ class BackendPool:
         self.metrics.backend_up.labels(backend.url).set(0)
 
     async def _send_once(self, lease: Lease, path: str, body: bytes, stream: bool) -> BackendResponse:
-        raw = await self.session.post(f"{lease.backend.url}{path}", data=body, headers=_JSON)
+        rid = request_id.current()
+        headers = _JSON if rid is None else {**_JSON, "X-Request-Id": rid}
+        raw = await self.session.post(f"{lease.backend.url}{path}", data=body, headers=headers)
         resp = BackendResponse(raw, lease)
         if not stream:
             try:

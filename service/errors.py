@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters.errors import PoolError
@@ -14,7 +16,8 @@ from adapters.errors import PoolError
 log = logging.getLogger(__name__)
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error", 422: "invalid_request_error",
+          404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error",
+          422: "invalid_request_error",
           429: "rate_limit_error", 503: "service_unavailable"}
 
 
@@ -52,6 +55,14 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return (f"{param}: {msg}" if param else msg), param
 
 
+def unknown_path_message(app: FastAPI, method: str, path: str) -> str:
+    """'No route ...; did you mean POST /v1/chat/completions?' with the closest path the app serves."""
+    served = {r.path: sorted(getattr(r, "methods", None) or ()) for r in app.routes if isinstance(r, APIRoute)}
+    near = difflib.get_close_matches(path, list(served), n=1, cutoff=0.5)
+    hint = f"; did you mean {'/'.join(served[near[0]]) or method} {near[0]}?" if near else "; see GET /openapi.json"
+    return f"no endpoint {method} {path}{hint}"
+
+
 def install_error_handlers(app: FastAPI, on_error=None) -> None:
     count = on_error or (lambda kind: None)
 
@@ -74,7 +85,12 @@ def install_error_handlers(app: FastAPI, on_error=None) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         count(f"http_{exc.status_code}")
-        return JSONResponse(error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code,
+        message, code = str(exc.detail), None
+        if exc.status_code == 404 and exc.detail == "Not Found":
+            message, code = unknown_path_message(app, request.method, request.url.path), "unknown_path"
+        elif exc.status_code == 405:
+            message, code = f"{request.method} is not allowed on {request.url.path}", "method_not_allowed"
+        return JSONResponse(error_body(exc.status_code, message, code=code), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)

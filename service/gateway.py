@@ -161,6 +161,8 @@ class Gateway:
             raise backend_error(resp.status_code, resp.content)
         data = loads(resp.content)
         self._count_tokens(label, data.get("usage") or {})
+        if adapter is not None and adapter.kind != "expert":
+            data["model"] = composite_model_name(decision)
         data["routing"] = decision.model_dump()
         self.metrics.requests.labels(endpoint, decision.mode, "ok").inc()
         headers["x-flock-gateway-ms"] = f"{(t0 - start) * 1000:.2f}"  # routing etc., before forwarding
@@ -186,12 +188,19 @@ class Gateway:
             on_usage=lambda usage: self._count_tokens(label, usage),
             on_broken=lambda kind: self.metrics.errors.labels("backend_stream_broken").inc(),
             on_end=self.metrics.backend_latency.labels(endpoint, backend).observe)
-        return StreamingResponse(relay(resp, decision.model_dump(), wants_usage, observe),
+        model = composite_model_name(decision) if adapter is not None and adapter.kind != "expert" else None
+        return StreamingResponse(relay(resp, decision.model_dump(), wants_usage, observe, model=model),
                                  media_type="text/event-stream", headers=headers)
 
     def _count_tokens(self, label: str, usage: dict) -> None:
         self.metrics.tokens.labels(label, "prompt").inc(usage.get("prompt_tokens", 0))
         self.metrics.tokens.labels(label, "completion").inc(usage.get("completion_tokens", 0))
+
+
+def composite_model_name(decision: RoutingDecision) -> str:
+    """`model` in an answer served by a composite: the mode and its experts ('merge:arith+cooking'), stable and
+    readable where the adapter's own name (flock-merge-<hash>) is an internal detail."""
+    return f"{decision.mode}:{'+'.join(sorted(c.name for c in decision.experts))}"
 
 
 def token_label(adapter: Adapter | None) -> str:

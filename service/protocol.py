@@ -53,10 +53,14 @@ class SamplingFields(BaseModel):
 
     model_config = _PASS_THROUGH
     model: str = Field(description="'auto' routes; an expert name uses that expert; the base model's name none.")
-    max_tokens: int | None = Field(None, ge=1)
-    n: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    # Ranges as OpenAI states them; the gateway's own caps (max_tokens, n) are settings, checked in limits.py.
+    max_tokens: int | None = Field(None, ge=1, le=1 << 31)
+    n: int | None = Field(None, ge=1, le=128)
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    presence_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
+    seed: int | None = Field(None, ge=-(1 << 63), lt=1 << 64)
     stream: bool | None = False
     stream_options: dict[str, Any] | None = None
     routing: RoutingParams | None = Field(None, description="flock: how to route when model is 'auto'.")
@@ -64,11 +68,14 @@ class SamplingFields(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=1 << 31)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(description="Text, texts or token ids.")
+    logprobs: int | None = Field(None, ge=0, le=20)
 
 
 class RouteRequest(BaseModel):

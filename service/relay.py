@@ -70,8 +70,9 @@ class StreamObserver:
     on_end: Callable[[float], None]
 
 
-async def relay(resp: BackendResponse, routing: dict, wants_usage: bool, observe: StreamObserver
-                ) -> AsyncIterator[bytes]:
+async def relay(resp: BackendResponse, routing: dict, wants_usage: bool, observe: StreamObserver, *,
+                model: str | None = None) -> AsyncIterator[bytes]:
+    """`model`: the name every chunk carries instead of the backend's (a composite's readable name)."""
     t0 = resp.lease.start
     first, got_token, buffer = True, False, b""
     try:
@@ -79,10 +80,13 @@ async def relay(resp: BackendResponse, routing: dict, wants_usage: bool, observe
             done, buffer = events(buffer + chunk)
             for raw in done:
                 event = Event.parse(raw)
-                if first and event.data is not None:
-                    event.data["routing"] = routing
+                if event.data is not None and (first or (model is not None and "model" in event.data)):
+                    if first:
+                        event.data["routing"] = routing
+                        first = False
+                    if model is not None and "model" in event.data:
+                        event.data["model"] = model
                     raw = b"data: " + dumps(event.data)
-                    first = False
                 if not got_token and event.has_token:
                     got_token = True
                     observe.on_first_token(time.perf_counter() - t0)

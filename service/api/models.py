@@ -19,6 +19,19 @@ _STARTED = int(time.time())
 
 @router.get("/v1/models", response_model=ModelList)
 async def list_models(gateway: Gateway = Depends(get_gateway)) -> ModelList:
+    return ModelList(data=model_cards(gateway))
+
+
+@router.get("/v1/models/{model_id}", response_model=ModelCard, responses=ERRORS)
+async def get_model(model_id: str, gateway: Gateway = Depends(get_gateway)) -> ModelCard:
+    for card in model_cards(gateway):
+        if card.id == model_id:
+            return card
+    raise APIError(404, f"The model {model_id!r} does not exist; GET /v1/models lists the models", param="model",
+                   code="model_not_found")
+
+
+def model_cards(gateway: Gateway) -> list[ModelCard]:
     base = gateway.settings.base_model_name
     data = [
         ModelCard(id=AUTO, created=_STARTED, parent=base, description="Routed across the expert pool."),
@@ -26,7 +39,7 @@ async def list_models(gateway: Gateway = Depends(get_gateway)) -> ModelList:
     ]
     data += [ModelCard(id=e.name, created=_STARTED, parent=base, description=e.card.description)
              for e in gateway.pool.experts()]
-    return ModelList(data=data)
+    return data
 
 
 @router.post("/v1/route", response_model=RouteResponse, responses=ERRORS)

@@ -24,6 +24,7 @@ USAGE = {"prompt_tokens": 8, "completion_tokens": 2, "total_tokens": 10}
 class FakeVLLM:
     url: str = ""
     requests: list[dict] = field(default_factory=list)  # bodies of generation requests, in order
+    request_ids: list[str | None] = field(default_factory=list)  # their X-Request-Id headers
     loaded: list[str] = field(default_factory=list)  # adapter names, in load order
     # GET /flock/capabilities answers this (flock's plugin on a CPU vLLM); None: 404, as a stock vLLM does.
     capabilities: dict | None = field(default_factory=lambda: capabilities("cpu"))
@@ -52,11 +53,19 @@ class FakeVLLM:
 
         @app.post("/v1/chat/completions")
         async def chat(request: Request) -> Response:
+            self.request_ids.append(request.headers.get("x-request-id"))
             return await self.answer(await request.json(), chat=True)
 
         @app.post("/v1/completions")
         async def completions(request: Request) -> Response:
+            self.request_ids.append(request.headers.get("x-request-id"))
             return await self.answer(await request.json(), chat=False)
+
+        @app.post("/tokenize")
+        async def tokenize(request: Request) -> Response:
+            body = await request.json()
+            self.requests.append(body)
+            return JSONResponse({"count": 2, "max_model_len": 2048, "tokens": [11, 12]})
 
         return app
 

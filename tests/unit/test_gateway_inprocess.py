@@ -195,6 +195,7 @@ async def test_gated_modes_only_where_a_backend_applies_the_gate(stack: Stack):
     assert r.status_code == 200, r.text
     assert r.json()["routing"]["gate"]["local"] == "arrow"
     assert stack.fake.requests[-1]["model"].startswith("flock-gated-")
+    assert r.json()["model"] == "arrow:arith+cooking"  # a composite's readable name, not flock-gated-<hash>
     ready = (await stack.client.get("/ready")).json()
     assert "arrow" in ready["modes"] and ready["capabilities"][stack.fake.url]["gated"] is True
 
@@ -228,3 +229,53 @@ async def test_gated_modes_wait_while_the_capable_backend_is_down(stack: Stack):
         assert r.headers["retry-after"] == "1"
     finally:
         backend.healthy = True
+
+
+async def test_model_by_id(stack: Stack):
+    r = await stack.client.get("/v1/models/arith", headers=stack.auth())
+    assert r.status_code == 200 and r.json()["id"] == "arith" and r.json()["parent"] == BASE
+    r = await stack.client.get("/v1/models/nope", headers=stack.auth())
+    assert r.status_code == 404 and error_of(r)["code"] == "model_not_found"
+
+
+async def test_tokenize_passes_through_with_the_base_model(stack: Stack):
+    r = await stack.client.post("/tokenize", json={"model": "auto", "prompt": "hi there"}, headers=stack.auth())
+    assert r.status_code == 200 and r.json()["tokens"] == [11, 12]
+    assert stack.fake.requests[-1] == {"model": BASE, "prompt": "hi there"}
+    assert (await stack.client.post("/tokenize", json={"prompt": "x"})).status_code == 401
+
+
+async def test_request_id_is_kept_returned_and_sent_to_the_backend(stack: Stack):
+    r = await stack.client.post(
+        "/v1/chat/completions", json={"model": "auto", "messages": [{"role": "user", "content": "hi"}]},
+        headers={**stack.auth(), "X-Request-Id": "client-id-42"})
+    assert r.status_code == 200 and r.headers["x-request-id"] == "client-id-42"
+    assert stack.fake.request_ids[-1] == "client-id-42"
+    r = await stack.client.post("/v1/chat/completions", json={"model": BASE, "messages": [{"role": "user",
+                                                                                            "content": "hi"}]},
+                                headers={**stack.auth(), "X-Request-Id": "bad id with spaces"})
+    generated = r.headers["x-request-id"]
+    assert generated.startswith("flock-") and stack.fake.request_ids[-1] == generated
+    r = await stack.client.get("/v1/models/nope", headers=stack.auth())
+    assert r.headers["x-request-id"].startswith("flock-")  # errors carry one too
+
+
+async def test_unknown_path_names_the_nearest_endpoint_and_405_is_a_client_error(stack: Stack):
+    r = await stack.client.post("/v1/chat/completion", json={}, headers=stack.auth())
+    assert r.status_code == 404 and error_of(r)["code"] == "unknown_path"
+    assert "did you mean POST /v1/chat/completions" in error_of(r)["message"]
+    r = await stack.client.get("/v1/chat/completions", headers=stack.auth())
+    assert r.status_code == 405 and error_of(r)["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("extra", [
+    {"routing": {"mode": "glider", "alpha": 1e300}}, {"routing": {"mode": "glider", "alpha": -1}},
+    {"routing": {"top_k": 0}}, {"routing": {"top_k": 10**30}}, {"temperature": 1e308}, {"top_p": 0},
+    {"presence_penalty": 3}, {"frequency_penalty": -2.5}, {"top_logprobs": 21}, {"max_tokens": 0},
+    {"max_tokens": 10**40}, {"n": 0}, {"seed": 2**70}, {"messages": []}, {"routing": {"mode": ["x"]}},
+])
+async def test_out_of_range_numbers_are_400s(stack: Stack, extra):
+    body = {"model": "auto", "messages": [{"role": "user", "content": "hi"}], **extra}
+    r = await stack.client.post("/v1/chat/completions", json=body, headers=stack.auth())
+    assert r.status_code == 400, r.text
+    assert error_of(r)["type"] == "invalid_request_error"
