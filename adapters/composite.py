@@ -94,11 +94,15 @@ class CompositeStore:
         key = json.dumps([pool_version, [[n, round(w, 4)] for n, w in parts]])
         return COMPOSITE_PREFIX + hashlib.sha256(key.encode()).hexdigest()[:12]
 
-    def ensure(self, pool_version: str, parts: Sequence[tuple[str, float, Path]]) -> tuple[str, Path]:
-        """(composite id, directory); builds it on first use. `parts` are (name, weight, adapter dir)."""
+    def ensure(self, pool_version: str, parts: Sequence[tuple[str, float, Path]],
+               before_build: Callable[[], None] | None = None) -> tuple[str, Path]:
+        """(composite id, directory); builds it on first use, after `before_build()` (which may raise to refuse
+        the build). `parts` are (name, weight, adapter dir)."""
         cid = self.composite_id(pool_version, [(n, w) for n, w, _ in parts])
 
         def build() -> tuple[dict[str, torch.Tensor], dict, dict]:
+            if before_build is not None:
+                before_build()
             tensors, config = merge_loras([p for _, _, p in parts], [w for _, w, _ in parts])
             return tensors, config, {"pool_version": pool_version, "experts": [
                 {"name": n, "weight": w, "path": str(p)} for n, w, p in parts]}

@@ -30,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,13 +144,16 @@ class GatedCompositeStore:
                           [spec.kind, spec.alpha, spec.top_k, spec.temperature]])
         return GATED_PREFIX + hashlib.sha256(key.encode()).hexdigest()[:12]
 
-    def ensure(self, pool_version: str, parts: Sequence[tuple[str, float, Path]], spec: GateSpec
-               ) -> tuple[str, Path]:
-        """(composite id, directory) for candidates `parts` = (name, global score, dir); built on first use."""
+    def ensure(self, pool_version: str, parts: Sequence[tuple[str, float, Path]], spec: GateSpec,
+               before_build: Callable[[], None] | None = None) -> tuple[str, Path]:
+        """(composite id, directory) for candidates `parts` = (name, global score, dir); built on first use, after
+        `before_build()` (which may raise to refuse the build)."""
         parts = canonical(parts, spec)
         cid = self.composite_id(pool_version, [(n, s) for n, s, _ in parts], spec)
 
         def build() -> tuple[dict[str, torch.Tensor], dict, dict]:
+            if before_build is not None:
+                before_build()
             tensors, config = build_gated(parts, spec)
             return tensors, config, {"pool_version": pool_version, "gate": spec.normalised().__dict__,
                                      "experts": [{"name": n, "global_gap": s, "path": str(p)} for n, s, p in parts]}

@@ -35,4 +35,5 @@ class RoutingParams(BaseModel):
     mode: str | None = Field(None, description="Routing method; default: FLOCK_DEFAULT_MODE.")
     top_k: int | None = Field(None, ge=1, le=8, description="Experts to combine (merge and later modes).")
     alpha: float | None = Field(None, ge=0, le=1000, allow_inf_nan=False,
-                                description="Weight of the global score in per-token gating (GLIDER used 3-1000).")
+                                description="Weight of the global score in per-token gating (GLIDER used 3-1000); "
+                                "kept to two significant digits.")

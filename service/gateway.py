@@ -24,6 +24,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from adapters.card import ExpertCard
 from adapters.composite import CompositeStore
+from adapters.composite_cache import CompositeCache, dir_bytes
 from adapters.gated_composite import GatedCompositeStore
 from adapters.pool import Expert, ExpertPool
 from router.decision import ExpertChoice, RoutingDecision, RoutingParams
@@ -31,7 +32,7 @@ from router.methods.gated import GatedRouting
 from router.router import Router
 from service.backend import Adapter, BackendPool
 from service.errors import APIError
-from service.limits import check_limits
+from service.limits import BuildLimiter, check_limits
 from service.metrics import Metrics
 from service.protocol import ChatCompletionRequest, CompletionRequest, dumps, loads
 from service.query import query_text
@@ -54,9 +55,16 @@ class Gateway:
         self.router = router
         self.backends = backends
         self.composites = composites
-        self.resolver = Resolver(pool, composites, GatedCompositeStore(settings.composites_dir / "gated"))
+        cache = CompositeCache(composite_budget(settings, pool))
+        self.resolver = Resolver(pool, composites, GatedCompositeStore(settings.composites_dir / "gated"), cache,
+                                 self._composites_evicted, BuildLimiter(settings.composite_builds_per_min))
+        metrics.composites = lambda: (cache.bytes, cache.built, cache.evicted)
         self.metrics = metrics
         self.shared: SharedPool | None = None  # the registry shared with other replicas (Redis), if any
+
+    async def _composites_evicted(self, names: list[str]) -> None:
+        for name in names:
+            await self.backends.unload_everywhere(name)
 
     async def pool_changed(self, removed: Iterable[str] = ()) -> None:
         """Re-embed the experts and re-calibrate; drop removed or replaced adapters from every backend.
@@ -120,7 +128,8 @@ class Gateway:
                 if gated or not isinstance(method, GatedRouting)] + ["base", "direct"]
 
     # --- generating -----------------------------------------------------------------------------------
-    async def generate(self, endpoint: str, body: ChatCompletionRequest | CompletionRequest) -> Response:
+    async def generate(self, endpoint: str, body: ChatCompletionRequest | CompletionRequest,
+                       key_id: str = "anonymous") -> Response:
         """One request: limits, decide, resolve to an adapter, forward, answer with `routing` added."""
         start = time.perf_counter()
         check_limits(self.settings, body)
@@ -135,7 +144,8 @@ class Gateway:
 
         if isinstance(self.router.methods.get(decision.mode), GatedRouting):  # even when it chose no expert
             self.check_gated_servable(decision.mode)
-        decision, adapter = await self.resolver.resolve_or_reroute(decision, reroute if body.model == AUTO else None)
+        decision, adapter = await self.resolver.resolve_or_reroute(decision, reroute if body.model == AUTO else None,
+                                                                   key_id)
         for choice in decision.experts or [ExpertChoice(name="base", weight=1.0)]:  # the decision served
             self.metrics.selections.labels(choice.name, decision.mode).inc()
         payload = body.model_dump(exclude_none=True, exclude={"routing"})
@@ -195,6 +205,15 @@ class Gateway:
     def _count_tokens(self, label: str, usage: dict) -> None:
         self.metrics.tokens.labels(label, "prompt").inc(usage.get("prompt_tokens", 0))
         self.metrics.tokens.labels(label, "completion").inc(usage.get("completion_tokens", 0))
+
+
+def composite_budget(settings: Settings, pool: ExpertPool) -> int:
+    """Bytes the composites may take on disk: FLOCK_COMPOSITES_MAX_MB, or by default four times the pool's
+    adapters, at least 256 MB (a gated composite of the default library is some 30 MB)."""
+    if settings.composites_max_mb > 0:
+        return settings.composites_max_mb << 20
+    library = sum(dir_bytes(e.path) for e in pool.experts())
+    return max(4 * library, 256 << 20)
 
 
 def composite_model_name(decision: RoutingDecision) -> str:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
 from service.errors import APIError
 from service.protocol import ChatCompletionRequest, CompletionRequest
 from service.settings import Settings
@@ -40,3 +45,31 @@ def check_limits(settings: Settings, body: ChatCompletionRequest | CompletionReq
         raise APIError(400, f"prompt is {chars} characters; the limit is {s.max_prompt_chars}",
                        param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
                        code="context_length_exceeded")
+
+
+class BuildLimiter:
+    """At most `per_minute` new composites built per key in any 60 s (0: no limit). Building one costs seconds of
+    CPU and tens of MB of disk, and a request chooses which: without a cap one client could keep the gateway
+    building. Per gateway process, not shared through Redis."""
+
+    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic):
+        self.per_minute = per_minute
+        self.clock = clock
+        self._builds: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, key_id: str) -> None:
+        """Count one build for `key_id`, or raise a 429 when it has had its share this minute."""
+        if self.per_minute <= 0:
+            return
+        now = self.clock()
+        with self._lock:
+            recent = self._builds.setdefault(key_id, deque())
+            while recent and now - recent[0] >= 60:
+                recent.popleft()
+            if len(recent) >= self.per_minute:
+                retry = max(1, int(60 - (now - recent[0])) + 1)
+                raise APIError(429, f"this key had {self.per_minute} new composites built in the last minute; "
+                               "reuse a routing setting, or retry later", code="composite_rate_limited",
+                               headers={"Retry-After": str(retry)})
+            recent.append(now)

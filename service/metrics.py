@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import prometheus_client
 from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 _LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -56,9 +59,24 @@ class Metrics:
         self.errors = Counter("flock_errors_total", "Errors by type.", ["type"], registry=r)
         self.backend_up = Gauge("flock_backend_up", "1 if the backend passes health checks.", ["backend"], registry=r)
         self.pool_size = Gauge("flock_pool_experts", "Experts registered in the pool.", registry=r)
+        # flock_composites_*: read from the composite cache when scraped, so the request path pays nothing.
+        self.composites: Callable[[], tuple[int, int, int]] | None = None  # (bytes, built, evicted)
+        r.register(_CompositesCollector(self))
         self.adapter_loads = Counter("flock_adapter_loads_total", "Adapters loaded into a backend.",
                                      ["backend", "kind"], registry=r)
 
     def observe_stages(self, stages: dict[str, float]) -> None:
         for stage, seconds in stages.items():
             self.routing_stage.labels(stage).observe(seconds)
+
+
+class _CompositesCollector(Collector):
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        size, built, evicted = self.metrics.composites() if self.metrics.composites else (0, 0, 0)
+        yield GaugeMetricFamily("flock_composites_bytes", "Bytes of merge and gated composites on disk.", size)
+        yield CounterMetricFamily("flock_composites_built", "Composites built.", built)
+        yield CounterMetricFamily("flock_composites_evicted",
+                                  "Composites evicted from disk (and unloaded from every backend).", evicted)

@@ -6,14 +6,18 @@ Composites are built (or found built) in the state directory; vLLM loads them li
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from adapters.composite import CompositeStore
+from adapters.composite_cache import CompositeCache
 from adapters.gated_composite import GatedCompositeStore, GateSpec
 from adapters.pool import ExpertPool
 from router.decision import RoutingDecision
 from service.backend import Adapter
 from service.errors import APIError
+from service.limits import BuildLimiter
 
 
 class ExpertLeft(APIError):
@@ -25,13 +29,29 @@ class ExpertLeft(APIError):
 
 
 class Resolver:
-    def __init__(self, pool: ExpertPool, composites: CompositeStore, gated: GatedCompositeStore):
+    def __init__(self, pool: ExpertPool, composites: CompositeStore, gated: GatedCompositeStore,
+                 cache: CompositeCache, evicted: Callable[[list[str]], Awaitable[None]], limiter: BuildLimiter):
         self.pool = pool
         self.composites = composites
         self.gated = gated
+        self.cache = cache  # both kinds of composite, on one disk budget
+        self.evicted = evicted  # told which composites left the disk (to unload them from the backends)
+        self.limiter = limiter
 
-    async def resolve(self, decision: RoutingDecision) -> Adapter | None:
-        """The adapter for `decision`; None: the base model. Raises ExpertLeft."""
+    async def _ensure(self, ensure: Callable[[], tuple[str, Path]]) -> tuple[str, Path]:
+        def run() -> tuple[str, Path, list[str]]:
+            cid, path = ensure()
+            return cid, path, self.cache.use(cid, path, built=cid not in self.cache)
+
+        cid, path, evicted = await asyncio.to_thread(run)
+        if evicted:
+            await self.evicted(evicted)
+        return cid, path
+
+    async def resolve(self, decision: RoutingDecision, key_id: str = "anonymous") -> Adapter | None:
+        """The adapter for `decision`; None: the base model. Raises ExpertLeft, or a 429 when `key_id` has had
+        its share of new composites this minute."""
+        take = functools.partial(self.limiter.take, key_id)
         experts = decision.experts
         if not experts:
             return None
@@ -47,20 +67,20 @@ class Resolver:
             g = decision.gate
             parts = [(c.name, c.score or 0.0, path) for c, (_, _, path) in zip(experts, resolved, strict=True)]
             spec = GateSpec(kind=g.local, alpha=g.alpha, top_k=g.top_k)
-            cid, path = await asyncio.to_thread(self.gated.ensure, self.pool.version, parts, spec)
+            cid, path = await self._ensure(lambda: self.gated.ensure(self.pool.version, parts, spec, take))
             return Adapter(name=cid, path=path, kind="gated")
-        cid, path = await asyncio.to_thread(self.composites.ensure, self.pool.version, resolved)
+        cid, path = await self._ensure(lambda: self.composites.ensure(self.pool.version, resolved, take))
         return Adapter(name=cid, path=path, kind="merge")
 
     async def resolve_or_reroute(self, decision: RoutingDecision,
-                                 reroute: Callable[[], Awaitable[RoutingDecision]] | None
+                                 reroute: Callable[[], Awaitable[RoutingDecision]] | None, key_id: str = "anonymous"
                                  ) -> tuple[RoutingDecision, Adapter | None]:
         """As `resolve`; a routed decision whose expert left the pool is routed again on the pool as it is now,
         once (`reroute`; None for a request that named its expert, which then gets the 503)."""
         try:
-            return decision, await self.resolve(decision)
+            return decision, await self.resolve(decision, key_id)
         except ExpertLeft:
             if reroute is None:
                 raise
         decision = await reroute()
-        return decision, await self.resolve(decision)
+        return decision, await self.resolve(decision, key_id)

@@ -103,6 +103,11 @@ class Settings(EngineSettings):
     abstain_threshold: float | None = Field(
         None, description="Fixed abstain threshold. Empty: calibrated from the pool's expert cards."
     )
+    composites_max_mb: int = Field(
+        0, ge=0, description="Disk budget of merge and gated composites, least recently used evicted first. "
+        "0: four times the pool's adapters, at least 256 MB.")
+    composite_builds_per_min: int = Field(
+        30, ge=0, description="New composites one key may have built per minute (429 beyond); 0: no limit.")
     cache_ttl_s: int = Field(3600, description="Lifetime of a cached routing decision.")
     pool_sync_s: float = Field(2.0, description="How often a gateway checks Redis for pool changes made by "
                                "other gateway replicas.")

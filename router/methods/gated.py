@@ -31,9 +31,11 @@ class GatedRouting(RoutingMethod):
     uses_global: bool = True
 
     def alpha(self, params: RoutingParams) -> float:
+        """α, to two significant digits: every α a request may send is one more composite to build, so nearby
+        values share one (3.14 and 3.1 are the same gate for any purpose a client has)."""
         if not self.uses_global:
             return 0.0
-        return float(params.alpha if params.alpha is not None else self.config.alpha)
+        return float(f"{float(params.alpha if params.alpha is not None else self.config.alpha):.2g}")
 
     def top_k(self, params: RoutingParams) -> int:
         return params.top_k or self.config.top_k

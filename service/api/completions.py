@@ -10,6 +10,7 @@ from fastapi.responses import Response
 
 from service.api.deps import get_gateway, require_key
 from service.api.responses import ERRORS
+from service.auth import Principal
 from service.metrics import Metrics
 from service.protocol import ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse
 
@@ -18,17 +19,22 @@ router = APIRouter(tags=["generation"], dependencies=[Depends(require_key)])
 
 @router.post("/v1/chat/completions", response_model=None,
              responses={200: {"model": ChatCompletionResponse, "content": {"text/event-stream": {}}}, **ERRORS})
-async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+async def chat_completions(body: ChatCompletionRequest, request: Request,
+                           principal: Principal = Depends(require_key)) -> Response:
     # get_gateway called, not Depends(get_gateway): FastAPI resolving a dependency costs ~10 µs per request.
+    # (require_key is the router's dependency too: FastAPI resolves it once per request.)
     gateway = await get_gateway(request)
-    return await unless_client_leaves(request, gateway.generate("/v1/chat/completions", body), gateway.metrics)
+    work = gateway.generate("/v1/chat/completions", body, principal.key_id)
+    return await unless_client_leaves(request, work, gateway.metrics)
 
 
 @router.post("/v1/completions", response_model=None,
              responses={200: {"model": CompletionResponse, "content": {"text/event-stream": {}}}, **ERRORS})
-async def completions(body: CompletionRequest, request: Request) -> Response:
+async def completions(body: CompletionRequest, request: Request,
+                      principal: Principal = Depends(require_key)) -> Response:
     gateway = await get_gateway(request)
-    return await unless_client_leaves(request, gateway.generate("/v1/completions", body), gateway.metrics)
+    work = gateway.generate("/v1/completions", body, principal.key_id)
+    return await unless_client_leaves(request, work, gateway.metrics)
 
 
 async def unless_client_leaves(request: Request, work: Awaitable[Response], metrics: Metrics) -> Response:

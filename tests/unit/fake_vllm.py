@@ -26,6 +26,7 @@ class FakeVLLM:
     requests: list[dict] = field(default_factory=list)  # bodies of generation requests, in order
     request_ids: list[str | None] = field(default_factory=list)  # their X-Request-Id headers
     loaded: list[str] = field(default_factory=list)  # adapter names, in load order
+    unloaded: list[str] = field(default_factory=list)
     # GET /flock/capabilities answers this (flock's plugin on a CPU vLLM); None: 404, as a stock vLLM does.
     capabilities: dict | None = field(default_factory=lambda: capabilities("cpu"))
 
@@ -49,6 +50,7 @@ class FakeVLLM:
 
         @app.post("/v1/unload_lora_adapter")
         async def unload(request: Request) -> Response:
+            self.unloaded.append((await request.json())["lora_name"])
             return Response(b"ok")
 
         @app.post("/v1/chat/completions")

@@ -279,3 +279,55 @@ async def test_out_of_range_numbers_are_400s(stack: Stack, extra):
     r = await stack.client.post("/v1/chat/completions", json=body, headers=stack.auth())
     assert r.status_code == 400, r.text
     assert error_of(r)["type"] == "invalid_request_error"
+
+
+async def test_composites_stay_within_their_disk_budget_and_leave_the_backends(stack: Stack):
+    gateway = stack.app.state.gateway
+    cache = gateway.resolver.cache
+    limit, protect = cache.limit_bytes, cache.protect_s
+    cache.limit_bytes, cache.protect_s = 1, 0.0  # room for one composite at a time
+    gateway.composites.clear()  # the two composites below are new
+    cache._entries.clear()
+    cache.bytes = 0
+    try:
+        built, evicted = cache.built, cache.evicted
+        r = await stack.chat("What is 12 times 7?", routing={"mode": "arrow", "top_k": 2})
+        first = stack.fake.requests[-1]["model"]
+        r = await stack.chat("What is 12 times 7?", routing={"mode": "arrow", "top_k": 1})
+        assert r.status_code == 200
+        second = stack.fake.requests[-1]["model"]
+        assert first != second and cache.built == built + 2 and cache.evicted == evicted + 1
+        assert first not in cache and second in cache and len(cache) == 1
+        assert first in stack.fake.unloaded  # unloaded from the backend too
+        assert not (gateway.settings.composites_dir / "gated" / first).exists()
+        text = (await stack.client.get("/metrics")).text
+        assert f"flock_composites_evicted_total {float(cache.evicted)}" in text
+        assert f"flock_composites_bytes {float(cache.bytes)}" in text
+        # Asked for again, the evicted composite is built again and served.
+        r = await stack.chat("What is 12 times 7?", routing={"mode": "arrow", "top_k": 2})
+        assert r.status_code == 200 and stack.fake.requests[-1]["model"] == first
+    finally:
+        cache.limit_bytes, cache.protect_s = limit, protect
+
+
+async def test_new_composites_per_key_are_capped(stack: Stack):
+    gateway = stack.app.state.gateway
+    limiter, cache = gateway.resolver.limiter, gateway.resolver.cache
+    per_minute = limiter.per_minute
+    gateway.composites.clear()  # a clean slate: every composite below is new
+    cache._entries.clear()
+    cache.bytes = 0
+    limiter.per_minute = 1
+    limiter._builds.clear()  # builds counted by earlier tests
+    try:
+        r = await stack.chat("Compute 345 plus 289.", routing={"mode": "arrow", "top_k": 2})
+        assert r.status_code == 200, r.text
+        r = await stack.chat("Compute 345 plus 289.", routing={"mode": "arrow", "top_k": 1})
+        assert r.status_code == 429 and error_of(r)["code"] == "composite_rate_limited"
+        assert int(r.headers["retry-after"]) >= 1
+        r = await stack.chat("Compute 345 plus 289.", routing={"mode": "arrow", "top_k": 2})
+        assert r.status_code == 200  # one already built is reused, whatever the key's count
+        r = await stack.chat("Compute 345 plus 289.", key=ADMIN, routing={"mode": "arrow", "top_k": 1})
+        assert r.status_code == 200  # the cap is per key
+    finally:
+        limiter.per_minute = per_minute
