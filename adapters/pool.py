@@ -10,11 +10,29 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from safetensors import safe_open
+
 from adapters.card import ExpertCard, read_card
 from adapters.errors import ExpertExists, InvalidExpert, PoolError, UnknownExpert
 from adapters.validate import ModelShape, resolve_inside, validate_adapter
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Quarantine:
+    """An expert left out of routing and composites: why, and its files as they were when found broken."""
+
+    reason: str
+    files: tuple
+
+
+def files_fingerprint(path: Path) -> tuple:
+    """(name, size, mtime) of an adapter directory's files: a change of any of them is worth checking again."""
+    try:
+        return tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file()))
+    except OSError:
+        return ()
 
 
 @dataclass(frozen=True)
@@ -45,6 +63,8 @@ class ExpertPool:
         self._lock = threading.Lock()
         self._experts: dict[str, Expert] = {}
         self.version = self._fingerprint()
+        # Health is this process's own finding, not part of the registry: never saved nor shared.
+        self.quarantined: dict[str, Quarantine] = {}
 
     # --- reading --------------------------------------------------------------------------------------
     @property
@@ -56,6 +76,64 @@ class ExpertPool:
 
     def experts(self) -> list[Expert]:
         return sorted(self._experts.values(), key=lambda e: e.name)
+
+    def servable(self) -> list[Expert]:
+        """The experts routing and composites may use: registered and not quarantined."""
+        return [e for e in self.experts() if e.name not in self.quarantined]
+
+    @property
+    def health_version(self) -> str:
+        """Changes whenever the quarantined set does (routing decisions depend on it)."""
+        return hashlib.sha256(",".join(sorted(self.quarantined)).encode()).hexdigest()[:8]
+
+    # --- health ---------------------------------------------------------------------------------------
+    def problem(self, expert: Expert) -> str | None:
+        """What is wrong with an expert's files now (None: nothing): adapter, config and gate files read back."""
+        try:
+            self.check(expert.path, expert.card)
+            gates = expert.path / "gates.safetensors"
+            if gates.is_file():
+                with safe_open(str(gates), framework="pt") as f:
+                    for key in f.keys():
+                        f.get_tensor(key)
+        except PoolError as exc:
+            return exc.message
+        except Exception as exc:  # safetensors raises several unrelated types on corrupt files
+            return f"gates.safetensors is unreadable: {exc}"
+        return None
+
+    def quarantine_if_broken(self, name: str) -> bool:
+        """Check an expert's files; quarantine it (logged once, with the reason) if they are broken."""
+        expert = self._experts.get(name)
+        if expert is None or name in self.quarantined:
+            return name in self.quarantined
+        reason = self.problem(expert)
+        if reason is None:
+            return False
+        self.quarantined[name] = Quarantine(reason, files_fingerprint(expert.path))
+        log.error("expert %s quarantined: %s (left out of routing until its files change or an admin checks it)",
+                  name, reason)
+        return True
+
+    def recheck(self, force: bool = False) -> list[str]:
+        """Check quarantined experts again (those whose files changed, or all with `force`); returns the names
+        released."""
+        released = []
+        for name, q in list(self.quarantined.items()):
+            expert = self._experts.get(name)
+            if expert is None:
+                del self.quarantined[name]
+                continue
+            if not force and files_fingerprint(expert.path) == q.files:
+                continue
+            reason = self.problem(expert)
+            if reason is None:
+                del self.quarantined[name]
+                released.append(name)
+                log.info("expert %s is healthy again and back in the pool", name)
+            else:
+                self.quarantined[name] = Quarantine(reason, files_fingerprint(expert.path))
+        return released
 
     def __len__(self) -> int:
         return len(self._experts)

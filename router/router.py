@@ -66,7 +66,7 @@ class Router:
         """Embed every expert (description or example centroid) and re-calibrate the abstain threshold on the
         cards' examples against general prompts."""
         async with self._rebuild_lock:
-            experts = self.pool.experts()
+            experts = self.pool.servable()  # quarantined experts are left out
             version = self.pool.version
             descriptions = await self.embedder.embed_many([e.card.description for e in experts])
             examples = [x for e in experts for x in e.card.examples]
@@ -92,7 +92,8 @@ class Router:
             return self.index
 
     def _index_version(self, pool_version: str) -> str:
-        return f"{pool_version}.{self.expert_vector}"
+        # The vector kind and the quarantined set change decisions too: cached ones must not outlive either.
+        return f"{pool_version}.{self.pool.health_version}.{self.expert_vector}"
 
     async def ensure_current(self, attempts: int = 3) -> None:
         """Wait until the index reflects the pool as it is now: a change may be mid-rebuild (wait for it) or

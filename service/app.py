@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 import logging
@@ -120,6 +121,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await gateway.backends.check_all()
         gateway.backends.start()
         gateway.router.embedder.start()
+        health = asyncio.get_running_loop().create_task(gateway.watch_quarantined())
         if settings.redis_url:
             gateway.shared = SharedPool(settings.redis_url, gateway.pool, gateway.pool_changed,
                                         interval_s=settings.pool_sync_s)
@@ -141,6 +143,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                  len(gateway.pool), gateway.pool.version, gateway.router.index.threshold,
                  settings.backend_urls, "on" if gateway.router.cache else "off")
         yield
+        health.cancel()
         await gateway.router.drain()
         if gateway.shared is not None:
             await gateway.shared.close()

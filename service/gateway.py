@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 AUTO = "auto"
+# Errors that can mean an expert's files broke: its adapter failed to load, or a composite over it to build.
+BROKEN_EXPERT_CODES = ("adapter_load_failed", "composite_build_failed")
 
 
 class Gateway:
@@ -104,6 +106,10 @@ class Gateway:
         if model == self.settings.base_model_name:
             return RoutingDecision(mode="base"), "none"
         if self.pool.get(model) is not None:
+            quarantined = self.pool.quarantined.get(model)
+            if quarantined is not None:
+                raise APIError(503, f"expert {model!r} is unavailable: {quarantined.reason}", param="model",
+                               code="expert_unavailable")
             return RoutingDecision(mode="direct", experts=[ExpertChoice(name=model, weight=1.0)]), "none"
         raise APIError(404, f"The model {model!r} does not exist; GET /v1/models lists the models", param="model",
                        code="model_not_found")
@@ -144,23 +150,57 @@ class Gateway:
 
         if isinstance(self.router.methods.get(decision.mode), GatedRouting):  # even when it chose no expert
             self.check_gated_servable(decision.mode)
-        decision, adapter = await self.resolver.resolve_or_reroute(decision, reroute if body.model == AUTO else None,
-                                                                   key_id)
-        for choice in decision.experts or [ExpertChoice(name="base", weight=1.0)]:  # the decision served
-            self.metrics.selections.labels(choice.name, decision.mode).inc()
-        payload = body.model_dump(exclude_none=True, exclude={"routing"})
-        payload["model"] = adapter.name if adapter else self.settings.base_model_name
-        headers = {"x-flock-experts": ",".join(f"{c.name}={c.weight:g}" for c in decision.experts) or "none",
-                   "x-flock-cache": cache_status, "x-flock-mode": decision.mode}
-        label = token_label(adapter)
-        try:
-            if body.stream:
-                return await self._stream(endpoint, body, payload, adapter, decision, label, headers)
-            return await self._complete(endpoint, payload, adapter, decision, label, headers, start)
-        except APIError as exc:
-            self.metrics.requests.labels(endpoint, decision.mode, "error").inc()
-            exc.headers = {**headers, **exc.headers}
-            raise
+        for attempt in range(1, 4):
+            headers = {"x-flock-experts": ",".join(f"{c.name}={c.weight:g}" for c in decision.experts) or "none",
+                       "x-flock-cache": cache_status, "x-flock-mode": decision.mode}
+            try:
+                decision, adapter = await self.resolver.resolve_or_reroute(
+                    decision, reroute if body.model == AUTO else None, key_id)
+                headers["x-flock-experts"] = ",".join(f"{c.name}={c.weight:g}" for c in decision.experts) or "none"
+                for choice in decision.experts or [ExpertChoice(name="base", weight=1.0)]:  # the decision served
+                    self.metrics.selections.labels(choice.name, decision.mode).inc()
+                payload = body.model_dump(exclude_none=True, exclude={"routing"})
+                payload["model"] = adapter.name if adapter else self.settings.base_model_name
+                label = token_label(adapter)
+                if body.stream:
+                    return await self._stream(endpoint, body, payload, adapter, decision, label, headers)
+                return await self._complete(endpoint, payload, adapter, decision, label, headers, start)
+            except APIError as exc:
+                # An expert whose files broke since it was registered: quarantined, and a routed request goes to
+                # the next-best expert or the base model (a request that named it gets the error).
+                if (body.model == AUTO and attempt < 3 and exc.code in BROKEN_EXPERT_CODES
+                        and await self.quarantine_broken(decision)):
+                    decision = await reroute()
+                    continue
+                self.metrics.requests.labels(endpoint, decision.mode, "error").inc()
+                exc.headers = {**headers, **exc.headers}
+                raise
+        raise AssertionError("unreachable")
+
+    async def quarantine_broken(self, decision: RoutingDecision) -> bool:
+        """Check the files of the decision's experts; quarantine the broken ones and take them out of routing.
+        True if any of them is (now) quarantined."""
+        names = [c.name for c in decision.experts]
+        broken = [n for n in names if await asyncio.to_thread(self.pool.quarantine_if_broken, n)]
+        if broken:
+            self.metrics.quarantined.set(len(self.pool.quarantined))
+            await self.router.rebuild_index()
+        return bool(broken)
+
+    async def watch_quarantined(self, interval_s: float = 5.0) -> None:
+        """Check quarantined experts again whenever their files change (a few stat calls every interval)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            if self.pool.quarantined:
+                await self.recheck_quarantined()
+
+    async def recheck_quarantined(self, force: bool = False) -> list[str]:
+        """Quarantined experts whose files changed (all with `force`) are checked again; healthy ones return."""
+        released = await asyncio.to_thread(self.pool.recheck, force)
+        self.metrics.quarantined.set(len(self.pool.quarantined))
+        if released:
+            await self.router.rebuild_index()
+        return released
 
     async def _complete(self, endpoint: str, payload: dict, adapter: Adapter | None, decision: RoutingDecision,
                         label: str, headers: dict[str, str], start: float) -> Response:

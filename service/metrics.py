@@ -58,6 +58,8 @@ class Metrics:
                               ["expert", "kind"], registry=r)
         self.errors = Counter("flock_errors_total", "Errors by type.", ["type"], registry=r)
         self.backend_up = Gauge("flock_backend_up", "1 if the backend passes health checks.", ["backend"], registry=r)
+        self.quarantined = Gauge("flock_experts_quarantined", "Experts left out because their files are broken.",
+                                 registry=r)
         self.pool_size = Gauge("flock_pool_experts", "Experts registered in the pool.", registry=r)
         # flock_composites_*: read from the composite cache when scraped, so the request path pays nothing.
         self.composites: Callable[[], tuple[int, int, int]] | None = None  # (bytes, built, evicted)

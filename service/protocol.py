@@ -131,6 +131,9 @@ class ExpertOut(BaseModel):
     path: str
     rank: int
     target_modules: list[str]
+    status: Literal["ok", "quarantined"] = Field("ok", description="quarantined: its files are broken; left out "
+                                                 "of routing until they change or an admin checks it.")
+    problem: str | None = Field(None, description="Why it is quarantined.")
 
 
 class ExpertList(BaseModel):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from router.decision import RoutingDecision
 from service.backend import Adapter
 from service.errors import APIError
 from service.limits import BuildLimiter
+
+log = logging.getLogger(__name__)
 
 
 class ExpertLeft(APIError):
@@ -43,7 +46,14 @@ class Resolver:
             cid, path = ensure()
             return cid, path, self.cache.use(cid, path, built=cid not in self.cache)
 
-        cid, path, evicted = await asyncio.to_thread(run)
+        try:
+            cid, path, evicted = await asyncio.to_thread(run)
+        except APIError:
+            raise
+        except Exception as exc:  # an unreadable or invalid expert file, typically
+            log.warning("composite build failed: %s", exc)
+            raise APIError(502, f"a composite of the chosen experts could not be built: {exc}",
+                           code="composite_build_failed", type_="server_error") from None
         if evicted:
             await self.evicted(evicted)
         return cid, path

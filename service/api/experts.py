@@ -1,4 +1,4 @@
-"""GET/POST /v1/experts and DELETE /v1/experts/{name}: manage the expert pool."""
+"""GET/POST /v1/experts, DELETE /v1/experts/{name} and POST /v1/experts/{name}/check: manage the expert pool."""
 
 from __future__ import annotations
 
@@ -6,25 +6,27 @@ from fastapi import APIRouter, Depends
 from pydantic import ValidationError
 
 from adapters.card import ExpertCard, read_card
-from adapters.errors import InvalidExpert
-from adapters.pool import Expert
+from adapters.errors import InvalidExpert, UnknownExpert
+from adapters.pool import Expert, Quarantine
 from adapters.validate import resolve_inside
 from service.api.deps import get_gateway, require_admin, require_key
 from service.api.responses import ERRORS
 from service.gateway import Gateway
-from service.protocol import ExpertIn, ExpertList, ExpertOut
+from service.protocol import ExpertChoice, ExpertIn, ExpertList, ExpertOut, RoutingDecision
 
 router = APIRouter(tags=["experts"])
 
 
-def _out(expert: Expert) -> ExpertOut:
+def _out(expert: Expert, quarantine: Quarantine | None = None) -> ExpertOut:
     return ExpertOut(name=expert.name, description=expert.card.description, examples=expert.card.examples,
-                     path=str(expert.path), rank=expert.rank, target_modules=list(expert.target_modules))
+                     path=str(expert.path), rank=expert.rank, target_modules=list(expert.target_modules),
+                     status="quarantined" if quarantine else "ok", problem=quarantine.reason if quarantine else None)
 
 
 @router.get("/v1/experts", response_model=ExpertList, dependencies=[Depends(require_key)])
 async def list_experts(gateway: Gateway = Depends(get_gateway)) -> ExpertList:
-    return ExpertList(pool_version=gateway.pool.version, data=[_out(e) for e in gateway.pool.experts()])
+    pool = gateway.pool
+    return ExpertList(pool_version=pool.version, data=[_out(e, pool.quarantined.get(e.name)) for e in pool.experts()])
 
 
 def _card(body: ExpertIn, roots) -> ExpertCard:
@@ -58,3 +60,17 @@ async def add_expert(body: ExpertIn, gateway: Gateway = Depends(get_gateway)) ->
 async def remove_expert(name: str, gateway: Gateway = Depends(get_gateway)) -> dict:
     await gateway.remove_expert(name)
     return {"id": name, "object": "expert", "deleted": True}
+
+
+@router.post("/v1/experts/{name}/check", response_model=ExpertOut, responses=ERRORS,
+             dependencies=[Depends(require_admin)])
+async def check_expert(name: str, gateway: Gateway = Depends(get_gateway)) -> ExpertOut:
+    """Check an expert's files now: a quarantined expert that is healthy again returns to the pool; a broken
+    one is quarantined."""
+    expert = gateway.pool.get(name)
+    if expert is None:
+        raise UnknownExpert(f"no expert named {name!r}", "name")
+    await gateway.recheck_quarantined(force=True)
+    if name not in gateway.pool.quarantined:
+        await gateway.quarantine_broken(RoutingDecision(mode="direct", experts=[ExpertChoice(name=name, weight=1)]))
+    return _out(expert, gateway.pool.quarantined.get(name))

@@ -9,10 +9,12 @@ import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from safetensors.torch import load_file
 
 from adapters.engine.capabilities import capabilities
 from service.processes import free_port
@@ -45,7 +47,13 @@ class FakeVLLM:
 
         @app.post("/v1/load_lora_adapter")
         async def load(request: Request) -> Response:
-            self.loaded.append((await request.json())["lora_name"])
+            body = await request.json()
+            try:  # as vLLM does, read the weights: an unreadable file is refused
+                load_file(str(Path(body["lora_path"]) / "adapter_model.safetensors"))
+            except Exception as exc:
+                return JSONResponse({"error": {"message": f"Loading lora {body['lora_name']} failed: {exc}",
+                                               "code": 400}}, status_code=400)
+            self.loaded.append(body["lora_name"])
             return Response(b"ok")
 
         @app.post("/v1/unload_lora_adapter")

@@ -331,3 +331,53 @@ async def test_new_composites_per_key_are_capped(stack: Stack):
         assert r.status_code == 200  # the cap is per key
     finally:
         limiter.per_minute = per_minute
+
+
+async def test_a_broken_expert_is_quarantined_and_routed_around(stack: Stack):
+    """An expert whose weights file is truncated after registration: every auto-routed request still succeeds
+    (next-best expert or base), a request naming it gets 503 expert_unavailable, and repaired files bring it
+    back."""
+    settings = Settings()
+    shape = ModelShape.from_model_dir(settings.resolved_base_model_dir)
+    geo = stack.root / "geo"
+    write_random_lora(geo, shape=shape, base_name=BASE, seed=21, rank=2, targets=("q_proj",),
+                      card=ExpertCard(name="geo", description="Geography: capitals of countries, rivers, mountains.",
+                                      examples=["What is the capital of Peru?", "Which river flows through Cairo?"]))
+    compute_arrow_gates(geo)
+    admin = stack.auth(ADMIN)
+    assert (await stack.client.post("/v1/experts", json={"path": str(geo)}, headers=admin)).status_code == 201
+    weights = geo / "adapter_model.safetensors"
+    good = weights.read_bytes()
+    try:
+        # Each mode meets the broken files on its own path: the expert's load (global), a merge composite's
+        # build, a gated composite's build.
+        for mode in ("global", "merge", "arrow"):
+            r = await stack.client.post("/v1/route", json={"prompt": "What is the capital of Peru?",
+                                                           "routing": {"mode": mode, "top_k": 2}}, headers=admin)
+            assert "geo" in [e["name"] for e in r.json()["routing"]["experts"]], (mode, r.text)
+            weights.write_bytes(good[: len(good) // 2])  # truncated after registration
+            r = await stack.chat("What is the capital of Peru?", routing={"mode": mode, "top_k": 2})
+            assert r.status_code == 200, (mode, r.text)
+            assert "geo" not in [e["name"] for e in r.json()["routing"]["experts"]], mode
+            assert "geo" in stack.app.state.gateway.pool.quarantined, mode
+            if mode != "arrow":  # repaired: an admin check brings it back at once
+                weights.write_bytes(good)
+                r = await stack.client.post("/v1/experts/geo/check", headers=admin)
+                assert r.status_code == 200 and r.json()["status"] == "ok", r.text
+        listed = {e["name"]: e for e in (await stack.client.get("/v1/experts", headers=admin)).json()["data"]}
+        assert listed["geo"]["status"] == "quarantined" and "unreadable" in listed["geo"]["problem"]
+        assert listed["arith"]["status"] == "ok"
+        assert "geo" in (await stack.client.get("/ready")).json()["quarantined"]
+        assert "flock_experts_quarantined 1.0" in (await stack.client.get("/metrics")).text
+        r = await stack.client.post("/v1/chat/completions", headers=stack.auth(), json={
+            "model": "geo", "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 503 and error_of(r)["code"] == "expert_unavailable"
+
+        weights.write_bytes(good)  # repaired; an admin check brings it back at once
+        r = await stack.client.post("/v1/experts/geo/check", headers=admin)
+        assert r.status_code == 200 and r.json()["status"] == "ok"
+        r = await stack.chat("What is the capital of Peru?")
+        assert r.status_code == 200 and r.json()["routing"]["experts"][0]["name"] == "geo"
+    finally:
+        weights.write_bytes(good)
+        await stack.client.delete("/v1/experts/geo", headers=admin)
