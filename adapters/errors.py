@@ -28,6 +28,13 @@ class ExpertExists(PoolError):
     code = "expert_exists"
 
 
+class StateNotWritable(PoolError):
+    """The pool's state file could not be written (disk full, read-only): the change is refused, nothing lost."""
+
+    status = 503
+    code = "state_not_writable"
+
+
 class UnknownExpert(PoolError):
     status = 404
     code = "model_not_found"

@@ -13,7 +13,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from adapters.card import ExpertCard, read_card
-from adapters.errors import ExpertExists, InvalidExpert, PoolError, UnknownExpert
+from adapters.errors import ExpertExists, InvalidExpert, PoolError, StateNotWritable, UnknownExpert
 from adapters.validate import ModelShape, resolve_inside, validate_adapter
 
 log = logging.getLogger(__name__)
@@ -260,10 +260,18 @@ class ExpertPool:
         # Write first, then swap: a failed write leaves both the file and the in-memory pool unchanged.
         version = self._fingerprint(experts)
         payload = {"version": version, "experts": [e.to_json() for e in sorted(experts.values(), key=lambda e: e.name)]}
-        self._state_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = self._state_file.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(payload, indent=1))
-        os.replace(tmp, self._state_file)
+        try:
+            self._state_file.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "w") as f:
+                f.write(json.dumps(payload, indent=1))
+                f.flush()
+                os.fsync(f.fileno())  # on disk before it replaces the old file: a crash leaves one or the other
+            os.replace(tmp, self._state_file)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise StateNotWritable(f"the pool's state file {self._state_file} cannot be written ({exc.strerror or exc})"
+                                   "; the pool is unchanged") from None
         self._experts = experts
         self.version = version
 

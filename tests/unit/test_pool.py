@@ -66,3 +66,37 @@ def test_vanished_user_expert_is_not_replaced_by_a_library_namesake(tmp_path):
     shutil.rmtree(mine)
     library(tmp_path / "clone", names=("cooking",))  # the library now also has a "cooking"
     assert [e.name for e in pool(state, [lib, mine], lib).experts()] == ["law"]
+
+
+def test_a_state_file_that_cannot_be_written_refuses_the_change_and_keeps_the_pool(tmp_path, monkeypatch):
+    """A full or read-only state directory: registration fails with a clear error; the pool in memory and on
+    disk is unchanged, and no temporary file is left behind."""
+    import builtins
+    import errno
+
+    import pytest
+
+    from adapters.errors import StateNotWritable
+
+    lib = library(tmp_path)
+    state = tmp_path / "state" / "pool.json"
+    p = pool(state, [lib], lib)
+    saved = state.read_text()
+    version = p.version
+    extra = lib / "extra2"
+    write_random_lora(extra, shape=SHAPE, base_name=BASE, seed=5, card=ExpertCard(name="extra2", description="x"))
+    real_open = builtins.open
+
+    def full_disk(path, mode="r", *args, **kw):
+        if "w" in mode and str(path).startswith(str(state.parent)):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, mode, *args, **kw)
+
+    monkeypatch.setattr(builtins, "open", full_disk)
+    with pytest.raises(StateNotWritable, match="No space left"):
+        p.add(extra)
+    monkeypatch.undo()
+    assert p.version == version and "extra2" not in {e.name for e in p.experts()}
+    assert state.read_text() == saved and [f.name for f in state.parent.iterdir()] == ["pool.json"]
+    p.add(extra)  # the disk has room again
+    assert "extra2" in {e.name for e in p.experts()}
