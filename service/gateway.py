@@ -32,9 +32,9 @@ from router.methods.gated import GatedRouting
 from router.router import Router
 from service.backend import Adapter, BackendPool
 from service.errors import APIError
-from service.limits import BuildLimiter, check_limits
+from service.limits import BuildLimiter, Generation, check_limits
 from service.metrics import Metrics
-from service.protocol import ChatCompletionRequest, CompletionRequest, dumps, loads
+from service.protocol import ResponsesRequest, dumps, loads
 from service.query import query_text
 from service.relay import StreamObserver, relay
 from service.resolve import Resolver
@@ -134,7 +134,7 @@ class Gateway:
                 if gated or not isinstance(method, GatedRouting)] + ["base", "direct"]
 
     # --- generating -----------------------------------------------------------------------------------
-    async def generate(self, endpoint: str, body: ChatCompletionRequest | CompletionRequest,
+    async def generate(self, endpoint: str, body: Generation,
                        key_id: str = "anonymous") -> Response:
         """One request: limits, decide, resolve to an adapter, forward, answer with `routing` added."""
         start = time.perf_counter()
@@ -219,11 +219,13 @@ class Gateway:
         headers["x-flock-backend-ms"] = f"{(time.perf_counter() - t0) * 1000:.2f}"
         return Response(dumps(data), media_type="application/json", headers=headers)
 
-    async def _stream(self, endpoint: str, body: ChatCompletionRequest | CompletionRequest, payload: dict,
+    async def _stream(self, endpoint: str, body: Generation, payload: dict,
                       adapter: Adapter | None, decision: RoutingDecision, label: str, headers: dict[str, str]
                       ) -> Response:
-        wants_usage = bool((body.stream_options or {}).get("include_usage"))
-        payload["stream_options"] = {**(body.stream_options or {}), "include_usage": True}
+        wants_usage = True  # a Responses stream reports usage in its last event, which is passed on
+        if not isinstance(body, ResponsesRequest):  # chat and completions: ask vLLM for usage, drop it if unasked
+            wants_usage = bool((body.stream_options or {}).get("include_usage"))
+            payload["stream_options"] = {**(body.stream_options or {}), "include_usage": True}
         resp = await self.backends.send(endpoint, payload, adapter, stream=True)
         if resp.status_code != 200:
             try:
@@ -243,8 +245,10 @@ class Gateway:
                                  media_type="text/event-stream", headers=headers)
 
     def _count_tokens(self, label: str, usage: dict) -> None:
-        self.metrics.tokens.labels(label, "prompt").inc(usage.get("prompt_tokens", 0))
-        self.metrics.tokens.labels(label, "completion").inc(usage.get("completion_tokens", 0))
+        # chat and completions say prompt/completion tokens; the Responses API input/output tokens
+        self.metrics.tokens.labels(label, "prompt").inc(usage.get("prompt_tokens", usage.get("input_tokens", 0)))
+        self.metrics.tokens.labels(label, "completion").inc(
+            usage.get("completion_tokens", usage.get("output_tokens", 0)))
 
 
 def composite_budget(settings: Settings, pool: ExpertPool) -> int:

@@ -8,12 +8,25 @@ from collections import deque
 from collections.abc import Callable
 
 from service.errors import APIError
-from service.protocol import ChatCompletionRequest, CompletionRequest
+from service.protocol import ChatCompletionRequest, CompletionRequest, ResponsesRequest
 from service.settings import Settings
 
+Generation = ChatCompletionRequest | CompletionRequest | ResponsesRequest
 
-def prompt_chars(body: ChatCompletionRequest | CompletionRequest) -> int:
+
+def _parts_chars(content: object) -> int:
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, list):
+        return sum(len(str(p.get("text", ""))) for p in content if isinstance(p, dict))
+    return 0
+
+
+def prompt_chars(body: Generation) -> int:
     """Characters of text in the request: every message's text, list-of-parts content included, or the prompt(s)."""
+    if isinstance(body, ResponsesRequest):
+        items = [body.input] if isinstance(body.input, str) else [i.get("content") for i in body.input]
+        return len(body.instructions or "") + sum(_parts_chars(c) for c in items)
     if isinstance(body, ChatCompletionRequest):
         total = 0
         for message in body.messages:
@@ -29,21 +42,27 @@ def prompt_chars(body: ChatCompletionRequest | CompletionRequest) -> int:
     return sum(len(p) for p in prompt if isinstance(p, str))
 
 
-def check_limits(settings: Settings, body: ChatCompletionRequest | CompletionRequest) -> None:
+def check_limits(settings: Settings, body: Generation) -> None:
     s = settings
-    max_tokens = body.max_tokens or getattr(body, "max_completion_tokens", None)
+    if isinstance(body, ResponsesRequest):
+        max_tokens = body.max_output_tokens
+        messages = 0 if isinstance(body.input, str) else len(body.input)
+    else:
+        max_tokens = body.max_tokens or getattr(body, "max_completion_tokens", None)
+        messages = len(body.messages) if isinstance(body, ChatCompletionRequest) else 0
     if max_tokens is not None and max_tokens > s.max_tokens_limit:
         raise APIError(400, f"max_tokens must be at most {s.max_tokens_limit}", param="max_tokens",
                        code="max_tokens_too_large")
-    if body.n is not None and body.n > s.max_n:
+    n = getattr(body, "n", None)
+    if n is not None and n > s.max_n:
         raise APIError(400, f"n must be at most {s.max_n}", param="n", code="invalid_value")
-    if isinstance(body, ChatCompletionRequest) and len(body.messages) > s.max_messages:
-        raise APIError(400, f"at most {s.max_messages} messages are accepted", param="messages",
-                       code="too_many_messages")
+    if messages > s.max_messages:
+        raise APIError(400, f"at most {s.max_messages} messages are accepted",
+                       param="input" if isinstance(body, ResponsesRequest) else "messages", code="too_many_messages")
     chars = prompt_chars(body)
     if chars > s.max_prompt_chars:
         raise APIError(400, f"prompt is {chars} characters; the limit is {s.max_prompt_chars}",
-                       param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
+                       param={ChatCompletionRequest: "messages", CompletionRequest: "prompt"}.get(type(body), "input"),
                        code="context_length_exceeded")
 
 

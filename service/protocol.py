@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from router.decision import ExpertChoice, RoutingDecision, RoutingParams
 
 __all__ = [
-    "ChatCompletionRequest", "CompletionRequest", "RouteRequest", "RouteResponse", "ExpertChoice",
+    "ChatCompletionRequest", "CompletionRequest", "ResponsesRequest", "RouteRequest", "RouteResponse", "ExpertChoice",
     "RoutingDecision", "RoutingParams", "ErrorResponse", "ModelCard", "ModelList", "ExpertIn", "ExpertOut",
     "ExpertList", "ChatCompletionResponse", "CompletionResponse", "dumps", "loads",
 ]
@@ -76,6 +76,22 @@ class ChatCompletionRequest(SamplingFields):
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(description="Text, texts or token ids.")
     logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class ResponsesRequest(BaseModel):
+    """POST /v1/responses (OpenAI's Responses API, served by vLLM): routed like a chat. Fields flock does not
+    read pass through to vLLM."""
+
+    model_config = _PASS_THROUGH
+    model: str = Field(description="'auto' routes; an expert name uses that expert; the base model's name none.")
+    input: str | list[dict[str, Any]] = Field(description="Text, or input items (messages).")
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1, le=1 << 31)
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    stream: bool | None = False
+    previous_response_id: str | None = None
+    routing: RoutingParams | None = Field(None, description="flock: how to route when model is 'auto'.")
 
 
 class RouteRequest(BaseModel):

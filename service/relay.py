@@ -25,6 +25,11 @@ class Event:
     raw: bytes
     data: dict | None  # the JSON of its `data:` field; None for [DONE], comments and other fields
 
+    def with_data(self, data: dict) -> bytes:
+        """The event's bytes with its data replaced (other fields, such as a Responses `event:` line, kept)."""
+        fields = [line for line in self.raw.split(b"\n") if not line.startswith(b"data:")]
+        return b"\n".join([*fields, b"data: " + dumps(data)])
+
     @classmethod
     def parse(cls, raw: bytes) -> Event:
         payload = b"\n".join(line[5:].lstrip(b" ") for line in raw.split(b"\n") if line.startswith(b"data:"))
@@ -38,7 +43,9 @@ class Event:
 
     @property
     def has_token(self) -> bool:
-        """A chunk carrying generated text (chat delta content or a completion's text)."""
+        """A chunk carrying generated text (chat delta content, a completion's text, a Responses text delta)."""
+        if (self.data or {}).get("type") == "response.output_text.delta":
+            return bool(self.data.get("delta")) if self.data else False
         for choice in (self.data or {}).get("choices") or ():
             delta = choice.get("delta") or {}
             if delta.get("content") or choice.get("text"):
@@ -50,6 +57,13 @@ class Event:
         """The usage of the final usage-only chunk (no choices), else None."""
         if self.data is not None and not self.data.get("choices") and self.data.get("usage"):
             return self.data["usage"]
+        return None
+
+    @property
+    def response_usage(self) -> dict | None:
+        """The usage a Responses stream reports in its response.completed event (an event passed on as it is)."""
+        if self.data is not None and self.data.get("type") == "response.completed":
+            return (self.data.get("response") or {}).get("usage")
         return None
 
 
@@ -80,16 +94,22 @@ async def relay(resp: BackendResponse, routing: dict, wants_usage: bool, observe
             done, buffer = events(buffer + chunk)
             for raw in done:
                 event = Event.parse(raw)
+                nested = (event.data or {}).get("response")  # Responses events carry the response object
+                if model is not None and event.data is not None and isinstance(nested, dict) and "model" in nested:
+                    nested["model"] = model
+                    raw = event.with_data(event.data)
                 if event.data is not None and (first or (model is not None and "model" in event.data)):
                     if first:
                         event.data["routing"] = routing
                         first = False
                     if model is not None and "model" in event.data:
                         event.data["model"] = model
-                    raw = b"data: " + dumps(event.data)
+                    raw = event.with_data(event.data)
                 if not got_token and event.has_token:
                     got_token = True
                     observe.on_first_token(time.perf_counter() - t0)
+                if (usage := event.response_usage) is not None:
+                    observe.on_usage(usage)
                 usage = event.usage_only
                 if usage is not None:
                     observe.on_usage(usage)

@@ -1,4 +1,4 @@
-"""POST /v1/chat/completions and /v1/completions (OpenAI-compatible, streaming or not)."""
+"""POST /v1/chat/completions, /v1/completions and /v1/responses (OpenAI-compatible, streaming or not)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,16 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from service.api.deps import get_gateway, require_key
-from service.api.responses import ERRORS
+from service.api.openapi import ERRORS
 from service.auth import Principal
 from service.metrics import Metrics
-from service.protocol import ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse
+from service.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ResponsesRequest,
+)
 
 router = APIRouter(tags=["generation"], dependencies=[Depends(require_key)])
 
@@ -35,6 +41,14 @@ async def completions(body: CompletionRequest, request: Request,
     gateway = await get_gateway(request)
     work = gateway.generate("/v1/completions", body, principal.key_id)
     return await unless_client_leaves(request, work, gateway.metrics)
+
+
+@router.post("/v1/responses", response_model=None, responses={200: {"content": {"text/event-stream": {}}}, **ERRORS})
+async def responses(body: ResponsesRequest, request: Request, principal: Principal = Depends(require_key)) -> Response:
+    """OpenAI's Responses API, routed like a chat (`routing` in the answer, or in a stream's first event)."""
+    gateway = await get_gateway(request)
+    return await unless_client_leaves(request, gateway.generate("/v1/responses", body, principal.key_id),
+                                      gateway.metrics)
 
 
 async def unless_client_leaves(request: Request, work: Awaitable[Response], metrics: Metrics) -> Response:

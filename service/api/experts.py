@@ -10,7 +10,7 @@ from adapters.errors import InvalidExpert, UnknownExpert
 from adapters.pool import Expert, Quarantine
 from adapters.validate import resolve_inside
 from service.api.deps import get_gateway, require_admin, require_key
-from service.api.responses import ERRORS
+from service.api.openapi import ERRORS
 from service.gateway import Gateway
 from service.protocol import ExpertChoice, ExpertIn, ExpertList, ExpertOut, RoutingDecision
 

@@ -7,7 +7,7 @@ import time
 from fastapi import APIRouter, Depends
 
 from service.api.deps import get_gateway, require_key
-from service.api.responses import ERRORS
+from service.api.openapi import ERRORS
 from service.errors import APIError
 from service.gateway import AUTO, Gateway
 from service.protocol import ChatCompletionRequest, ModelCard, ModelList, RouteRequest, RouteResponse

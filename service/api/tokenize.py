@@ -9,7 +9,7 @@ from fastapi import APIRouter, Body, Depends, Request
 from fastapi.responses import Response
 
 from service.api.deps import get_gateway, require_key
-from service.api.responses import ERRORS
+from service.api.openapi import ERRORS
 from service.gateway import backend_error
 
 router = APIRouter(tags=["tokenizer"], dependencies=[Depends(require_key)])

@@ -71,6 +71,29 @@ class FakeVLLM:
             self.request_ids.append(request.headers.get("x-request-id"))
             return await self.answer(await request.json(), chat=False)
 
+        @app.post("/v1/responses")
+        async def responses(request: Request) -> Response:
+            self.request_ids.append(request.headers.get("x-request-id"))
+            body = await request.json()
+            self.requests.append(body)
+            response = {"id": "resp_1", "object": "response", "model": body["model"], "status": "completed",
+                        "output": [{"type": "message", "role": "assistant",
+                                    "content": [{"type": "output_text", "text": "Hello there"}]}],
+                        "usage": {"input_tokens": 8, "output_tokens": 2, "total_tokens": 10}}
+            if not body.get("stream"):
+                return JSONResponse(response)
+
+            def event(kind: str, data: dict) -> bytes:
+                return f"event: {kind}\ndata: {json.dumps({'type': kind, **data})}\n\n".encode()
+
+            async def events() -> AsyncIterator[bytes]:
+                yield event("response.created", {"response": {**response, "status": "in_progress", "output": []}})
+                for word in ("Hello", " there"):
+                    yield event("response.output_text.delta", {"delta": word})
+                yield event("response.completed", {"response": response})
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+
         @app.post("/tokenize")
         async def tokenize(request: Request) -> Response:
             body = await request.json()

@@ -381,3 +381,44 @@ async def test_a_broken_expert_is_quarantined_and_routed_around(stack: Stack):
     finally:
         weights.write_bytes(good)
         await stack.client.delete("/v1/experts/geo", headers=admin)
+
+
+async def test_responses_api_is_routed_like_chat(stack: Stack):
+    r = await stack.client.post("/v1/responses", headers=stack.auth(), json={
+        "model": "auto", "input": "What is 12 times 7?", "instructions": "Be brief.", "max_output_tokens": 8})
+    assert r.status_code == 200, r.text
+    assert r.json()["routing"]["experts"][0]["name"] == "arith" and r.json()["output"][0]["type"] == "message"
+    sent = stack.fake.requests[-1]
+    assert sent["model"] == "arith" and sent["instructions"] == "Be brief." and "routing" not in sent
+    # Input items: the last user message routes.
+    items = [{"role": "user", "content": "How long do I boil an egg?"}, {"role": "assistant", "content": "9 min"},
+             {"role": "user", "content": [{"type": "input_text", "text": "Compute 345 plus 289."}]}]
+    r = await stack.client.post("/v1/responses", headers=stack.auth(), json={"model": "auto", "input": items})
+    assert r.status_code == 200 and r.json()["routing"]["experts"][0]["name"] == "arith"
+    r = await stack.client.post("/v1/responses", headers=stack.auth(), json={"model": BASE, "input": "hi"})
+    assert r.status_code == 200 and stack.fake.requests[-1]["model"] == BASE
+
+
+async def test_responses_stream_carries_routing_in_its_first_event(stack: Stack):
+    r = await stack.client.post("/v1/responses", headers=stack.auth(), json={
+        "model": "auto", "input": "What is 12 times 7?", "stream": True})
+    assert r.status_code == 200
+    events = [e for e in r.text.split("\n\n") if e]
+    kinds = [e.split("\n")[0] for e in events]
+    assert kinds == ["event: response.created", "event: response.output_text.delta",
+                     "event: response.output_text.delta", "event: response.completed"]
+    first = json.loads(events[0].split("data: ", 1)[1])
+    assert first["routing"]["experts"][0]["name"] == "arith" and first["type"] == "response.created"
+    deltas = [json.loads(e.split("data: ", 1)[1])["delta"] for e in events[1:3]]
+    assert "".join(deltas) == "Hello there"
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"input": "hi", "max_output_tokens": 65}, "max_tokens"),
+    ({"input": "x" * 201}, "input"),
+    ({"input": [{"role": "user", "content": "x"}] * 5}, "input"),
+    ({"input": "hi", "temperature": 3}, "temperature"),
+])
+async def test_responses_limits(stack: Stack, body, param):
+    r = await stack.client.post("/v1/responses", headers=stack.auth(), json={"model": "auto", **body})
+    assert r.status_code == 400 and error_of(r)["param"] == param, r.text
