@@ -36,6 +36,10 @@ def vllm_command(settings: Settings, port: int | None = None) -> tuple[list[str]
         "--max-cpu-loras", str(max(settings.vllm_max_cpu_loras, settings.vllm_max_loras)),
         "--disable-uvicorn-access-log",
     ]
+    if settings.vllm_tool_parser:
+        argv += ["--enable-auto-tool-choice", "--tool-call-parser", settings.vllm_tool_parser]
+    if settings.vllm_chat_template:
+        argv += ["--chat-template", str(settings.vllm_chat_template)]
     env = {
         **os.environ,
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",

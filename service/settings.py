@@ -78,6 +78,14 @@ class Settings(EngineSettings):
     vllm_max_num_seqs: int = Field(32, description="Sequences in one batch.")
     vllm_kvcache_gib: int = Field(2, description="KV cache space in GiB (VLLM_CPU_KVCACHE_SPACE).")
     vllm_threads: str = Field("auto", description="VLLM_CPU_OMP_THREADS_BIND ('auto', or cores like '0-1').")
+    vllm_tool_parser: str = Field(
+        "hermes", description="vLLM's tool-call parser for the managed vLLM (--enable-auto-tool-choice "
+        "--tool-call-parser); empty: tool calling off. `hermes` reads the <tool_call> JSON the chat template "
+        "below asks for.")
+    vllm_chat_template: Path | None = Field(
+        REPO_ROOT / "service" / "chat_templates" / "smollm2_tools.jinja",
+        description="Chat template of the managed vLLM: SmolLM2's own, plus tools in the Hermes format. For "
+        "another base model, a template of that model that renders `tools`; empty: the model's own.")
     vllm_dtype: str = Field("bfloat16", description="Weights and activations dtype of the engine.")
     # lora_kernel, lora_whole_layer, vllm_spin_ms: the engine's own settings (EngineSettings).
 
@@ -128,6 +136,11 @@ class Settings(EngineSettings):
     max_n: int = Field(8, description="Largest n accepted.")
     max_messages: int = Field(256, description="Most chat messages accepted.")
     max_prompt_chars: int = Field(64_000, description="Longest prompt text accepted, in characters.")
+
+    @field_validator("vllm_chat_template", "base_model_dir", "embed_model_dir", mode="before")
+    @classmethod
+    def _empty_path(cls, value: object) -> object:
+        return None if value == "" else value  # FLOCK_VLLM_CHAT_TEMPLATE= (empty) means none
 
     @field_validator("expert_roots", "backend_urls", "api_keys", "admin_keys", mode="before")
     @classmethod
