@@ -51,7 +51,8 @@ def test_composite_matches_peft_reference(gateway, peft_model):
         assert r.status_code == 200, r.text
         body = r.json()
         experts = body["routing"]["experts"]
-        assert len(experts) == 2 and body["model"].startswith("flock-merge-"), body["routing"]
+        # Served by a merge composite, named readably: "merge:" and its experts.
+        assert len(experts) == 2 and body["model"] == "merge:" + "+".join(sorted(e["name"] for e in experts)), body
         served = body["choices"][0]["logprobs"]["content"][0]
         served_id = tok.convert_tokens_to_ids(served["token"]) if served["token"] in tok.get_vocab() else \
             tok.encode(served["token"], add_special_tokens=False)[0]
