@@ -30,6 +30,8 @@ def register(sub) -> None:
                    help="seeded multi-turn test conversations for conversation-aware routing (0: skip)")
     p.add_argument("--long-per-task", type=int, default=10,
                    help="long-prompt routing: test prompts per task after 1k/8k/32k characters of context (0: skip)")
+    p.add_argument("--styles-per-task", type=int, default=20,
+                   help="single-turn prompts per task in unseen styles, abstain calibrations compared (0: skip)")
     p.add_argument("--concurrency", type=int, default=CONCURRENCY)
     p.set_defaults(func=run)
 

@@ -219,8 +219,32 @@ async def evaluate_conversations(router, n: int, *, split: str = "test", seed: i
         summary["config"] = config.cache_params()
         out["mechanisms"][name] = summary
     out["served"] = served.cache_params()
+    out["history_cost"] = await history_cost(router, conversations)
     out["examples"] = [c.to_json() for c in conversations[:3]]
     return out
+
+
+async def history_cost(router, conversations: list[Conversation]) -> dict:
+    """What reading the earlier turns costs, Router.route ms p50/p95 over the conversations' last turns (3 or
+    4 turns): `single` the last message alone; `warm` the chat after its earlier turns were routed on this
+    replica (their embeddings remembered: only the last message is embedded); `cold` the chat on a replica
+    that never saw it (every turn embedded, together in one micro-batch)."""
+    times: dict[str, list[float]] = {"single": [], "warm": [], "cold": []}
+    for c in conversations:
+        if len(c.turns) < 3:
+            continue
+        users = [t.user for t in c.turns]
+        query = Query(users[-1], users[:-1])
+        for kind in ("single", "warm", "cold"):
+            router.forget_embeddings()
+            if kind == "warm":
+                for k in range(len(users) - 1):
+                    await router.route(Query(users[k], users[:k]))
+            t0 = time.perf_counter()
+            await router.route(users[-1] if kind == "single" else query)
+            times[kind].append((time.perf_counter() - t0) * 1000)
+    return {k: {"p50": float(np.percentile(v, 50)), "p95": float(np.percentile(v, 95)), "n": len(v)}
+            for k, v in times.items() if v}
 
 
 # --- fitting the follow-up test (dev conversations only) ----------------------------------------------

@@ -22,7 +22,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from bench.stack import LocalStack, say
-from eval import conversations, generation, long_prompts, metrics, report, routing
+from eval import conversations, generation, long_prompts, metrics, report, routing, styles
 from eval.testset import EVAL_SEED, build_test_set, default_tasks, describe
 from service.settings import Settings
 from training.tasks import HELD_IN, HELD_OUT
@@ -49,7 +49,7 @@ def build_offline_gateway(settings: Settings, library: Path, state_dir: Path):
 
 async def routing_part(settings: Settings, library: Path, examples, *, glider: routing.GliderClient | None,
                        train_per_expert: int, work: Path, n_conversations: int = 0,
-                       long_per_task: int = 0) -> dict:
+                       long_per_task: int = 0, styles_per_task: int = 0) -> dict:
     gateway = build_offline_gateway(settings, library, work / "offline-state")
     router = gateway.router
     try:
@@ -67,6 +67,9 @@ async def routing_part(settings: Settings, library: Path, examples, *, glider: r
         if long_per_task > 0 and index.names:
             say(f"routing: long prompts ({long_per_task} per task, contexts of {long_prompts.SIZES} characters)")
             out["long_prompts"] = await long_prompts.evaluate_long_prompts(router, long_per_task)
+        if styles_per_task > 0 and index.names:
+            say(f"routing: unseen styles ({styles_per_task} per task), abstain calibrations side by side")
+            out["styles"] = await styles.evaluate_styles(router, styles_per_task)
         return out
     finally:
         await router.embedder.stop()
@@ -95,6 +98,7 @@ async def run(args, settings: Settings) -> dict:
                    "max_tokens": generation.MAX_TOKENS, "temperature": 0, "concurrency": args.concurrency,
                    "centroid_train_per_expert": args.centroid_train, "held_in": list(HELD_IN),
                    "conversations": args.conversations, "long_per_task": args.long_per_task,
+                   "styles_per_task": args.styles_per_task,
                    "held_out": list(HELD_OUT), "date": time.strftime("%Y-%m-%d %H:%M:%S")},
         "tasks": [[t, k] for t, k in ((t, v["kind"]) for t, v in describe(examples).items())],
         "test_set": describe(examples),
@@ -118,7 +122,8 @@ async def run(args, settings: Settings) -> dict:
             results["routing"] = await routing_part(settings, library, examples, glider=glider,
                                                     train_per_expert=args.centroid_train, work=work,
                                                     n_conversations=args.conversations,
-                                                    long_per_task=args.long_per_task)
+                                                    long_per_task=args.long_per_task,
+                                                    styles_per_task=args.styles_per_task)
         finally:
             if glider is not None:
                 await glider.cache.close()

@@ -134,6 +134,12 @@ def render_markdown(results: dict) -> str:
                   "it. Follow-up: a fragment naming no task must keep the conversation's expert; switch: a new task "
                   "prompt must get its expert, a general prompt the base model.", "",
                   conversations_table(conv["mechanisms"])]
+        cost = conv.get("history_cost") or {}
+        if cost:
+            parts.append("\nRouter.route ms p50 / p95 on the last turn of 3-4-turn chats: " + "; ".join(
+                f"{k} {fmt_num(v['p50'], 2)} / {fmt_num(v['p95'], 2)}" for k, v in cost.items()) +
+                " (single: the last message alone; warm: earlier turns seen by this replica; cold: every turn "
+                "embedded, in one micro-batch).")
         if conv.get("fit_on_dev"):
             parts.append(f"\nFollow-up test refitted on dev conversations: `{conv['fit_on_dev']}`; served: "
                          f"`{conv.get('served')}`.")
@@ -143,6 +149,16 @@ def render_markdown(results: dict) -> str:
                   f"{long['n_per_task']} test prompts per held-in task and general prompts after unrelated context; "
                   "top-1 held-in / general prompts to the base model; routing time = Router.route, no cache.", "",
                   long_prompts_table(long)]
+    st = routing.get("styles")
+    if st:
+        parts += ["", "## Unseen styles and abstain calibrations (in process)", "",
+                  f"{st['n_per_task']} prompts per held-in task and {2 * st['n_per_task']} general prompts, wrapped in "
+                  "styles no card shows (eval/styles.py); fitted calibrations fitted on the dev set (other wrappers, "
+                  "dev items), never on test. Top-1 held-in / general prompts to the base model.", "",
+                  "| calibration | dev | test |", "|---|---|---|"]
+        for name, row in st["methods"].items():
+            parts.append(f"| {name} | {fmt_pct(row['dev']['top1_held_in'])} / {fmt_pct(row['dev']['ood_abstain'])} | "
+                         f"{fmt_pct(row['test']['top1_held_in'])} / {fmt_pct(row['test']['ood_abstain'])} |")
     return "\n".join(parts).rstrip() + "\n"
 
 

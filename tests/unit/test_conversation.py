@@ -9,6 +9,7 @@ import pickle
 import numpy as np
 import pytest
 
+from eval import report, styles
 from eval.conversations import DEV_STYLES, STYLES, build_conversations, conversation_summary
 from router.cache import RoutingCache, cache_key
 from router.conversation import Anchors, ConversationConfig, fold
@@ -203,3 +204,27 @@ def test_conversations_are_seeded_and_dev_never_uses_test_only_styles():
     s = conversation_summary([{"kind": "follow_up", "expected": "x", "top": "x", "style": 0},
                               {"kind": "switch_ood", "expected": None, "top": "x", "style": None}])
     assert s["follow_up"] == 1.0 and s["switch"] == 0.0
+
+
+# --- unseen styles and the report -------------------------------------------------------------------------
+def test_styled_sets_are_seeded_and_dev_and_test_share_no_wrapper():
+    assert not set(styles.DEV_WRAPPERS) & set(styles.TEST_WRAPPERS)
+    assert styles.styled_set("test", 3) == styles.styled_set("test", 3)
+    scores = np.array([[0.9, 0.1], [0.5, 0.45], [0.2, 0.1]])
+    assert styles.predict_threshold(scores, 0.4) == [0, 0, None]
+    assert styles.predict_threshold(scores, 0.4, margin=0.1) == [0, None, None]
+    assert styles.predict_threshold(scores, np.array([0.95, 0.1])) == [None, None, None]
+    w, b = styles.fit_softmax(scores, [0, 1, None])
+    assert styles.predict_softmax(scores, w, b)[0] == 0
+
+
+def test_report_renders_the_new_sections():
+    conv = {"n_conversations": 2, "split": "test", "turns": 5, "served": {}, "fit_on_dev": {"conv": "sticky"},
+            "history_cost": {"cold": {"p50": 1.0, "p95": 2.0}},
+            "mechanisms": {"last message only": {"follow_up": 0.5, "switch": 1.0, "route_ms_p95": 3.0}}}
+    long = {"n_per_task": 1, "served_tail_chars": 192, "by_layout": {"blank line": {"1000": {
+        "tail 192 + last sentence": {"top1_held_in": 0.99, "ood_abstain": 1.0}, "served": {"route_ms_p50": 5.0}}}}}
+    st = {"n_per_task": 1, "methods": {"kNN (k=5)": {"dev": {"top1_held_in": 1.0, "ood_abstain": 0.5},
+                                                     "test": {"top1_held_in": 0.9, "ood_abstain": 0.5}}}}
+    md = report.render_markdown({"routing": {"conversations": conv, "long_prompts": long, "styles": st}})
+    assert "| last message only | 50.0% |" in md and "| blank line | 1000 |" in md and "| kNN (k=5) |" in md
