@@ -211,9 +211,10 @@ async def evaluate_conversations(router, n: int, *, split: str = "test", seed: i
                  "turns": sum(len(c.turns) for c in conversations), "mechanisms": {}}
     served = router.conversation
     for name, config in mechanisms(served).items():
+        router.forget_embeddings()  # each mechanism embeds every turn once, as the replica serving the chats would
         records = await route_conversations(router, conversations, config)
         summary = conversation_summary(records)
-        later = [r["ms"] for r in records if r["kind"] != "first"]
+        later = [r["ms"] for r in records if r["kind"] != "first"]  # earlier turns remembered, the last one new
         summary["route_ms_p50"] = float(np.percentile(later, 50)) if later else None
         summary["route_ms_p95"] = float(np.percentile(later, 95)) if later else None
         summary["config"] = config.cache_params()
