@@ -136,6 +136,8 @@ class Router:
         index = self.index
         stages: dict[str, float] = {}
         turns = Query.of(query).turns()
+        if self.conversation.mechanism == "last":  # earlier turns are neither embedded nor part of the key
+            turns = turns[-1:]
         conversation = self.conversation if len(turns) > 1 else None
         cache_params = method.cache_params(params)
         if conversation is not None:  # the decision depends on the earlier turns and on how they are weighed

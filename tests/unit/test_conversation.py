@@ -228,3 +228,11 @@ def test_report_renders_the_new_sections():
                                                      "test": {"top1_held_in": 0.9, "ood_abstain": 0.5}}}}
     md = report.render_markdown({"routing": {"conversations": conv, "long_prompts": long, "styles": st}})
     assert "| last message only | 50.0% |" in md and "| blank line | 1000 |" in md and "| kNN (k=5) |" in md
+
+
+async def test_last_message_routing_reads_no_history():
+    embedder = CountingBatcher()
+    router = router_with(EXPERTS, embedder, conversation=ConversationConfig(mechanism="last"))
+    result = await router.route(Query("and 'early'", ["sort these numbers in ascending order 3 1 2"]))
+    assert result.decision.experts == [] and embedder.texts == ["and 'early'"]
+    assert "conversation" not in result.stages
