@@ -26,6 +26,12 @@ def register(sub) -> None:
     p.add_argument("--no-glider", action="store_true", help="skip the GLIDER routing variant")
     p.add_argument("--centroid-train", type=int, default=0,
                    help="also measure centroids of the card examples plus this many train-split prompts per expert")
+    p.add_argument("--conversations", type=int, default=240,
+                   help="seeded multi-turn test conversations for conversation-aware routing (0: skip)")
+    p.add_argument("--long-per-task", type=int, default=10,
+                   help="long-prompt routing: test prompts per task after 1k/8k/32k characters of context (0: skip)")
+    p.add_argument("--styles-per-task", type=int, default=20,
+                   help="single-turn prompts per task in unseen styles, abstain calibrations compared (0: skip)")
     p.add_argument("--concurrency", type=int, default=CONCURRENCY)
     p.set_defaults(func=run)
 

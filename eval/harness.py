@@ -1,7 +1,8 @@
 """`flock eval`: routing quality and task accuracy of the expert library, written to results.json / .md / .png.
 
     flock eval                                  # start redis-server, vLLM and the gateway on library
-    flock eval --routing-only                   # routing variants only (in process; glider needs an LLM or cache)
+    flock eval --routing-only                   # routing variants, conversations, long prompts (in process; glider
+                                                # needs an LLM or its cache)
     flock eval --gateway http://127.0.0.1:8000  # measure a running gateway (its pool, whatever it holds)
     flock eval --backend http://127.0.0.1:8100  # start redis + gateway, reuse a running vLLM
 
@@ -21,7 +22,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from bench.stack import LocalStack, say
-from eval import generation, metrics, report, routing
+from eval import conversations, generation, long_prompts, metrics, report, routing, styles
 from eval.testset import EVAL_SEED, build_test_set, default_tasks, describe
 from service.settings import Settings
 from training.tasks import HELD_IN, HELD_OUT
@@ -47,7 +48,8 @@ def build_offline_gateway(settings: Settings, library: Path, state_dir: Path):
 
 
 async def routing_part(settings: Settings, library: Path, examples, *, glider: routing.GliderClient | None,
-                       train_per_expert: int, work: Path) -> dict:
+                       train_per_expert: int, work: Path, n_conversations: int = 0,
+                       long_per_task: int = 0, styles_per_task: int = 0) -> dict:
     gateway = build_offline_gateway(settings, library, work / "offline-state")
     router = gateway.router
     try:
@@ -55,8 +57,20 @@ async def routing_part(settings: Settings, library: Path, examples, *, glider: r
         say(f"routing: {len(index.names)} experts in the library pool, abstain threshold {index.threshold:.3f}")
         if not index.names:
             say(f"warning: no experts in {library}: every prompt routes to the base model")
-        return await routing.evaluate_routing(router, examples, HELD_IN, HELD_OUT, train_per_expert=train_per_expert,
-                                              glider=glider, progress=say)
+        out = await routing.evaluate_routing(router, examples, HELD_IN, HELD_OUT, train_per_expert=train_per_expert,
+                                             glider=glider, progress=say)
+        if n_conversations > 0 and index.names:
+            say(f"routing: {n_conversations} test conversations, mechanisms side by side")
+            out["conversations"] = await conversations.evaluate_conversations(router, n_conversations)
+            fitted = await conversations.fit_follow_up_test(router)
+            out["conversations"]["fit_on_dev"] = fitted.cache_params()
+        if long_per_task > 0 and index.names:
+            say(f"routing: long prompts ({long_per_task} per task, contexts of {long_prompts.SIZES} characters)")
+            out["long_prompts"] = await long_prompts.evaluate_long_prompts(router, long_per_task)
+        if styles_per_task > 0 and index.names:
+            say(f"routing: unseen styles ({styles_per_task} per task), abstain calibrations side by side")
+            out["styles"] = await styles.evaluate_styles(router, styles_per_task)
+        return out
     finally:
         await router.embedder.stop()
         await gateway.backends.close()
@@ -83,6 +97,8 @@ async def run(args, settings: Settings) -> dict:
                    "gateway": args.gateway, "backend": args.backend, "routing_only": args.routing_only,
                    "max_tokens": generation.MAX_TOKENS, "temperature": 0, "concurrency": args.concurrency,
                    "centroid_train_per_expert": args.centroid_train, "held_in": list(HELD_IN),
+                   "conversations": args.conversations, "long_per_task": args.long_per_task,
+                   "styles_per_task": args.styles_per_task,
                    "held_out": list(HELD_OUT), "date": time.strftime("%Y-%m-%d %H:%M:%S")},
         "tasks": [[t, k] for t, k in ((t, v["kind"]) for t, v in describe(examples).items())],
         "test_set": describe(examples),
@@ -104,7 +120,10 @@ async def run(args, settings: Settings) -> dict:
             glider = routing.GliderClient(cache, llm_url, settings.base_model_name, concurrency=args.concurrency)
         try:
             results["routing"] = await routing_part(settings, library, examples, glider=glider,
-                                                    train_per_expert=args.centroid_train, work=work)
+                                                    train_per_expert=args.centroid_train, work=work,
+                                                    n_conversations=args.conversations,
+                                                    long_per_task=args.long_per_task,
+                                                    styles_per_task=args.styles_per_task)
         finally:
             if glider is not None:
                 await glider.cache.close()

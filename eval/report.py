@@ -69,6 +69,34 @@ def variants_per_task_table(variants: dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
+def conversations_table(mechanisms: dict[str, dict]) -> str:
+    rows = ["| mechanism | follow-up | follow-up, test-only styles | switch | to a task | to general chat | "
+            "route ms p95 |", "|---|---|---|---|---|---|---|"]
+    for name, s in mechanisms.items():
+        rows.append(f"| {name} | {fmt_pct(s.get('follow_up'))} | {fmt_pct(s.get('follow_up_test_only_styles'))} | "
+                    f"{fmt_pct(s.get('switch'))} | {fmt_pct(s.get('switch_task'))} | {fmt_pct(s.get('switch_ood'))} | "
+                    f"{fmt_num(s.get('route_ms_p95'), 2)} |")
+    return "\n".join(rows)
+
+
+def long_prompts_table(long: dict) -> str:
+    tail = long.get("served_tail_chars")
+    cols = ["whole text (head 256 word pieces)", f"tail {tail}", f"tail {tail} + last sentence"]
+    rows = ["| layout | context chars | " + " | ".join(cols) + " | served route ms p50 / p95 | whole text embed ms |",
+            "|---|---|" + "---|" * len(cols) + "---|---|"]
+    for layout, by_size in long.get("by_layout", {}).items():
+        for size, row in by_size.items():
+            cells = []
+            for c in cols:
+                v = row.get(c) or {}
+                cells.append(f"{fmt_pct(v.get('top1_held_in'))} / {fmt_pct(v.get('ood_abstain'))}")
+            served = row.get("served") or {}
+            rows.append(f"| {layout} | {size} | " + " | ".join(cells) +
+                        f" | {fmt_num(served.get('route_ms_p50'), 1)} / {fmt_num(served.get('route_ms_p95'), 1)} | "
+                        f"{fmt_num(served.get('whole_text_embed_ms_p50'), 1)} |")
+    return "\n".join(rows)
+
+
 def render_markdown(results: dict) -> str:
     cfg = results.get("config", {})
     parts = ["# flock eval", ""]
@@ -98,6 +126,39 @@ def render_markdown(results: dict) -> str:
             parts.append(f"- **{name}**: {s.get('note', '')}")
     for name, why in (routing.get("skipped") or {}).items():
         parts.append(f"- **{name}** skipped: {why}")
+    conv = routing.get("conversations")
+    if conv:
+        parts += ["", "## Multi-turn conversations (in process)", "",
+                  f"{conv['n_conversations']} seeded {conv['split']} conversations ({conv['turns']} user turns, 2-4 "
+                  "each; eval/conversations.py), every turn routed through Router.route with the user turns before "
+                  "it. Follow-up: a fragment naming no task must keep the conversation's expert; switch: a new task "
+                  "prompt must get its expert, a general prompt the base model.", "",
+                  conversations_table(conv["mechanisms"])]
+        cost = conv.get("history_cost") or {}
+        if cost:
+            parts.append("\nRouter.route ms p50 / p95 on the last turn of 3-4-turn chats: " + "; ".join(
+                f"{k} {fmt_num(v['p50'], 2)} / {fmt_num(v['p95'], 2)}" for k, v in cost.items()) +
+                " (single: the last message alone; warm: earlier turns seen by this replica; cold: every turn "
+                "embedded, in one micro-batch).")
+        if conv.get("fit_on_dev"):
+            parts.append(f"\nFollow-up test refitted on dev conversations: `{conv['fit_on_dev']}`; served: "
+                         f"`{conv.get('served')}`.")
+    long = routing.get("long_prompts")
+    if long:
+        parts += ["", "## Long prompts (in process)", "",
+                  f"{long['n_per_task']} test prompts per held-in task and general prompts after unrelated context; "
+                  "top-1 held-in / general prompts to the base model; routing time = Router.route, no cache.", "",
+                  long_prompts_table(long)]
+    st = routing.get("styles")
+    if st:
+        parts += ["", "## Unseen styles and abstain calibrations (in process)", "",
+                  f"{st['n_per_task']} prompts per held-in task and {2 * st['n_per_task']} general prompts, wrapped in "
+                  "styles no card shows (eval/styles.py); fitted calibrations fitted on the dev set (other wrappers, "
+                  "dev items), never on test. Top-1 held-in / general prompts to the base model.", "",
+                  "| calibration | dev | test |", "|---|---|---|"]
+        for name, row in st["methods"].items():
+            parts.append(f"| {name} | {fmt_pct(row['dev']['top1_held_in'])} / {fmt_pct(row['dev']['ood_abstain'])} | "
+                         f"{fmt_pct(row['test']['top1_held_in'])} / {fmt_pct(row['test']['ood_abstain'])} |")
     return "\n".join(parts).rstrip() + "\n"
 
 

@@ -21,7 +21,7 @@ from redis.retry import Retry
 from router.decision import RoutingDecision
 
 log = logging.getLogger(__name__)
-ROUTER_VERSION = "1"  # bump when routing logic changes what a cached decision would be
+ROUTER_VERSION = "2"  # bump when routing logic changes what a cached decision would be
 _WS = re.compile(r"\s+")
 
 
@@ -29,8 +29,11 @@ def normalise_query(text: str) -> str:
     return _WS.sub(" ", text).strip().lower()
 
 
-def cache_key(pool_version: str, mode: str, params: dict, query: str) -> str:
-    digest = hashlib.sha256(normalise_query(query).encode()).hexdigest()[:32]
+def cache_key(pool_version: str, mode: str, params: dict, query: str | tuple[str, ...]) -> str:
+    """The key of one decision. `query` is the text routed or, for a chat, every user turn the decision read
+    (oldest first): the same last message after another history is another key."""
+    turns = (query,) if isinstance(query, str) else query
+    digest = hashlib.sha256("\x1e".join(normalise_query(t) for t in turns).encode()).hexdigest()[:32]
     p = json.dumps(params, sort_keys=True, separators=(",", ":"))
     return f"flock:route:v{ROUTER_VERSION}:{pool_version}:{mode}:{p}:{digest}"
 

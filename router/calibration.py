@@ -45,3 +45,34 @@ OUT_OF_DOMAIN_PROMPTS: tuple[str, ...] = (
     "Good morning! Any plans for today?",
     "What's the best way to learn a new language?",
 )
+
+# Generic follow-ups that name no task and no value: a turn close to one of these continues the conversation's
+# task (router/conversation.py). Written for the purpose; none is a phrasing of the evaluation's follow-ups.
+FOLLOW_UP_PHRASES: tuple[str, ...] = (
+    "And this one?",
+    "What about that one?",
+    "Same for the next.",
+    "Now the next one.",
+    "And that?",
+    "Do the same here.",
+    "One more, please.",
+    "Again, with a different one.",
+    "Now this:",
+    "Same thing for these.",
+    "And the other one?",
+    "Ok and now?",
+    "Next:",
+    "Also that one.",
+    "Repeat for this.",
+    "Can you do the same with this?",
+    "Same question, different input.",
+    "Likewise for this.",
+    "Then this?",
+    "And for the last one?",
+)
+
+# The general prompts a chat turn is compared with to tell general chat from a follow-up (router/conversation.py):
+# every other calibration prompt. The rest are the general-chat turns of the dev conversations that follow-up
+# test is fitted on (eval/conversations.py), so it is never fitted on prompts that find themselves here.
+GENERAL_ANCHORS: tuple[str, ...] = OUT_OF_DOMAIN_PROMPTS[::2]
+DEV_GENERAL_TURNS: tuple[str, ...] = OUT_OF_DOMAIN_PROMPTS[1::2]

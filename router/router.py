@@ -1,4 +1,4 @@
-"""Where a request is routed: cache lookup → embed → global scores → method → cache store.
+"""Where a request is routed: cache lookup → embed → global scores (→ conversation) → method → cache store.
 
 The Router owns the expert index (rebuilt when the pool changes) and the routing methods. It knows nothing
 about HTTP or vLLM; the gateway turns its decision into an adapter on a backend.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -15,11 +16,13 @@ import numpy as np
 
 from adapters.pool import ExpertPool
 from router.cache import RoutingCache, cache_key
-from router.calibration import OUT_OF_DOMAIN_PROMPTS
+from router.calibration import FOLLOW_UP_PHRASES, GENERAL_ANCHORS, OUT_OF_DOMAIN_PROMPTS
+from router.conversation import Anchors, ConversationConfig, fold
 from router.decision import RoutingDecision, RoutingParams
 from router.embed import MicroBatcher
 from router.index import ExpertIndex, calibrate_threshold, expert_vectors, in_domain_best
 from router.methods import MethodConfig, RoutingMethod, method_class, method_names
+from router.query import Query
 
 StageObserver = Callable[[str, float], None]
 
@@ -27,7 +30,9 @@ StageObserver = Callable[[str, float], None]
 @dataclass
 class RouteResult:
     decision: RoutingDecision
-    stages: dict[str, float]  # seconds per stage: cache, embed, score (cache and embed overlap on a local miss)
+    # seconds per stage: cache, embed, conversation (chats with earlier user turns), score; cache and embed
+    # overlap on a local miss
+    stages: dict[str, float]
     cache: str  # hit, miss, bypass (Redis down) or off (no cache configured)
 
 
@@ -48,6 +53,8 @@ class Router:
         method_configs: Mapping[str, MethodConfig] | None = None,
         fixed_threshold: float | None = None,
         expert_vector: str = "centroid",
+        conversation: ConversationConfig | None = None,
+        vector_cache_entries: int = 4096,
     ):
         self.pool = pool
         self.embedder = embedder
@@ -55,11 +62,17 @@ class Router:
         self.default_mode = default_mode
         self.fixed_threshold = fixed_threshold
         self.expert_vector = expert_vector
+        self.conversation = conversation or ConversationConfig()
         configs = method_configs or {}
         self.methods: dict[str, RoutingMethod] = {n: method_class(n)(configs.get(n)) for n in method_names()}
         self.index = ExpertIndex(names=[], vectors=np.zeros((0, embedder.embedder.dim), dtype=np.float32))
         self._rebuild_lock = asyncio.Lock()
         self._pending: set[asyncio.Task] = set()  # background cache writes, kept referenced until done
+        # Embeddings of recent turns (by the text embedded): a chat's earlier user turns were embedded when each
+        # was the last message, so a follow-up usually embeds only itself.
+        self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._vector_cache_entries = vector_cache_entries
+        self.anchors: Anchors | None = None
 
     # --- index ----------------------------------------------------------------------------------------
     async def rebuild_index(self) -> ExpertIndex:
@@ -75,6 +88,9 @@ class Router:
             per_expert = [in_vecs[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
             vectors = expert_vectors(self.expert_vector, descriptions, per_expert)
             threshold = self.fixed_threshold
+            if self.anchors is None:  # the same for every pool: embedded once
+                self.anchors = Anchors(general=await self.embedder.embed_many(list(GENERAL_ANCHORS)),
+                                       follow_ups=await self.embedder.embed_many(list(FOLLOW_UP_PHRASES)))
             if threshold is None:
                 ood_vecs = await self.embedder.embed_many(list(OUT_OF_DOMAIN_PROMPTS))
                 ood_best = (ood_vecs @ vectors.T).max(axis=1) if len(experts) else np.zeros(0)
@@ -115,15 +131,23 @@ class Router:
         return self.methods[name]
 
     async def route(self, query: str, params: RoutingParams | None = None) -> RouteResult:
+        """Decide for `query`: a str, or a `Query` carrying a chat's earlier user turns (router/query.py)."""
         params = params or RoutingParams()
         method = self.method(params.mode)
         index = self.index
         stages: dict[str, float] = {}
-        key = cache_key(index.pool_version, method.name, method.cache_params(params), query)
+        turns = Query.of(query).turns()
+        if self.conversation.mechanism == "last":  # earlier turns are neither embedded nor part of the key
+            turns = turns[-1:]
+        conversation = self.conversation if len(turns) > 1 else None
+        cache_params = method.cache_params(params)
+        if conversation is not None:  # the decision depends on the earlier turns and on how they are weighed
+            cache_params = {**cache_params, **conversation.cache_params()}
+        key = cache_key(index.pool_version, method.name, cache_params, tuple("\x1f".join(t) for t in turns))
 
         cache_status = "off"
         if self.cache is None:
-            vector = await self._embed(query, stages)
+            vectors, own = await self._embed(turns, index, stages)
         else:
             t0 = time.perf_counter()
             hit = self.cache.get_local(key)
@@ -133,20 +157,26 @@ class Router:
             # Not decided here: ask Redis (another replica, or this one before a restart, may have decided) while
             # the query is embedded, so a miss does not wait a round trip before its embedding starts. A Redis
             # hit drops the embedding (cancelled if it has not started).
-            embedding = asyncio.ensure_future(self._embed(query, stages))
+            embedding = asyncio.ensure_future(self._embed(turns, index, stages))
             try:
                 hit, cache_status = await self.cache.get_remote(key)
                 stages["cache"] = time.perf_counter() - t0
                 if hit is not None:
                     return RouteResult(hit.model_copy(update={"cached": True}), stages, cache_status)
-                vector = await embedding
+                vectors, own = await embedding
             finally:
                 if not embedding.done():
                     embedding.cancel()
                 elif not embedding.cancelled():
                     embedding.exception()  # retrieved: an embedding that failed after a Redis hit is not an error
+        if conversation is not None and self.anchors is not None:
+            t0 = time.perf_counter()
+            scores = fold(vectors, own, index.threshold, self.anchors, conversation)
+            stages["conversation"] = time.perf_counter() - t0
+        else:
+            scores = own[-1]
         t0 = time.perf_counter()
-        decision = self.decide(vector, method, params, index)
+        decision = self.decide_scores(scores, method, params, index)
         stages["score"] = time.perf_counter() - t0
 
         if self.cache is not None and cache_status != "bypass":
@@ -156,11 +186,38 @@ class Router:
             task.add_done_callback(self._pending.discard)
         return RouteResult(decision, stages, cache_status)
 
-    async def _embed(self, query: str, stages: dict[str, float]) -> np.ndarray:
+    async def _embed(self, turns: tuple[tuple[str, ...], ...], index: ExpertIndex,
+                     stages: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
+        """(vectors, scores) of the user turns, oldest first: each turn's unit embedding (its first text's) and
+        its expert scores (the best over its texts, see router/query.py). Remembered embeddings are reused,
+        the others embedded together (the micro-batcher puts them in one forward pass)."""
         t0 = time.perf_counter()
-        vector = await self.embedder.embed(query)
+        texts = list(dict.fromkeys(t for turn in turns for t in turn))
+        missing = [t for t in texts if t not in self._vectors]
+        if missing:
+            for text, fresh in zip(missing, await asyncio.gather(*(self.embedder.embed(t) for t in missing))):
+                self._remember(text, fresh)
+        found: dict[str, np.ndarray] = {}
+        for t in texts:
+            vector = self._vectors.get(t)
+            if vector is None:  # evicted meanwhile by concurrent requests: embed again
+                vector = await self.embedder.embed(t)
+            else:
+                self._vectors.move_to_end(t)
+            found[t] = vector
+        vectors = np.stack([found[turn[0]] for turn in turns])
+        scores = np.stack([np.max([index.scores(found[t]) for t in turn], axis=0) for turn in turns])
         stages["embed"] = time.perf_counter() - t0
-        return vector
+        return vectors, scores
+
+    def forget_embeddings(self) -> None:
+        """Drop the remembered turn embeddings (benchmarks that time embedding)."""
+        self._vectors.clear()
+
+    def _remember(self, text: str, vector: np.ndarray) -> None:
+        self._vectors[text] = vector
+        while len(self._vectors) > self._vector_cache_entries:
+            self._vectors.popitem(last=False)
 
     async def drain(self) -> None:
         """Wait for background cache writes (tests, benchmarks and shutdown)."""
@@ -170,6 +227,10 @@ class Router:
     @staticmethod
     def decide(vector: np.ndarray, method: RoutingMethod, params: RoutingParams, index: ExpertIndex) -> RoutingDecision:
         """The pure part: a query vector and a method give a decision (no I/O; used by `flock bench`)."""
-        scores = index.scores(vector)
+        return Router.decide_scores(index.scores(vector), method, params, index)
+
+    @staticmethod
+    def decide_scores(scores: np.ndarray, method: RoutingMethod, params: RoutingParams,
+                      index: ExpertIndex) -> RoutingDecision:
         experts = method.choose(scores, index, params)
         return RoutingDecision(mode=method.name, experts=experts, gate=method.gate(params) if experts else None)

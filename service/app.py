@@ -16,6 +16,7 @@ from adapters.composite import CompositeStore
 from adapters.pool import ExpertPool
 from adapters.validate import ModelShape
 from router.cache import RoutingCache
+from router.conversation import ConversationConfig
 from router.embed import Embedder, MicroBatcher
 from router.methods import GateConfig, MergeConfig, MethodConfig
 from router.router import Router
@@ -102,7 +103,8 @@ def build_gateway(settings: Settings, metrics: Metrics) -> Gateway:
         cache = RoutingCache(settings.redis_url, settings.cache_ttl_s)
     router = Router(pool, embedder, cache, default_mode=settings.default_mode,
                     fixed_threshold=settings.abstain_threshold, expert_vector=settings.expert_vector,
-                    method_configs=method_configs(settings))
+                    method_configs=method_configs(settings),
+                    conversation=ConversationConfig(mechanism=settings.conversation_routing))
     backends = BackendPool(settings.backend_urls, metrics, connect_timeout_s=settings.backend_connect_timeout_s,
                            read_timeout_s=settings.backend_timeout_s)
     composites = CompositeStore(settings.composites_dir)

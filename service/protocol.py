@@ -11,7 +11,7 @@ import json
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from router.decision import ExpertChoice, RoutingDecision, RoutingParams
 
@@ -47,6 +47,25 @@ class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool", "developer", "function"]
     content: str | list[dict[str, Any]] | None = None
 
+    @field_validator("content")
+    @classmethod
+    def _parts_are_typed(cls, content: str | list[dict[str, Any]] | None) -> str | list[dict[str, Any]] | None:
+        """Content parts name their type; a text part carries a string (other parts pass through to vLLM)."""
+        if isinstance(content, list):
+            for i, part in enumerate(content):
+                if not isinstance(part.get("type"), str):
+                    raise ValueError(f"content part {i} has no 'type'")
+                if part["type"] == "text" and not isinstance(part.get("text"), str):
+                    raise ValueError(f"content part {i} is of type 'text' but has no string 'text'")
+        return content
+
+
+def _needs_user_turn(messages: list[ChatMessage] | None, info: ValidationInfo) -> list[ChatMessage] | None:
+    """A chat routed with model 'auto' is routed on its user turns: one must be there."""
+    if messages and info.data.get("model") == "auto" and not any(m.role == "user" for m in messages):
+        raise ValueError("a chat routed with model 'auto' needs at least one user message")
+    return messages
+
 
 class SamplingFields(BaseModel):
     """Fields common to both generation endpoints, with the bounds the gateway enforces itself."""
@@ -71,6 +90,8 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1, le=1 << 31)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    check_user_turn = field_validator("messages")(_needs_user_turn)
 
 
 class CompletionRequest(SamplingFields):
@@ -100,6 +121,8 @@ class RouteRequest(BaseModel):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     routing: RoutingParams | None = None
+
+    check_user_turn = field_validator("messages")(_needs_user_turn)
 
 
 class RouteResponse(BaseModel):

@@ -99,6 +99,11 @@ class Settings(EngineSettings):
         "centroid", description="What a query is compared with: the centroid of each expert card's example "
         "queries (the description where a card has none), or the description's embedding."
     )
+    conversation_routing: Literal["sticky", "blend", "last"] = Field(
+        "sticky", description="How a chat's earlier user turns count: sticky (a follow-up keeps the conversation's "
+        "expert; a new task or general chat is routed on its own), blend (earlier turns blended into the query "
+        "embedding) or last (the last user message alone). docs/routing.md#conversations."
+    )
     merge_top_k: int = Field(2, description="Experts combined by the merge mode.")
     merge_temperature: float = Field(0.05, description="Softmax temperature turning scores into merge weights.")
     merge_weight_step: float = Field(

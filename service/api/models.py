@@ -10,7 +10,8 @@ from service.api.deps import get_gateway, require_key
 from service.api.openapi import ERRORS
 from service.errors import APIError
 from service.gateway import AUTO, Gateway
-from service.protocol import ChatCompletionRequest, ModelCard, ModelList, RouteRequest, RouteResponse
+from service.limits import check_limits
+from service.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, RouteRequest, RouteResponse
 from service.query import query_text
 
 router = APIRouter(tags=["models"], dependencies=[Depends(require_key)])
@@ -46,13 +47,11 @@ def model_cards(gateway: Gateway) -> list[ModelCard]:
 async def route(body: RouteRequest, gateway: Gateway = Depends(get_gateway)) -> RouteResponse:
     if body.prompt is None and not body.messages:
         raise APIError(400, "give 'prompt' or 'messages'", param="prompt", code="invalid_request")
-    if body.messages:
-        text = query_text(ChatCompletionRequest(model=body.model, messages=body.messages))
-    else:
-        text = body.prompt or ""
-    if len(text) > gateway.settings.max_prompt_chars:
-        raise APIError(400, f"prompt is longer than {gateway.settings.max_prompt_chars} characters", param="prompt",
-                       code="context_length_exceeded")
-    decision, _ = await gateway.decide(body.model, body.routing, text)
+    # The same limits as generation: message count and every message's text.
+    request: ChatCompletionRequest | CompletionRequest = (
+        ChatCompletionRequest(model=body.model, messages=body.messages) if body.messages
+        else CompletionRequest(model=body.model, prompt=body.prompt or ""))
+    check_limits(gateway.settings, request)
+    decision, _ = await gateway.decide(body.model, body.routing, query_text(request))
     gateway.metrics.requests.labels("/v1/route", decision.mode, "ok").inc()
     return RouteResponse(routing=decision)
