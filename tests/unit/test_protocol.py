@@ -4,14 +4,12 @@ gateway's schemas and error handlers (no model, no server)."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from service.errors import APIError, install_error_handlers
-from service.gateway import Gateway
+from service.limits import check_limits
 from service.protocol import ChatCompletionRequest, RouteRequest
 from service.query import query_text
 from service.settings import Settings
@@ -71,10 +69,9 @@ def test_good_chats_pass():
 
 def test_the_message_count_limit_is_a_400():
     settings = Settings()
-    stub = SimpleNamespace(settings=settings)
     fits = ChatCompletionRequest(model="auto", messages=[USER] * settings.max_messages)  # type: ignore[list-item]
-    Gateway.check_limits(stub, fits, 10)  # type: ignore[arg-type]
+    check_limits(settings, fits)
     over = ChatCompletionRequest(model="auto", messages=[USER] * (settings.max_messages + 1))  # type: ignore[list-item]
     with pytest.raises(APIError) as exc:
-        Gateway.check_limits(stub, over, 10)  # type: ignore[arg-type]
+        check_limits(settings, over)
     assert exc.value.status == 400 and exc.value.code == "too_many_messages" and exc.value.param == "messages"
