@@ -15,9 +15,9 @@ pytestmark = pytest.mark.integration
 def test_responses_with_the_openai_client(gateway):
     client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", timeout=120)
     resp = client.responses.create(model="auto", input="What is 12 times 7?", max_output_tokens=8, temperature=0)
-    # The test experts are random LoRAs: their text may be blank, but the answer is a complete Responses object.
-    assert resp.status in ("completed", "incomplete") and resp.output[0].type == "message"
-    assert resp.usage.output_tokens > 0
+    # The test experts are random LoRAs: their text may be blank (vLLM then lists no output item), but the answer
+    # is a complete Responses object that generated tokens.
+    assert resp.status in ("completed", "incomplete") and resp.usage.output_tokens > 0
     assert resp.model_extra["routing"]["experts"][0]["name"] == "arith"
     assert resp.model == "arith"
     resp = client.responses.create(model="auto", instructions="Answer briefly.", max_output_tokens=8,
