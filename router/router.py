@@ -36,12 +36,6 @@ class RouteResult:
     cache: str  # hit, miss, bypass (Redis down) or off (no cache configured)
 
 
-def _gate_kinds(experts) -> dict[str, frozenset[str]]:
-    from adapters.gates import KINDS, has_gates
-
-    return {e.name: frozenset(k for k in KINDS if has_gates(e.path, k)) for e in experts}
-
-
 class Router:
     def __init__(
         self,
@@ -73,6 +67,9 @@ class Router:
         self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
         self._vector_cache_entries = vector_cache_entries
         self.anchors: Anchors | None = None
+        self._card_vectors: dict[str, np.ndarray] = {}  # card text -> embedding, for the texts of the pool
+        self._ood_vectors: np.ndarray | None = None
+        self._gates_seen: dict[tuple[str, int], frozenset[str]] = {}  # (expert dir, gates file mtime) -> kinds
 
     # --- index ----------------------------------------------------------------------------------------
     async def rebuild_index(self) -> ExpertIndex:
@@ -81,9 +78,10 @@ class Router:
         async with self._rebuild_lock:
             experts = self.pool.servable()  # quarantined experts are left out
             version = self.pool.version
-            descriptions = await self.embedder.embed_many([e.card.description for e in experts])
+            descriptions = await self._card_embeddings([e.card.description for e in experts])
             examples = [x for e in experts for x in e.card.examples]
-            in_vecs = await self.embedder.embed_many(examples)
+            in_vecs = await self._card_embeddings(examples)
+            self._forget_card_texts({e.card.description for e in experts} | set(examples))
             bounds = np.cumsum([0] + [len(e.card.examples) for e in experts])
             per_expert = [in_vecs[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
             vectors = expert_vectors(self.expert_vector, descriptions, per_expert)
@@ -92,7 +90,9 @@ class Router:
                 self.anchors = Anchors(general=await self.embedder.embed_many(list(GENERAL_ANCHORS)),
                                        follow_ups=await self.embedder.embed_many(list(FOLLOW_UP_PHRASES)))
             if threshold is None:
-                ood_vecs = await self.embedder.embed_many(list(OUT_OF_DOMAIN_PROMPTS))
+                if self._ood_vectors is None:  # the same for every pool: embedded once
+                    self._ood_vectors = await self.embedder.embed_many(list(OUT_OF_DOMAIN_PROMPTS))
+                ood_vecs = self._ood_vectors
                 ood_best = (ood_vecs @ vectors.T).max(axis=1) if len(experts) else np.zeros(0)
                 in_best = in_domain_best(self.expert_vector, descriptions, per_expert, vectors)
                 threshold = calibrate_threshold(in_best, ood_best)
@@ -103,9 +103,42 @@ class Router:
                 # The vector kind changes decisions, so cached ones must not outlive a change of it.
                 pool_version=self._index_version(version),
                 ranks={e.name: e.rank for e in experts},
-                gates=await asyncio.to_thread(_gate_kinds, experts),
+                gates=await asyncio.to_thread(self._gate_kinds, experts),
             )
             return self.index
+
+    async def _card_embeddings(self, texts: list[str]) -> np.ndarray:
+        """Embeddings of card texts, each distinct text embedded once: a pool change embeds only the cards that
+        are new or changed, not the whole pool: a registration costs O(change), not O(pool)."""
+        missing = list(dict.fromkeys(t for t in texts if t not in self._card_vectors))
+        if missing:
+            self._card_vectors.update(zip(missing, await self.embedder.embed_many(missing), strict=True))
+        if not texts:
+            return np.zeros((0, self.embedder.embedder.dim), dtype=np.float32)
+        return np.stack([self._card_vectors[t] for t in texts])
+
+    def _forget_card_texts(self, keep: set[str]) -> None:
+        for text in [t for t in self._card_vectors if t not in keep]:
+            del self._card_vectors[text]
+
+    def _gate_kinds(self, experts) -> dict[str, frozenset[str]]:
+        """Gate signals each expert has, read from its gates file once per version of that file."""
+        from adapters.gates import KINDS, has_gates
+
+        kinds = {}
+        for e in experts:
+            gates = e.path / "gates.safetensors"
+            try:
+                key = (str(e.path), gates.stat().st_mtime_ns)
+            except OSError:
+                key = (str(e.path), 0)
+            if key not in self._gates_seen:
+                self._gates_seen[key] = frozenset(k for k in KINDS if has_gates(e.path, k))
+            kinds[e.name] = self._gates_seen[key]
+        current = {(str(e.path),) for e in experts}
+        for key in [k for k in self._gates_seen if k[:1] not in current]:
+            del self._gates_seen[key]
+        return kinds
 
     def _index_version(self, pool_version: str) -> str:
         # The vector kind and the quarantined set change decisions too: cached ones must not outlive either.
