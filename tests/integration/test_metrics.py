@@ -72,9 +72,14 @@ def vector_selectors(expr: str) -> list:
     return found
 
 
-def test_deploy_queries_name_live_metrics(gateway):
+def test_deploy_queries_name_live_metrics(gateway, chat):
     """Every flock_* series the alert rules and the dashboard select exists in the live exposition, with the
-    labels they match on."""
+    labels they match on. Labelled series appear once used: a routed request, a stream and an error first."""
+    with gateway.client() as c:
+        assert c.post("/v1/chat/completions", json=chat(f"Bake bread ({uuid.uuid4().hex[:6]})")).status_code == 200
+        with c.stream("POST", "/v1/chat/completions", json=chat("Boil an egg", stream=True)) as r:
+            assert r.status_code == 200 and r.read()
+        assert c.post("/v1/chat/completions", json=chat("hi", model="no-such-expert")).status_code == 404
     live: dict[str, set[str]] = {}
     for name, samples in scrape(gateway).items():
         for labels, _ in samples:
