@@ -59,12 +59,29 @@ def work(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def expert_root(work: Path, shape: ModelShape) -> Path:
-    """Expert root with the test experts (random rank-4 q/v LoRAs) plus spare adapters for registration tests."""
+    """Expert root with the test experts (random rank-4 q/v LoRAs) plus spare adapters for registration tests.
+
+    The test experts carry gate signals of both kinds, so the per-token modes (arrow, phatgoose, glider) take
+    them as candidates: Arrow prototypes computed from the weights, random PHATGOOSE gate vectors."""
     root = work / "experts"
     for seed, (name, (description, examples)) in enumerate(TEST_EXPERTS.items()):
-        write_random_lora(root / name, shape=shape, base_name=BASE, seed=seed, strength=0.3,
-                          card=ExpertCard(name=name, description=description, examples=examples))
+        path = write_random_lora(root / name, shape=shape, base_name=BASE, seed=seed, strength=0.3,
+                                 card=ExpertCard(name=name, description=description, examples=examples))
+        write_test_gates(path, seed)
     return root
+
+
+def write_test_gates(path: Path, seed: int) -> None:
+    """Arrow prototypes and random unit PHATGOOSE gate vectors, one per LoRA module of the adapter at `path`."""
+    import torch
+
+    from adapters.gates import compute_arrow_gates, load_lora, write_gates
+
+    compute_arrow_gates(path)
+    factors, _ = load_lora(path)
+    gen = torch.Generator().manual_seed(1000 + seed)
+    gates = {m: torch.randn(a.shape[1], generator=gen) for m, (a, _) in factors.items()}
+    write_gates(path, "phatgoose", {m: v / v.norm() for m, v in gates.items()}, {"method": "random (tests)"})
 
 
 @dataclass
@@ -94,7 +111,15 @@ def redis_server(work: Path):
 
 @pytest.fixture(scope="session")
 def vllm_url(work: Path, base_model_dir: Path):
-    """One real vLLM OpenAI server (CPU) with LoRA and flock's plugin, for the whole session."""
+    """One real vLLM OpenAI server (CPU) with LoRA and flock's plugin, for the whole session.
+
+    FLOCK_TEST_VLLM_URL names one already running instead (started with the same settings; it must run this
+    checkout's plugin), to save its start-up when running one test file after another while developing."""
+    if os.environ.get("FLOCK_TEST_VLLM_URL"):
+        url = os.environ["FLOCK_TEST_VLLM_URL"].rstrip("/")
+        wait_http(f"{url}/health", 600, None, "vLLM (FLOCK_TEST_VLLM_URL)")
+        yield url
+        return
     settings = Settings(vllm_max_num_seqs=16, vllm_kvcache_gib=1)
     port = free_port()
     argv, env = vllm_command(settings, port=port)
@@ -120,7 +145,7 @@ class Gateway:
     log: Path
 
     def client(self, **kw) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=120, **kw)
+        return httpx.Client(base_url=self.url, **{"timeout": 120, **kw})
 
 
 def start_gateway(work: Path, name: str, env_extra: dict[str, str], ready_path: str = "/ready",

@@ -227,15 +227,130 @@ def vllm_metrics() -> dict[str, frozenset[str] | None]:
     return names
 
 
+def _py_files(*dirs: str) -> list[Path]:
+    return [p for d in dirs for p in sorted((REPO / d).rglob("*.py"))]
+
+
+def _const_str(node: ast.AST | None) -> str | None:
+    return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
+
+
+def _const_int(node: ast.AST | None) -> int | None:
+    return node.value if isinstance(node, ast.Constant) and type(node.value) is int else None
+
+
+HTTP_ERROR_TYPE = re.compile(r"http_\d{3}")  # the gateway's type for an HTTPException of status NNN
+# Error types the gateway counts directly (metrics.errors.labels("...")), outside any HTTP error answer: the
+# status of the failure each stands for, since the code does not say. A new one must be added here.
+DIRECT_ERROR_STATUS = {"backend_stream_broken": 502,  # an error event ending a stream the backend broke
+                       "client_disconnected": 499}
+
+
 @lru_cache
-def emitted_string_literals() -> frozenset[str]:
-    """String constants in the gateway's and router's code: the label values the gateway can emit."""
-    values: set[str] = set()
-    for path in list((REPO / "service").rglob("*.py")) + list((REPO / "router").rglob("*.py")):
+def error_types() -> dict[str, int]:
+    """Every value of flock_errors_total{type}, with the HTTP status of the error it counts, read from the code:
+    the error handlers count `exc.code or exc.type` (service/errors.py), so the codes of the APIErrors raised
+    (service/, router/) and of the pool's errors (adapters/errors.py), the OpenAI types of code-less errors, the
+    handlers' own constants, and the types counted directly. http_NNN types are HTTP_ERROR_TYPE."""
+    types: dict[str, int] = {}
+    for path in _py_files("service", "router"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call):
+                func = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", None)
+                kw = {k.arg: k.value for k in node.keywords}
+                if func == "APIError" and _const_str(kw.get("code")) and node.args and _const_int(node.args[0]):
+                    types[_const_str(kw["code"])] = _const_int(node.args[0])
+                if (func == "labels" and isinstance(node.func.value, ast.Attribute) and node.func.value.attr == "errors"
+                        and node.args and _const_str(node.args[0])):
+                    kind = _const_str(node.args[0])
+                    assert kind in DIRECT_ERROR_STATUS, f"{path}: error type {kind!r} counted directly: classify it"
+                    types[kind] = DIRECT_ERROR_STATUS[kind]
+            if isinstance(node, ast.AsyncFunctionDef | ast.FunctionDef):  # an error handler: count("x") + its status
+                counted = [_const_str(c.args[0]) for c in ast.walk(node) if isinstance(c, ast.Call)
+                           and isinstance(c.func, ast.Name) and c.func.id == "count" and c.args
+                           and _const_str(c.args[0])]
+                statuses = {_const_int(k.value) for c in ast.walk(node) if isinstance(c, ast.Call)
+                            for k in c.keywords if k.arg == "status_code" and _const_int(k.value)}
+                if counted and not any(isinstance(c, ast.FunctionDef | ast.AsyncFunctionDef)
+                                       for c in ast.walk(node) if c is not node):
+                    assert len(statuses) == 1, f"{path}:{node.name}: counts {counted} but answers {statuses}"
+                    types.update(dict.fromkeys(counted, statuses.pop()))
+            if isinstance(node, ast.Assign) and any(isinstance(x, ast.Name) and x.id == "_TYPES" for x in node.targets):
+                for k, v in zip(node.value.keys, node.value.values):  # OpenAI types of code-less APIErrors
+                    types[_const_str(v)] = _const_int(k)
+                types["server_error"] = 500  # APIError's type of a code-less 5xx
+    for node in ast.walk(ast.parse((REPO / "adapters" / "errors.py").read_text())):
+        if isinstance(node, ast.ClassDef):
+            attrs = {a.targets[0].id: a.value for a in node.body if isinstance(a, ast.Assign)}
+            if _const_str(attrs.get("code")):
+                types[_const_str(attrs["code"])] = _const_int(attrs.get("status")) or 400
+    for core in ("backend_unavailable", "backend_timeout", "pool_changed", "internal", "invalid_request"):
+        assert core in types, f"error type {core!r} not found in the code: the extraction is out of date"
+    return types
+
+
+@lru_cache
+def label_values() -> dict[tuple[str, str], frozenset[str] | None]:
+    """(metric family, label) -> the values the gateway emits for that label; None where they are data (expert
+    names, backend URLs) or computed in a way not followed here. From every `metrics.<attr>.labels(...)` call in
+    service/ and router/: a constant argument is a value; flock_errors_total's type comes from error_types() and
+    flock_routing_cache_total's result from the router's cache statuses."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from service.metrics import Metrics
+
+    families = {attr: m for attr, m in vars(Metrics()).items() if isinstance(m, MetricWrapperBase)}
+    values: dict[tuple[str, str], set[str] | None] = {}
+    for path in _py_files("service", "router"):
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Constant) and isinstance(node.value, str):
-                values.add(node.value)
-    return frozenset(values)
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "labels"
+                    and isinstance(node.func.value, ast.Attribute) and node.func.value.attr in families):
+                continue
+            metric = families[node.func.value.attr]
+            for label, arg in zip(metric._labelnames, node.args):
+                key = (metric._name, label)
+                value = _const_str(arg)
+                if value is None:
+                    values[key] = None
+                elif values.get(key, set()) is not None:
+                    values.setdefault(key, set()).add(value)
+    values[("flock_errors", "type")] = set(error_types())
+    # RouteResult.cache: the statuses router/cache.py returns, and the router's own ("hit" from its local copy,
+    # "off" without a cache, which the gateway does not count).
+    statuses = set()
+    for path in _py_files("router"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Return) and isinstance(node.value, ast.Tuple) and _const_str(node.value.elts[-1]):
+                statuses.add(_const_str(node.value.elts[-1]))
+            if (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "RouteResult" and len(node.args) == 3
+                    and _const_str(node.args[2])):
+                statuses.add(_const_str(node.args[2]))
+    assert {"hit", "miss", "bypass"} <= statuses, statuses
+    values[("flock_routing_cache", "result")] = statuses - {"off"}
+    return {k: None if v is None else frozenset(v) for k, v in values.items()}
+
+
+def emitted_values(metric: str, label: str) -> frozenset[str] | None:
+    """Values of `label` on the sample `metric` (flock_x_total, flock_x_bucket...); None: not checkable."""
+    for (family, name), values in label_values().items():
+        if name == label and (metric == family or metric.startswith(family + "_")):
+            return values
+    return None
+
+
+def value_emitted(label: str, value: str, values: frozenset[str]) -> bool:
+    return value in values or (label == "type" and HTTP_ERROR_TYPE.fullmatch(value) is not None)
+
+
+def regex_problems(metric: str, label: str, regex: str, values: frozenset[str]) -> list[str]:
+    """A `=~` matcher: every alternative must match a value the gateway emits (http_NNN: some status)."""
+    problems = []
+    samples = set(values) | ({f"http_{s}" for s in range(400, 600)} if label == "type" else set())
+    for alternative in regex.split("|"):
+        if not any(re.fullmatch(alternative, v) for v in samples):
+            problems.append(f"{metric}{{{label}=~...}}: alternative {alternative!r} matches nothing the gateway emits")
+    return problems
 
 
 def promql_problems(expr: str, where: str, legend: str = "") -> list[str]:
@@ -277,9 +392,14 @@ def promql_problems(expr: str, where: str, legend: str = "") -> list[str]:
                 continue
             if m.name not in labels | SCRAPE_LABELS:
                 problems.append(f"{where}: {sel.name} has no label {m.name!r} (it has {sorted(labels)})")
-            elif (sel.name.startswith("flock_") and m.name not in SCRAPE_LABELS
-                  and str(m.op) == "MatchOp.Equal" and m.value not in emitted_string_literals()):
-                problems.append(f"{where}: the gateway never emits {m.name}={m.value!r} on {sel.name}")
+            elif sel.name.startswith("flock_") and m.name not in SCRAPE_LABELS:
+                values = emitted_values(sel.name, m.name)
+                if values is None:
+                    continue
+                if str(m.op) in {"MatchOp.Equal", "MatchOp.NotEqual"} and not value_emitted(m.name, m.value, values):
+                    problems.append(f"{where}: the gateway never emits {m.name}={m.value!r} on {sel.name}")
+                elif str(m.op) in {"MatchOp.Re", "MatchOp.NotRe"}:
+                    problems += [f"{where}: {p}" for p in regex_problems(sel.name, m.name, m.value, values)]
     if available is not None:
         for modifier in groupings:
             if str(modifier.type) != "AggModifierType.By":
@@ -294,6 +414,14 @@ def promql_problems(expr: str, where: str, legend: str = "") -> list[str]:
 
 
 # --- promtool ----------------------------------------------------------------------------------------------------
+def skip_unless_ci(reason: str) -> None:
+    """Skip where a tool cannot be had; in CI (CI=true, as GitHub Actions and GitLab set it) fail instead, so a
+    broken tool install cannot turn the checks that need it into skips nobody reads."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true: {reason}")
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def promtool() -> str:
     """promtool from PATH, or from .venv/tools, or fetched there once from Debian's `prometheus` package (only the
@@ -302,8 +430,8 @@ def promtool() -> str:
         if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
             return str(candidate)
     if not (shutil.which("apt-get") and shutil.which("dpkg-deb")):
-        pytest.skip("promtool is not installed and cannot be fetched here (no apt-get/dpkg-deb): "
-                    "install Prometheus' promtool to run these checks")
+        skip_unless_ci("promtool is not installed and cannot be fetched here (no apt-get/dpkg-deb): "
+                       "install Prometheus' promtool to run these checks")
     with tempfile.TemporaryDirectory() as tmp:
         fetch = subprocess.run(["apt-get", "download", "prometheus"], cwd=tmp, capture_output=True, text=True,
                                timeout=600)
@@ -313,7 +441,7 @@ def promtool() -> str:
                                    timeout=600)
         debs = list(Path(tmp).glob("prometheus_*.deb"))
         if fetch.returncode != 0 or not debs:
-            pytest.skip(f"promtool is not installed and `apt-get download prometheus` failed: {fetch.stderr[-400:]}")
+            skip_unless_ci(f"promtool is not installed and `apt-get download prometheus` failed: {fetch.stderr[-400:]}")
         subprocess.run(["bash", "-c", 'dpkg-deb --fsys-tarfile "$1" | tar -x -C "$2" ./usr/bin/promtool', "_",
                         str(debs[0]), tmp], check=True, timeout=300)
         TOOLS.mkdir(parents=True, exist_ok=True)
@@ -390,6 +518,25 @@ def test_alert_rules_use_real_metrics_and_labels():
     assert not problems, "\n".join(problems)
     # the p99 latency alerts really take a quantile of a histogram
     assert "histogram_quantile(0.99" in next(r for r in rules if r["alert"] == "FlockHighBackendLatencyP99")["expr"]
+
+
+def test_server_error_alert_covers_every_server_error_type():
+    """FlockServerErrors counts exactly the error types of 5xx answers (and broken streams): each one the gateway
+    emits (read from the code: error_types), and none of a client's mistakes."""
+    import promql_parser
+
+    rule = next(r for r in alert_rules() if r["alert"] == "FlockServerErrors")
+    matchers = []
+    promql_parser.walk(promql_parser.parse(rule["expr"]), lambda n: matchers.extend(
+        m for m in n.matchers.matchers if m.name == "type") if isinstance(n, promql_parser.VectorSelector) else None)
+    (matcher,) = matchers
+    assert str(matcher.op) == "MatchOp.Re"
+    server = {t for t, status in error_types().items() if status >= 500} | {"http_500", "http_502", "http_599"}
+    client = {t for t, status in error_types().items() if status < 500} | {"http_404", "http_413", "http_499"}
+    missed = sorted(t for t in server if not re.fullmatch(matcher.value, t))
+    wrong = sorted(t for t in client if re.fullmatch(matcher.value, t))
+    assert not missed, f"FlockServerErrors misses server-side error types: {missed}"
+    assert not wrong, f"FlockServerErrors counts client-side error types: {wrong}"
 
 
 def test_prometheusrule_is_alerts_yml_verbatim():
@@ -868,6 +1015,13 @@ def test_metric_checks_catch_mistakes():
     """The PromQL checks are not vacuous."""
     assert promql_problems("rate(flock_request_total[5m])", "x")  # misspelt metric
     assert promql_problems('flock_routing_cache_total{result="bypassed"}', "x")  # value never emitted
+    # a string the code holds, but not a value of this label
+    assert promql_problems('flock_routing_cache_total{result="global"}', "x")
+    assert promql_problems('flock_requests_total{outcome="bypass"}', "x")
+    # a regex alternative that matches nothing emitted, and one that does
+    assert promql_problems('flock_errors_total{type=~"backend_unavailable|backend_gone"}', "x")
+    assert not promql_problems('flock_errors_total{type=~"backend_unavailable|pool_changed|http_5.."}', "x")
+    assert not promql_problems('flock_errors_total{type="http_503"}', "x")
     assert promql_problems('flock_backend_up{backnd="a"}', "x")  # label the metric lacks
     assert promql_problems("sum by (model) (vllm:num_requests_running)", "x")  # grouping label nobody has
     assert promql_problems("vllm:num_requests_running{", "x")  # syntax

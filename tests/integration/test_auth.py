@@ -52,6 +52,8 @@ def test_rate_limit_shared_across_replicas(keyed):
     other = route(b.url, LIMITED, "q5")  # the other replica sees the same bucket
     assert other.status_code == 429 and int(other.headers["retry-after"]) >= 1
     assert other.json()["error"]["code"] == "rate_limit_exceeded"
+    # Buckets are per key: another key on either replica is untouched by this one's exhaustion.
+    assert route(a.url, ADMIN, "q6").status_code == 200 and route(b.url, ADMIN, "q7").status_code == 200
 
 
 def test_open_gateway_says_so(gateway):

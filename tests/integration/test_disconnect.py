@@ -45,43 +45,56 @@ def settle(url: str, quiet_s: float, timeout_s: float) -> float:
     raise AssertionError(f"vLLM still generating {timeout_s} s after the client left")
 
 
-@pytest.mark.parametrize("model", [BASE, "cooking"])
-def test_client_disconnect_stops_generation(gateway, vllm_url, model):
+CASES = [("/v1/chat/completions", BASE), ("/v1/chat/completions", "cooking"), ("/v1/completions", "cooking")]
+
+
+def long_request(endpoint: str, model: str, **kw) -> dict:
+    text = "Tell me a very long story."
+    body = {"messages": [{"role": "user", "content": text}]} if endpoint == "/v1/chat/completions" else \
+        {"prompt": text}
+    return {"model": model, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True, **body, **kw}
+
+
+def carries_token(line: str) -> bool:
+    """An SSE event with generated text (a chat stream's first event carries only the role)."""
+    return line.startswith("data: {") and (('"content":"' in line and '"content":""' not in line)
+                                          or ('"text":"' in line and '"text":""' not in line))
+
+
+@pytest.mark.parametrize("endpoint,model", CASES)
+def test_client_disconnect_stops_generation(gateway, vllm_url, endpoint, model):
     settle(vllm_url, quiet_s=1.0, timeout_s=60)  # nothing else running
     before = generated(vllm_url)
-    body = {"model": model, "messages": [{"role": "user", "content": "Tell me a very long story."}],
-            "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True, "ignore_eos": True}
     with httpx.Client(base_url=gateway.url, timeout=60) as client:
-        with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        with client.stream("POST", endpoint, json=long_request(endpoint, model, stream=True)) as r:
             assert r.status_code == 200
-            received = 0  # events carrying a token (the first one carries only the role)
+            received = 0
             for line in r.iter_lines():
-                received += line.startswith("data: {") and '"content":"' in line and '"content":""' not in line
+                received += carries_token(line)
                 if received >= 3:
                     break
     # Both closed: the connection to the gateway is gone.
     stopped_after = settle(vllm_url, quiet_s=1.0, timeout_s=30)
     tokens = generated(vllm_url) - before
-    print(f"\n{model}: vLLM stopped {stopped_after:.2f} s after the client left, {tokens:.0f} of {MAX_TOKENS} tokens "
-          f"generated")
+    print(f"\n{endpoint} {model}: vLLM stopped {stopped_after:.2f} s after the client left, {tokens:.0f} of "
+          f"{MAX_TOKENS} tokens generated")
+    assert received == 3
     assert stopped_after < 3.0
     assert received <= tokens < MAX_TOKENS / 2  # it did run, and stopped long before max_tokens
 
 
-@pytest.mark.parametrize("model", [BASE, "cooking"])
-def test_client_timeout_stops_non_streamed_generation(gateway, vllm_url, model):
+@pytest.mark.parametrize("endpoint,model", CASES)
+def test_client_timeout_stops_non_streamed_generation(gateway, vllm_url, endpoint, model):
     """A non-streamed request whose client gives up (its read timeout) before the answer: the gateway notices the
     closed connection and cancels its request to vLLM, which aborts the generation."""
     settle(vllm_url, quiet_s=1.0, timeout_s=60)
     before = generated(vllm_url)
-    body = {"model": model, "messages": [{"role": "user", "content": "Tell me a very long story."}],
-            "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}
     with httpx.Client(base_url=gateway.url, timeout=httpx.Timeout(60, read=2.0)) as client:
         with pytest.raises(httpx.ReadTimeout):
-            client.post("/v1/chat/completions", json=body)
+            client.post(endpoint, json=long_request(endpoint, model))
     stopped_after = settle(vllm_url, quiet_s=1.0, timeout_s=30)
     tokens = generated(vllm_url) - before
-    print(f"\n{model}: vLLM stopped {stopped_after:.2f} s after the client left, {tokens:.0f} of {MAX_TOKENS} tokens "
-          f"generated")
+    print(f"\n{endpoint} {model}: vLLM stopped {stopped_after:.2f} s after the client left, {tokens:.0f} of "
+          f"{MAX_TOKENS} tokens generated")
     assert stopped_after < 3.0
     assert 0 < tokens < MAX_TOKENS / 2

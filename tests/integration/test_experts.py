@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from adapters.card import ExpertCard
-from tests.conftest import BASE, start_gateway, stop_gateway
+from tests.conftest import BASE, TEST_EXPERTS, start_gateway, stop_gateway
 from training.synthetic import write_random_lora
 
 pytestmark = pytest.mark.integration
@@ -98,17 +98,29 @@ def test_register_use_and_remove(gateway, expert_root, shape):
 
 
 def test_pool_survives_restart(work, gateway, vllm_url, redis_server, expert_root):
-    """A second gateway on the same state directory (as after a restart) serves the same pool."""
+    """A second gateway on the same state directory (as after a restart) serves the same pool, read from its
+    pool.json: its Redis database is an empty one, so there is no shared registry to adopt the pool from."""
+    import redis
+
     with gateway.client() as c:
         before = c.get("/v1/experts").json()
-    env = {"FLOCK_BACKEND_URLS": vllm_url, "FLOCK_REDIS_URL": redis_server.url,
+    assert {e["name"] for e in before["data"]} >= set(TEST_EXPERTS)
+    db = 4  # used by no other test
+    with redis.Redis(port=redis_server.port, db=db) as r:
+        r.flushdb()
+    env = {"FLOCK_BACKEND_URLS": vllm_url, "FLOCK_REDIS_URL": f"redis://127.0.0.1:{redis_server.port}/{db}",
            "FLOCK_EXPERT_ROOTS": str(expert_root), "FLOCK_STATE_DIR": str(gateway.state_dir)}
     again = start_gateway(work, "restart", env)
     try:
         with again.client() as c:
             assert c.get("/v1/experts").json() == before
+            r = c.post("/v1/chat/completions", json={"model": "cooking", "max_tokens": 2,
+                                                     "messages": [{"role": "user", "content": "Boil an egg"}]})
+            assert r.status_code == 200 and r.json()["model"] == "cooking", r.text
     finally:
         stop_gateway(again)
+        with redis.Redis(port=redis_server.port, db=db) as r:
+            r.flushdb()
 
 
 def test_pool_change_during_traffic_loses_no_request(gateway, expert_root, shape):

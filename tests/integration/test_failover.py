@@ -17,6 +17,7 @@ which used to kill flock before it could stop the processes it manages, leaving 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import signal
@@ -80,6 +81,12 @@ def backend_up_gauge(gw: Gateway, backend: str) -> float:
     match = re.search(rf'^flock_backend_up\{{backend="{re.escape(backend)}"\}} (\S+)$', text, re.M)
     assert match, f"no flock_backend_up for {backend}"
     return float(match.group(1))
+
+
+def gateway_error_count(gw: Gateway, kind: str) -> float:
+    text = httpx.get(gw.url + "/metrics", timeout=10).text
+    match = re.search(rf'^flock_errors_total\{{type="{re.escape(kind)}"\}} (\S+)$', text, re.M)
+    return float(match.group(1)) if match else 0.0
 
 
 @dataclass
@@ -173,27 +180,42 @@ class Outcome:
     status: int | None  # None: the connection broke
     streaming_since: float | None = None  # when the first body bytes of a 200 stream arrived
     error: str = ""
+    served: str = ""  # the model vLLM answered as (body's or first event's "model")
+    experts: str = ""  # the x-flock-experts header
 
 
-def one_request(client: httpx.Client, model: str, stream: bool) -> Outcome:
+def served_as(model: str) -> tuple[str, str]:
+    """(model vLLM answers as, x-flock-experts) for a request to `model`: the expert's own adapter, or none."""
+    return (model, "none") if model == BASE else (model, f"{model}=1")
+
+
+def one_request(client: httpx.Client, model: str, stream: bool, max_tokens: int = 16) -> Outcome:
     out = Outcome(model, stream, time.monotonic(), 0.0, None)
     try:
         if stream:
-            with client.stream("POST", "/v1/chat/completions", json=chat(model, stream=True, max_tokens=16)) as r:
+            with client.stream("POST", "/v1/chat/completions",
+                               json=chat(model, stream=True, max_tokens=max_tokens)) as r:
                 out.status = r.status_code
+                out.experts = r.headers.get("x-flock-experts", "")
                 body = b""
                 for chunk in r.iter_bytes():
                     if out.streaming_since is None:
                         out.streaming_since = time.monotonic()
                     body += chunk
+                first = re.search(rb'^data: (\{.*)$', body, re.M)
+                if first and b'"model":' in first.group(1):
+                    out.served = json.loads(first.group(1)).get("model", "")
                 if r.status_code == 200 and not body.rstrip().endswith(b"data: [DONE]"):
                     out.status = None
                     out.error = "backend_stream_broken" if b'"backend_stream_broken"' in body else body[-300:].decode()
         else:
-            r = client.post("/v1/chat/completions", json=chat(model))
+            r = client.post("/v1/chat/completions", json=chat(model, max_tokens=max_tokens))
             out.status = r.status_code
+            out.experts = r.headers.get("x-flock-experts", "")
             if r.status_code != 200:
                 out.error = r.text[:300]
+            else:
+                out.served = r.json()["model"]
     except httpx.HTTPError as exc:
         out.status, out.error = None, f"{type(exc).__name__}: {exc}"
     out.done = time.monotonic()
@@ -231,10 +253,37 @@ def test_kill_managed_backend_fails_over_then_restarts(pair: Pair, managed: Mana
     stop = threading.Event()
     workers = 6
     mix = [m for m in models for _ in range(2 if m in victim_models else 1)]
-    with ThreadPoolExecutor(workers) as pool:
+    victim_expert = next(m for m in models if m in victim_models and m != BASE)
+    broken_before = gateway_error_count(gw, "backend_stream_broken")
+    long = Outcome(victim_expert, True, 0.0, 0.0, None)
+    long_started = threading.Event()
+
+    def long_stream() -> None:
+        """A stream the victim is surely in the middle of when it is killed: it must end with the gateway's
+        backend_stream_broken error event."""
+        long.sent = time.monotonic()
+        try:
+            with gw.client() as client, client.stream(
+                    "POST", "/v1/chat/completions", json=chat(victim_expert, stream=True, max_tokens=1000)) as r:
+                long.status, body = r.status_code, b""
+                for chunk in r.iter_bytes():
+                    if long.streaming_since is None and b"data: {" in chunk:
+                        long.streaming_since = time.monotonic()
+                        long_started.set()
+                    body += chunk
+            long.error = "backend_stream_broken" if b'"backend_stream_broken"' in body else body[-300:].decode()
+        except httpx.HTTPError as exc:
+            long.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            long.done = time.monotonic()
+            long_started.set()
+
+    with ThreadPoolExecutor(workers + 1) as pool:
         futures = [pool.submit(traffic, gw, mix, stop, outcomes, w) for w in range(workers)]
+        futures.append(pool.submit(long_stream))
         try:
             time.sleep(3)
+            assert long_started.wait(60) and long.streaming_since is not None, long
             wait_for(lambda: vllm_metric(victim, "vllm:num_requests_running") >= 2, 60, every_s=0.05)
             pid = managed_vllm_pid(managed.gateway.proc.pid)
             killed_at = time.monotonic()
@@ -272,9 +321,18 @@ def test_kill_managed_backend_fails_over_then_restarts(pair: Pair, managed: Mana
           f"victim ejected after {ejected_after:.2f} s; managed gateway's first 503 in {first_503_s:.3f} s")
     assert before and after and failed_over >= 1
     assert not failed, [(o.model, o.stream, o.status, o.error) for o in failed]
+    # The stream the victim was generating when it died ended with the error event, and it was counted.
+    assert long.status == 200 and long.streaming_since < killed_at < long.done, long
+    assert long.error == "backend_stream_broken", long.error
+    assert gateway_error_count(gw, "backend_stream_broken") >= broken_before + 1 + len(unavoidable)
     with gw.client() as client:  # every model, streamed and not, on the survivor alone
         sweep = [one_request(client, m, stream) for m in models for stream in (False, True)]
     assert all(o.status == 200 for o in sweep), [(o.model, o.stream, o.status, o.error) for o in sweep]
+    # Every answer, failed over or not, came from the adapter asked for (a survivor that had not loaded it must
+    # not answer with the base model or another adapter).
+    wrong = [(o.model, o.stream, o.served, o.experts) for o in outcomes + sweep
+             if o.status == 200 and (o.served, o.experts) != served_as(o.model)]
+    assert not wrong, wrong
 
     # 3. Until the supervisor's restart has loaded the model, every request is a fast 503, never a hang.
     latencies: list[float] = []

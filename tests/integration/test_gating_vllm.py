@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import httpx
 import pytest
@@ -40,6 +42,10 @@ TIE_TOL = 0.15  # a token vLLM chose within this many nats of the reference's be
 # Two tokens this close may swap between batch compositions: vLLM's bf16 GEMMs give a request's row slightly
 # different sums depending on how many rows share the batch (see test_isolation). Seen: 0.25 nats, base model.
 BATCH_TIE_TOL = 0.3
+# Negative controls: a wrong gate spec agrees (up to near-ties) on at most this share of the prompts.
+WRONG_SPEC_MAX_TIES = 0.5
+# The glider composite differs from each single expert on at least this many of 12 prompts (sent one at a time).
+MIN_DIFFER = 6  # measured 9-10
 
 
 @pytest.fixture(scope="module")
@@ -93,17 +99,30 @@ def run_all(vllm_url: str, jobs: list[tuple[str, str]], *, one_at_a_time: bool =
 def gated(tmp_path_factory, vllm_url, library_experts) -> dict[str, tuple[GateSpec, str, list]]:
     """Gated composites of the three experts, loaded into vLLM: glider at the served defaults, glider with the
     local gates dominant (α = 3, k = 2) and arrow (k = 2), with their canonical candidates (name, global gap,
-    dir) for the reference."""
+    dir) for the reference; and, for a negative control, glider with the global prior dominant (α = 100, k = 3)."""
     store = GatedCompositeStore(tmp_path_factory.mktemp("gated"))
     parts = [(d.name, s, d) for d, s in zip(library_experts, SCORES)]
     defaults = Settings()
     out = {}
     for label, spec in (("glider", GateSpec("phatgoose", defaults.glider_alpha, defaults.gate_top_k)),
-                        ("glider_local", GateSpec("phatgoose", 3.0, 2)), ("arrow", GateSpec("arrow", 0.0, 2))):
+                        ("glider_local", GateSpec("phatgoose", 3.0, 2)), ("arrow", GateSpec("arrow", 0.0, 2)),
+                        ("glider_global", GateSpec("phatgoose", 100.0, 3))):
         cid, path = store.ensure("test", parts, spec)
         load_adapter(vllm_url, cid, path)
         out[label] = (spec, cid, canonical(parts, spec))
     return out
+
+
+@pytest.fixture(scope="module")
+def served(gated, vllm_url, prompts) -> Callable[[str], list[dict]]:
+    """vLLM's answers to every prompt with one of the gated composites, sent one at a time; computed once."""
+    memo: dict[str, list[dict]] = {}
+
+    def get(label: str) -> list[dict]:
+        if label not in memo:
+            memo[label] = run_all(vllm_url, [(gated[label][1], p) for p in prompts], one_at_a_time=True)
+        return memo[label]
+    return get
 
 
 @pytest.fixture(scope="module")
@@ -114,18 +133,26 @@ def reference_base():
     return model, tokenizer
 
 
-@pytest.mark.parametrize("label", ["glider", "glider_local", "arrow"])
-def test_vllm_matches_the_reference(label, gated, vllm_url, library_experts, prompts, reference_base):
+@dataclass
+class Agreement:
+    same: int  # greedy continuations identical
+    ties: list[bool]  # identical up to reference near-ties, per prompt
+    deltas: list[float]  # first-token |Δ logprob|
+    want: list[str]  # the reference's continuations
+
+
+def agreement(spec: GateSpec, parts: list, got: list[dict], prompts: list[str], reference_base, *,
+              generate: bool = True) -> Agreement:
+    """How far vLLM's answers `got` agree with the reference mixture of `parts` under `spec` (the reference's own
+    greedy continuations only with `generate`; the near-tie count needs only teacher forcing)."""
     from training.reference import build_mixture_model
 
-    spec, cid, parts = gated[label]
-    got = run_all(vllm_url, [(cid, p) for p in prompts], one_at_a_time=True)
     model, tokenizer = reference_base
     mode = "glider" if spec.kind == "phatgoose" else "arrow"
     mixture = build_mixture_model(model, [p for _, _, p in parts], mode, global_scores=[g for _, g, _ in parts],
                                   alpha=bf16_exact(spec.alpha), top_k=spec.top_k)
     try:
-        want = mixture.generate(tokenizer, prompts, max_new_tokens=MAX_TOKENS)
+        want = mixture.generate(tokenizer, prompts, max_new_tokens=MAX_TOKENS) if generate else [""] * len(prompts)
         # vLLM's tokens through the reference (teacher forcing): its log-probability of each of them.
         deltas, ties = [], []
         for prompt, g in zip(prompts, got):
@@ -140,23 +167,50 @@ def test_vllm_matches_the_reference(label, gated, vllm_url, library_experts, pro
     finally:
         mixture.restore()
     same = sum(g["text"].strip() == w.strip() for g, w in zip(got, want))
-    print(f"\n{label}: {same}/{len(prompts)} greedy continuations identical, {sum(ties)}/{len(prompts)} identical "
-          f"up to reference near-ties (< {TIE_TOL} nats); first-token |Δ logprob| max {max(deltas):.4f}, "
-          f"mean {sum(deltas) / len(deltas):.4f}")
-    assert sum(ties) >= math.ceil(0.95 * len(prompts)), [(g["text"], w) for g, w, t in zip(got, want, ties) if not t]
+    return Agreement(same, ties, deltas, want)
+
+
+@pytest.mark.parametrize("label", ["glider", "glider_local", "arrow"])
+def test_vllm_matches_the_reference(label, gated, served, prompts, reference_base):
+    spec, _, parts = gated[label]
+    got = served(label)
+    a = agreement(spec, parts, got, prompts, reference_base)
+    print(f"\n{label}: {a.same}/{len(prompts)} greedy continuations identical, {sum(a.ties)}/{len(prompts)} "
+          f"identical up to reference near-ties (< {TIE_TOL} nats); first-token |Δ logprob| max "
+          f"{max(a.deltas):.4f}, mean {sum(a.deltas) / len(a.deltas):.4f}")
+    assert sum(a.ties) >= math.ceil(0.95 * len(prompts)), \
+        [(g["text"], w) for g, w, t in zip(got, a.want, a.ties) if not t]
     floor = 0.9 if label == "arrow" else 0.85
-    assert same >= math.ceil(floor * len(prompts)), list(zip([g["text"] for g in got], want))
-    assert max(deltas) <= LOGPROB_TOL
+    assert a.same >= math.ceil(floor * len(prompts)), list(zip([g["text"] for g in got], a.want))
+    assert max(a.deltas) <= LOGPROB_TOL
 
 
-def test_gated_output_differs_from_each_single_expert(gated, vllm_url, library_experts, prompts):
-    """The gate really mixes: on the candidates' own prompts the glider composite is not just one expert."""
+@pytest.mark.parametrize("reference,wrong", [("glider_local", "arrow"), ("glider_local", "glider_global")])
+def test_a_wrong_gate_spec_disagrees_with_the_reference(reference, wrong, gated, served, prompts, reference_base):
+    """Negative controls: vLLM serving the candidates under another gate spec (the other local gate; the global
+    prior instead of the local gates) is told apart by the same comparison that passes the right spec (>= 95% up to
+    near-ties), by a clear margin. Measured 6/20 (arrow) and 5/20 (global prior). Not a control: k = 1 instead of
+    2 (18/20: these experts' local gates mostly pick one expert per token anyway)."""
+    spec, _, parts = gated[reference]
+    got = served(wrong)
+    a = agreement(spec, parts, got, prompts, reference_base, generate=False)
+    print(f"\n{wrong} against the {reference} reference: {sum(a.ties)}/{len(prompts)} identical up to near-ties; "
+          f"first-token |Δ logprob| max {max(a.deltas):.4f}")
+    assert sum(a.ties) <= WRONG_SPEC_MAX_TIES * len(prompts), (wrong, sum(a.ties))
+
+
+def test_gated_output_differs_from_each_single_expert(gated, vllm_url, library_experts, prompts, served):
+    """The gate really mixes: on the candidates' own prompts the glider composite is not just one expert. Sent
+    one at a time, so batching cannot make answers differ: every difference is the adapter's."""
     for d in library_experts:
         load_adapter(vllm_url, d.name, d)
     sample = prompts[:12]
-    glider = [x["text"] for x in run_all(vllm_url, [(gated["glider_local"][1], p) for p in sample])]
-    singles = {d.name: [x["text"] for x in run_all(vllm_url, [(d.name, p) for p in sample])] for d in library_experts}
-    assert all(glider != outs for outs in singles.values())
+    glider = [x["text"] for x in served("glider_local")[:12]]
+    singles = {d.name: [x["text"] for x in run_all(vllm_url, [(d.name, p) for p in sample], one_at_a_time=True)]
+               for d in library_experts}
+    differ = {name: sum(g != s for g, s in zip(glider, outs)) for name, outs in singles.items()}
+    print(f"\nglider_local differs from each single expert on {differ} of {len(sample)} prompts")
+    assert all(n >= MIN_DIFFER for n in differ.values()), differ
 
 
 def test_mixed_batch_gives_each_request_its_solo_output(gated, vllm_url, library_experts, prompts, tmp_path):

@@ -1,5 +1,10 @@
 """The merge composite served by vLLM against a reference computed with PEFT on the same adapters
-(PEFT's add_weighted_adapter with combination_type='cat': the same stacked-rank linear merge)."""
+(PEFT's add_weighted_adapter with combination_type='cat': the same stacked-rank linear merge).
+
+Compared on the first token's distribution: the log-probabilities vLLM gives its top 5 tokens against the
+reference's log-probabilities of those tokens. Negative controls: the same experts merged with the wrong weights
+(swapped, and unnormalised: each at 1.0) and the top expert alone must be clearly further from what is served.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,12 @@ PROMPTS = ["Write SQL that lists the cooks in the employees table.",
            "SQL query: count employees who bake bread.",
            "How do I cook rice? Answer with an SQL query.",
            "Select the salaries of all chefs."]
+# bf16 engine vs fp32 PEFT on strong random LoRAs: the largest |Δ logprob| over the top 5 tokens (measured
+# 0.08-0.16 on these prompts).
+TOL = 0.3
+# A wrong merge is at least this many times further from what is served than the right one (measured: swapped
+# weights 0.37-3.6 nats, closest at weights 0.55/0.45; unnormalised 4.7-8.8; the top expert alone 1.5-3.5).
+MARGIN = 2.0
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +38,8 @@ def peft_model(base_model_dir, expert_root):
     return model.eval(), tok
 
 
-def reference(model, tok, prompt: str, experts: list[dict], name: str) -> tuple[int, float]:
-    """First greedy token and its logprob with PEFT's cat-merge of the given weighted experts."""
+def reference(model, tok, prompt: str, experts: list[dict], name: str) -> torch.Tensor:
+    """First-token log-probabilities with PEFT's cat-merge of the given weighted experts."""
     if name not in model.peft_config:
         model.add_weighted_adapter([e["name"] for e in experts], [e["weight"] for e in experts],
                                    adapter_name=name, combination_type="cat")
@@ -36,34 +47,43 @@ def reference(model, tok, prompt: str, experts: list[dict], name: str) -> tuple[
     ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                   return_tensors="pt", return_dict=True)["input_ids"]
     with torch.no_grad():
-        logprobs = torch.log_softmax(model(input_ids=ids).logits[0, -1].float(), -1)
-    top = int(logprobs.argmax())
-    return top, float(logprobs[top])
+        return torch.log_softmax(model(input_ids=ids).logits[0, -1].float(), -1)
+
+
+def distance(served: dict[int, float], logprobs: torch.Tensor) -> float:
+    """Largest |Δ logprob| over the tokens vLLM returned."""
+    return max(abs(lp - float(logprobs[t])) for t, lp in served.items())
 
 
 def test_composite_matches_peft_reference(gateway, peft_model):
     model, tok = peft_model
-    agree, closer = 0, 0
     for i, prompt in enumerate(PROMPTS):
         r = httpx.post(f"{gateway.url}/v1/chat/completions", timeout=120, json={
             "model": "auto", "routing": {"mode": "merge", "top_k": 2}, "max_tokens": 1, "temperature": 0,
-            "logprobs": True, "top_logprobs": 1, "messages": [{"role": "user", "content": prompt}]})
+            "logprobs": True, "top_logprobs": 5, "return_tokens_as_token_ids": True,
+            "messages": [{"role": "user", "content": prompt}]})
         assert r.status_code == 200, r.text
         body = r.json()
         experts = body["routing"]["experts"]
         # Served by a merge composite, named readably: "merge:" and its experts.
         assert len(experts) == 2 and body["model"] == "merge:" + "+".join(sorted(e["name"] for e in experts)), body
-        served = body["choices"][0]["logprobs"]["content"][0]
-        served_id = tok.convert_tokens_to_ids(served["token"]) if served["token"] in tok.get_vocab() else \
-            tok.encode(served["token"], add_special_tokens=False)[0]
-        ref_id, ref_lp = reference(model, tok, prompt, experts, f"m{i}")
-        # Negative control: the top expert alone (what a wrong, unweighted merge would serve).
-        solo_id, solo_lp = reference(model, tok, prompt, [{"name": experts[0]["name"], "weight": 1.0}],
-                                     f"solo{i}")
-        agree += served_id == ref_id
-        closer += abs(served["logprob"] - ref_lp) < abs(served["logprob"] - solo_lp)
-        # bf16 engine vs fp32 PEFT on strong random LoRAs: differences up to 0.32 nats were measured on a flat
-        # first-token distribution (p ~ 5%); the closer-than-solo check below is what tells a wrong merge apart.
-        assert abs(served["logprob"] - ref_lp) < 0.4, (prompt, served, ref_lp)
-    assert agree >= len(PROMPTS) - 1
-    assert closer >= len(PROMPTS) - 1
+        weights = [e["weight"] for e in experts]
+        assert abs(sum(weights) - 1) < 1e-3, weights
+        top = body["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+        served = {int(t["token"].split(":")[1]): t["logprob"] for t in top}
+
+        right = reference(model, tok, prompt, experts, f"m{i}")
+        swapped = [{"name": e["name"], "weight": w} for e, w in zip(experts, reversed(weights))]
+        wrong = {"unnormalised": reference(model, tok, prompt, [{**e, "weight": 1.0} for e in experts], f"sum{i}"),
+                 "top expert alone": reference(model, tok, prompt, [{"name": experts[0]["name"], "weight": 1.0}],
+                                               f"solo{i}")}
+        if weights[0] != weights[1]:  # (equal weights swapped are the right merge)
+            wrong["swapped weights"] = reference(model, tok, prompt, swapped, f"swapped{i}")
+        d_right = distance(served, right)
+        d_wrong = {k: distance(served, v) for k, v in wrong.items()}
+        print(f"\n{prompt!r} {weights}: |Δ logprob| {d_right:.3f}; wrong merges: "
+              + ", ".join(f"{k} {d:.3f}" for k, d in d_wrong.items()))
+        assert int(right.argmax()) == max(served, key=served.get), (prompt, served, int(right.argmax()))
+        assert d_right <= TOL, (prompt, d_right)
+        for k, d in d_wrong.items():
+            assert d >= MARGIN * d_right, f"{prompt!r}: the {k} merge is as close as the right one ({d:.3f})"

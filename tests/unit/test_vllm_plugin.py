@@ -5,11 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+# A hard import: the plugin replaces these ops in place, so a vLLM that moved or renamed them must fail here, not
+# skip (a skip would hide that the plugin no longer patches anything).
+import vllm.lora.ops.torch_ops.lora_ops as _ops
+
 from adapters.engine import lora_linear
 from adapters.engine import plugin as ours
 from adapters.engine import slots as slot_data
 
-_ops = pytest.importorskip("vllm.lora.ops.torch_ops.lora_ops")
 # vLLM's originals, captured before any test calls register() (which replaces them in place).
 lora_ops = type("VllmOps", (), {n: staticmethod(getattr(_ops, n)) for n in
                                 ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice")})
