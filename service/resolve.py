@@ -23,12 +23,9 @@ from service.limits import BuildLimiter
 log = logging.getLogger(__name__)
 
 
-class ExpertLeft(APIError):
+def expert_left(name: str) -> APIError:
     """A decision names an expert that has left the pool since it was made (or cached)."""
-
-    def __init__(self, name: str):
-        super().__init__(503, f"expert {name!r} left the pool; retry", code="pool_changed",
-                         headers={"Retry-After": "0"})
+    return APIError(503, f"expert {name!r} left the pool; retry", code="pool_changed", headers={"Retry-After": "0"})
 
 
 class Resolver:
@@ -59,8 +56,8 @@ class Resolver:
         return cid, path
 
     async def resolve(self, decision: RoutingDecision, key_id: str = "anonymous") -> Adapter | None:
-        """The adapter for `decision`; None: the base model. Raises ExpertLeft, or a 429 when `key_id` has had
-        its share of new composites this minute."""
+        """The adapter for `decision`; None: the base model. Raises a 503 pool_changed when an expert left the
+        pool, or a 429 when `key_id` has had its share of new composites this minute."""
         take = functools.partial(self.limiter.take, key_id)
         experts = decision.experts
         if not experts:
@@ -69,7 +66,7 @@ class Resolver:
         for choice in experts:
             expert = self.pool.get(choice.name)
             if expert is None:
-                raise ExpertLeft(choice.name)
+                raise expert_left(choice.name)
             resolved.append((choice.name, choice.weight, expert.path))
         if len(resolved) == 1:
             return Adapter(name=resolved[0][0], path=resolved[0][2])
@@ -89,8 +86,8 @@ class Resolver:
         once (`reroute`; None for a request that named its expert, which then gets the 503)."""
         try:
             return decision, await self.resolve(decision, key_id)
-        except ExpertLeft:
-            if reroute is None:
+        except APIError as exc:
+            if exc.code != "pool_changed" or reroute is None:
                 raise
         decision = await reroute()
         return decision, await self.resolve(decision, key_id)
