@@ -39,7 +39,10 @@ async def _supervise(processes: list[ManagedProcess], stop: asyncio.Event) -> No
                 log.warning("%s exited (code %s); restarting (restart %d)", p.name,
                             p.proc.returncode if p.proc else "?", p.restarts)
                 p.stop()
-                p.start()
+                try:
+                    p.start()
+                except OSError as exc:  # e.g. the executable is briefly missing: keep supervising, try again
+                    log.error("%s could not be restarted (%s); trying again in 2 s", p.name, exc)
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
