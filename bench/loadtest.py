@@ -9,7 +9,6 @@ general prompts). Reports throughput, p50/p99 latency per kind and every error; 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import random
@@ -98,22 +97,3 @@ async def run(gateway: str, clients: int, seconds: float, max_tokens: int, api_k
         "by_kind": {k: {"n": len(v), "p50_ms": round(float(np.percentile(v, 50)), 1),
                         "p99_ms": round(float(np.percentile(v, 99)), 1)} for k, v in latencies.items() if v},
     }
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("loadtest", help="bounded load test of a running gateway (routed, expert, stream)")
-    p.add_argument("--gateway", default="http://127.0.0.1:8000")
-    p.add_argument("--clients", type=int, default=32)
-    p.add_argument("--seconds", type=float, default=60)
-    p.add_argument("--max-tokens", type=int, default=16)
-    p.add_argument("--api-key", help="default: FLOCK_API_KEY")
-    p.set_defaults(func=main)
-
-
-def main(args: argparse.Namespace, settings) -> int:
-    import os
-
-    key = args.api_key or os.environ.get("FLOCK_API_KEY")
-    result = asyncio.run(run(args.gateway, args.clients, args.seconds, args.max_tokens, key))
-    print(json.dumps(result, indent=2))
-    return 1 if result["errors"] else 0

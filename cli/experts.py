@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -31,7 +30,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     import httpx
 
     url = args.url or f"http://{settings.host}:{settings.port}"
-    key = os.environ.get("FLOCK_API_KEY") or (settings.admin_keys[0] if settings.admin_keys else None)
+    key = settings.api_key or (settings.admin_keys[0] if settings.admin_keys else None)
     auth = {"authorization": f"Bearer {key}"} if key else {}
     try:
         httpx.get(f"{url}/health", timeout=1)

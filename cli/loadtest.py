@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 
 from service.settings import Settings
 
@@ -23,7 +22,7 @@ def register(sub) -> None:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from bench.loadtest import run as load
 
-    key = args.api_key or os.environ.get("FLOCK_API_KEY")
+    key = args.api_key or settings.api_key
     result = asyncio.run(load(args.gateway, args.clients, args.seconds, args.max_tokens, key))
     print(json.dumps(result, indent=2))
     return 1 if result["errors"] else 0

@@ -132,6 +132,8 @@ class Settings(EngineSettings):
         default_factory=list, description="Admin keys: may also register and remove experts.")
     api_keys_file: Path | None = Field(None, description="File with more inference keys, one per line.")
     admin_keys_file: Path | None = Field(None, description="File with more admin keys, one per line.")
+    api_key: str | None = Field(None, description="The key the `flock` CLI sends to a running gateway (flock "
+                                "experts, flock loadtest). Empty: the first admin key, if any.")
     rate_limit_rps: float = Field(0.0, description="Requests per second per key (token bucket in Redis); 0: off.")
     rate_limit_burst: int = Field(20, description="Burst size of the per-key token bucket.")
 
