@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
+
 from router.query import HISTORY_TURNS, Query
 from service.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, ResponsesRequest
 
@@ -17,16 +20,25 @@ def message_text(message: ChatMessage) -> str:
 def chat_query(messages: list[ChatMessage]) -> Query:
     """The last user message, with the user turns before it (at most `HISTORY_TURNS`, the newest) as history.
     Assistant, system and tool messages are not read; a chat without a user turn routes on "" (the base model)."""
-    users: list[str] = []
-    for message in reversed(messages):  # only the newest turns are read, however long the chat
-        if message.role == "user":
-            users.append(message_text(message))
-            if len(users) > HISTORY_TURNS:
-                break
+    return newest_turns(message_text(m) for m in reversed(messages) if m.role == "user")
+
+
+def newest_turns(users_newest_first: Iterator[str]) -> Query:
+    """A Query from user turns given newest first: the newest, with up to HISTORY_TURNS before it. Only those
+    are read, however long the conversation."""
+    users = list(itertools.islice(users_newest_first, HISTORY_TURNS + 1))
     if not users:
         return Query("")
     users.reverse()
     return Query(users[-1], users[:-1])
+
+
+def _item_text(item: dict) -> str:
+    content = item.get("content")
+    if isinstance(content, list):
+        return " ".join(str(p.get("text", "")) for p in content
+                        if isinstance(p, dict) and p.get("type") in ("input_text", "text"))
+    return content if isinstance(content, str) else ""
 
 
 def responses_query(body: ResponsesRequest) -> Query:
@@ -34,21 +46,8 @@ def responses_query(body: ResponsesRequest) -> Query:
     before it as history). Items' content is a string or input_text parts."""
     if isinstance(body.input, str):
         return Query(body.input)
-    users: list[str] = []
-    for item in reversed(body.input):
-        if item.get("role", "user") == "user" and item.get("type", "message") == "message":
-            content = item.get("content")
-            if isinstance(content, list):
-                users.append(" ".join(str(p.get("text", "")) for p in content
-                                      if isinstance(p, dict) and p.get("type") in ("input_text", "text")))
-            else:
-                users.append(content if isinstance(content, str) else "")
-            if len(users) > HISTORY_TURNS:
-                break
-    if not users:
-        return Query("")
-    users.reverse()
-    return Query(users[-1], users[:-1])
+    return newest_turns(_item_text(i) for i in reversed(body.input)
+                        if i.get("role", "user") == "user" and i.get("type", "message") == "message")
 
 
 def query_text(body: ChatCompletionRequest | CompletionRequest | ResponsesRequest) -> str:

@@ -120,20 +120,26 @@ def vllm_url(work: Path, base_model_dir: Path):
         wait_http(f"{url}/health", 600, None, "vLLM (FLOCK_TEST_VLLM_URL)")
         yield url
         return
-    settings = Settings(vllm_max_num_seqs=16, vllm_kvcache_gib=1)
+    url, proc = start_vllm(work, "vllm", Settings(vllm_max_num_seqs=16, vllm_kvcache_gib=1))
+    yield url
+    proc.stop()
+
+
+def start_vllm(work: Path, name: str, settings: Settings, env_extra: dict[str, str] | None = None
+               ) -> tuple[str, ManagedProcess]:
+    """A real vLLM OpenAI server as `flock serve` starts it (plus `env_extra`), up and answering /health."""
     port = free_port()
     argv, env = vllm_command(settings, port=port)
-    proc = ManagedProcess("vLLM", argv, env, log_file=work / "vllm.log")
+    proc = ManagedProcess(name, argv, {**env, **(env_extra or {})}, log_file=work / f"{name}.log")
     proc.start()
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_http(f"{url}/health", 600, proc, "vLLM")
+        wait_http(f"{url}/health", 600, proc, name)
     except Exception:
         proc.stop()
-        print((work / "vllm.log").read_text()[-5000:], file=sys.stderr)
+        print((work / f"{name}.log").read_text()[-5000:], file=sys.stderr)
         raise
-    yield url
-    proc.stop()
+    return url, proc
 
 
 @dataclass

@@ -4,14 +4,11 @@ the per-token modes answer a clear 400, while global routing, experts and the ba
 
 from __future__ import annotations
 
-import sys
-
 import httpx
 import pytest
 
-from service.processes import ManagedProcess, free_port, vllm_command, wait_http
 from service.settings import Settings
-from tests.conftest import BASE, TEST_EXPERTS, start_gateway, stop_gateway
+from tests.conftest import BASE, TEST_EXPERTS, start_gateway, start_vllm, stop_gateway
 
 pytestmark = pytest.mark.integration
 
@@ -24,19 +21,8 @@ def test_flock_vllm_reports_its_capabilities(vllm_url):
 
 @pytest.fixture(scope="module")
 def stock_vllm(work, base_model_dir):
-    settings = Settings(vllm_max_num_seqs=4, vllm_kvcache_gib=1)
-    port = free_port()
-    argv, env = vllm_command(settings, port=port)
-    env["VLLM_PLUGINS"] = ""  # an allowlist naming no plugin: neither of flock's is loaded
-    proc = ManagedProcess("stock vLLM", argv, env, log_file=work / "stock-vllm.log")
-    proc.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{url}/health", 600, proc, "stock vLLM")
-    except Exception:
-        proc.stop()
-        print((work / "stock-vllm.log").read_text()[-3000:], file=sys.stderr)
-        raise
+    # VLLM_PLUGINS="": an allowlist naming no plugin, so neither of flock's is loaded.
+    url, proc = start_vllm(work, "stock-vllm", Settings(vllm_max_num_seqs=4, vllm_kvcache_gib=1), {"VLLM_PLUGINS": ""})
     yield url
     proc.stop()
 
