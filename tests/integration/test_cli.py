@@ -26,8 +26,17 @@ def test_route_jsonl_matches_http(gateway, expert_root, tmp_path):
     import httpx
 
     online = [httpx.post(gateway.url + "/v1/route", json={"prompt": p}).json() for p in prompts]
-    strip = lambda d: {**d["routing"], "cached": None}  # noqa: E731
-    assert [strip(d) for d in offline] == [strip(d) for d in online]
+    # The same decisions. Scores agree to within embedding noise only: the gateway embedded its experts' cards as
+    # they were registered, one pool change at a time, `flock route` all at once, and int8 embeddings depend a
+    # little on the batch they are computed in.
+    def decision(d: dict) -> tuple:
+        r = d["routing"]
+        return r["mode"], [(e["name"], e["weight"]) for e in r["experts"]], r["gate"]
+
+    assert [decision(d) for d in offline] == [decision(d) for d in online]
+    for off, on in zip(offline, online, strict=True):
+        for a, b in zip(off["routing"]["experts"], on["routing"]["experts"], strict=True):
+            assert abs(a["score"] - b["score"]) < 0.03, (off, on)
     assert offline[0]["routing"]["experts"][0]["name"] == "cooking"
     assert offline[2]["routing"]["experts"] == []
 

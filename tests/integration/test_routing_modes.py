@@ -48,7 +48,9 @@ def test_per_token_modes(gateway, mode):
         body = r.json()
         assert body["routing"]["mode"] == mode and body["routing"]["gate"] == decision["gate"]
         assert [e["name"] for e in body["routing"]["experts"]] == names
-        assert body["model"].startswith(GATED_PREFIX), body["model"]  # one gated composite served it
+        # One gated composite served it: its readable name, and its directory in the state's gated composites.
+        assert body["model"] == f"{mode}:" + "+".join(sorted(names)), body["model"]
+        assert any(p.name.startswith(GATED_PREFIX) for p in (gateway.state_dir / "composites" / "gated").iterdir())
         assert body["choices"][0]["message"]["content"]
         assert r.headers["x-flock-mode"] == mode
 
@@ -83,9 +85,11 @@ def test_merge_composite_reused_not_rebuilt(gateway, chat):
         first = merge(text)
         composites = gateway.state_dir / "composites"
         built = {p.name: p.stat().st_mtime_ns for p in composites.iterdir()}
-        loads = metric(c.get("/metrics").text, "flock_adapter_loads_total", kind="composite")
+        loads = metric(c.get("/metrics").text, "flock_adapter_loads_total", kind="merge")
         second = merge(text)
         assert second["routing"]["experts"] == first["routing"]["experts"] and len(first["routing"]["experts"]) == 2
-        assert second["model"] == first["model"] and first["model"].startswith(COMPOSITE_PREFIX)
+        names = sorted(e["name"] for e in first["routing"]["experts"])
+        assert second["model"] == first["model"] == "merge:" + "+".join(names)
+        assert any(name.startswith(COMPOSITE_PREFIX) for name in built)
         assert {p.name: p.stat().st_mtime_ns for p in composites.iterdir()} == built
-        assert metric(c.get("/metrics").text, "flock_adapter_loads_total", kind="composite") == loads
+        assert metric(c.get("/metrics").text, "flock_adapter_loads_total", kind="merge") == loads
