@@ -151,20 +151,11 @@ class Gateway:
         if isinstance(self.router.methods.get(decision.mode), GatedRouting):  # even when it chose no expert
             self.check_gated_servable(decision.mode)
         for attempt in range(1, 4):
-            headers = {"x-flock-experts": ",".join(f"{c.name}={c.weight:g}" for c in decision.experts) or "none",
-                       "x-flock-cache": cache_status, "x-flock-mode": decision.mode}
             try:
                 decision, adapter = await self.resolver.resolve_or_reroute(
                     decision, reroute if body.model == AUTO else None, key_id)
-                headers["x-flock-experts"] = ",".join(f"{c.name}={c.weight:g}" for c in decision.experts) or "none"
-                for choice in decision.experts or [ExpertChoice(name="base", weight=1.0)]:  # the decision served
-                    self.metrics.selections.labels(choice.name, decision.mode).inc()
-                payload = body.model_dump(exclude_none=True, exclude={"routing"})
-                payload["model"] = adapter.name if adapter else self.settings.base_model_name
-                label = token_label(adapter)
-                if body.stream:
-                    return await self._stream(endpoint, body, payload, adapter, decision, label, headers)
-                return await self._complete(endpoint, payload, adapter, decision, label, headers, start)
+                return await self._forward(endpoint, body, decision, adapter, routing_headers(decision, cache_status),
+                                           start)
             except APIError as exc:
                 # An expert whose files broke since it was registered: quarantined, and a routed request goes to
                 # the next-best expert or the base model (a request that named it gets the error).
@@ -173,9 +164,21 @@ class Gateway:
                     decision = await reroute()
                     continue
                 self.metrics.requests.labels(endpoint, decision.mode, "error").inc()
-                exc.headers = {**headers, **exc.headers}
+                exc.headers = {**routing_headers(decision, cache_status), **exc.headers}
                 raise
         raise AssertionError("unreachable")
+
+    async def _forward(self, endpoint: str, body: Generation, decision: RoutingDecision, adapter: Adapter | None,
+                       headers: dict[str, str], start: float) -> Response:
+        """Send the request, with the adapter in `model`, to a backend; answer with `routing` added."""
+        for choice in decision.experts or [ExpertChoice(name="base", weight=1.0)]:  # the decision served
+            self.metrics.selections.labels(choice.name, decision.mode).inc()
+        payload = body.model_dump(exclude_none=True, exclude={"routing"})
+        payload["model"] = adapter.name if adapter else self.settings.base_model_name
+        label = token_label(adapter)
+        if body.stream:
+            return await self._stream(endpoint, body, payload, adapter, decision, label, headers)
+        return await self._complete(endpoint, payload, adapter, decision, label, headers, start)
 
     async def quarantine_broken(self, decision: RoutingDecision) -> bool:
         """Check the files of the decision's experts; quarantine the broken ones and take them out of routing.
@@ -249,6 +252,11 @@ class Gateway:
         self.metrics.tokens.labels(label, "prompt").inc(usage.get("prompt_tokens", usage.get("input_tokens", 0)))
         self.metrics.tokens.labels(label, "completion").inc(
             usage.get("completion_tokens", usage.get("output_tokens", 0)))
+
+
+def routing_headers(decision: RoutingDecision, cache_status: str) -> dict[str, str]:
+    return {"x-flock-experts": ",".join(f"{c.name}={c.weight:g}" for c in decision.experts) or "none",
+            "x-flock-cache": cache_status, "x-flock-mode": decision.mode}
 
 
 def composite_budget(settings: Settings, pool: ExpertPool) -> int:
