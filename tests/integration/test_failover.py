@@ -264,7 +264,7 @@ def test_kill_managed_backend_fails_over_then_restarts(pair: Pair, managed: Mana
         long.sent = time.monotonic()
         try:
             with gw.client() as client, client.stream(
-                    "POST", "/v1/chat/completions", json=chat(victim_expert, stream=True, max_tokens=1000)) as r:
+                    "POST", "/v1/chat/completions", json=chat(victim_expert, stream=True, max_tokens=1000, ignore_eos=True)) as r:
                 long.status, body = r.status_code, b""
                 for chunk in r.iter_bytes():
                     if long.streaming_since is None and b"data: {" in chunk:
@@ -284,8 +284,10 @@ def test_kill_managed_backend_fails_over_then_restarts(pair: Pair, managed: Mana
         try:
             time.sleep(3)
             assert long_started.wait(60) and long.streaming_since is not None, long
+            # ignore_eos keeps it generating all 1000 tokens (a random expert may otherwise stop at once).
             wait_for(lambda: vllm_metric(victim, "vllm:num_requests_running") >= 2, 60, every_s=0.05)
             pid = managed_vllm_pid(managed.gateway.proc.pid)
+            assert long.done == 0.0, f"the long stream ended before the kill: {long}"
             killed_at = time.monotonic()
             os.kill(pid, signal.SIGKILL)
 
