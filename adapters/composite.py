@@ -16,8 +16,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from adapters.safetensors_io import read_tensors
 from adapters.validate import CONFIG_FILE, WEIGHTS_FILE
 
 COMPOSITE_PREFIX = "flock-merge-"
@@ -36,7 +37,7 @@ def _modules(tensors: dict[str, torch.Tensor]) -> set[str]:
 def merge_loras(adapter_dirs: Sequence[Path], weights: Sequence[float]) -> tuple[dict[str, torch.Tensor], dict]:
     """Stack k adapters into one; modules an adapter lacks get a zero block so every module has rank Σr."""
     configs = [json.loads((d / CONFIG_FILE).read_text()) for d in adapter_dirs]
-    loaded = [load_file(str(d / WEIGHTS_FILE)) for d in adapter_dirs]
+    loaded = [read_tensors(d / WEIGHTS_FILE) for d in adapter_dirs]
     ranks = [c["r"] for c in configs]
     modules = sorted(set().union(*(_modules(t) for t in loaded)))
     out: dict[str, torch.Tensor] = {}

@@ -35,12 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from adapters.composite import lora_scale, write_once
 from adapters.engine.gated_format import GATE_CODES, SCORE_STEP, encode_header
 from adapters.engine.gating import gate_rows as rows_of
 from adapters.gates import read_gates
+from adapters.safetensors_io import read_tensors
 from adapters.validate import CONFIG_FILE, WEIGHTS_FILE
 
 GATED_PREFIX = "flock-gated-"
@@ -90,7 +90,7 @@ def build_gated(parts: Sequence[tuple[str, float, Path]], spec: GateSpec) -> tup
         raise ValueError(f"gate kind must be one of {sorted(GATE_CODES)}")
     spec = spec.normalised()
     configs = [json.loads((Path(d) / CONFIG_FILE).read_text()) for _, _, d in parts]
-    loaded = [load_file(str(Path(d) / WEIGHTS_FILE)) for _, _, d in parts]
+    loaded = [read_tensors(Path(d) / WEIGHTS_FILE) for _, _, d in parts]
     gates = [read_gates(Path(d), spec.kind) for _, _, d in parts]
     ranks = [c["r"] for c in configs]
     n = len(parts)

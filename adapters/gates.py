@@ -22,10 +22,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from adapters.composite import lora_scale
+from adapters.safetensors_io import read_safetensors, read_tensors
 from adapters.validate import CONFIG_FILE, WEIGHTS_FILE
 
 GATES_FILE = "gates.safetensors"
@@ -42,7 +42,7 @@ def load_lora(expert_dir: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Ten
     """({PEFT module name: (A [r, d_in], B [d_out, r])} in float32, scale s = lora_alpha / r)."""
     expert_dir = Path(expert_dir)
     config = json.loads((expert_dir / CONFIG_FILE).read_text())
-    tensors = load_file(str(expert_dir / WEIGHTS_FILE))
+    tensors = read_tensors(expert_dir / WEIGHTS_FILE)
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for key in sorted(tensors):
         if key.endswith(".lora_A.weight"):
@@ -60,10 +60,8 @@ def adapter_sha256(expert_dir: Path) -> str:
 def _read_all(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not path.is_file():
         return {}, {}
-    with safe_open(str(path), framework="pt") as f:
-        metadata = dict(f.metadata() or {})
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return tensors, metadata
+    tensors, metadata = read_safetensors(path)
+    return tensors, dict(metadata)
 
 
 def write_gates(expert_dir: Path, kind: str, gates: dict[str, torch.Tensor], info: dict | None = None) -> Path:
@@ -105,13 +103,12 @@ def has_gates(expert_dir: Path, kind: str) -> bool:
     path = expert_dir / GATES_FILE
     if not path.is_file():
         return False
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-        keys = set(f.keys())
+    gates, metadata = read_safetensors(path)
+    keys = set(gates)
     if metadata.get(f"{kind}.adapter_sha256") != adapter_sha256(expert_dir):
         return False
-    with safe_open(str(expert_dir / WEIGHTS_FILE), framework="pt") as f:
-        modules = {k[: -len(".lora_A.weight")] for k in f.keys() if k.endswith(".lora_A.weight")}
+    modules = {k[: -len(".lora_A.weight")] for k in read_tensors(expert_dir / WEIGHTS_FILE)
+               if k.endswith(".lora_A.weight")}
     return all(f"{kind}.{m}" in keys for m in modules)
 
 

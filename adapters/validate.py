@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from adapters.errors import ForbiddenPath, InvalidExpert
+from adapters.safetensors_io import read_tensors
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -51,7 +51,11 @@ class ModelShape:
 
 def resolve_inside(path: str | Path, roots: list[Path]) -> Path:
     """Resolve symlinks and `..`, then insist the result lies inside one of the allowed roots."""
-    resolved = Path(path).expanduser().resolve()
+    try:
+        resolved = Path(path).expanduser().resolve()
+        resolved.exists()  # a name the file system refuses (too long, say) fails here, not later
+    except (ValueError, OSError, RuntimeError) as exc:  # a NUL byte, a lone surrogate, a name too long, a loop
+        raise InvalidExpert(f"expert path {str(path)[:200]!r} is not a usable path: {exc}", "path") from None
     for root in roots:
         if resolved == root or resolved.is_relative_to(root):
             return resolved
@@ -100,22 +104,22 @@ def _check_weights(path: Path, rank: int, shape: ModelShape) -> None:
         raise InvalidExpert(f"{WEIGHTS_FILE} is missing in {path.parent}", "path")
     seen = 0
     try:
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                m = _KEY_RE.match(key)
-                if not m:
-                    raise InvalidExpert(f"unexpected tensor {key!r} in {WEIGHTS_FILE}", "path")
-                layer, _, module, ab = int(m[1]), m[2], m[3], m[4]
-                if layer >= shape.num_layers or module not in shape.linears:
-                    raise InvalidExpert(f"tensor {key!r} names no linear layer of the base model", "path")
-                tensor = f.get_tensor(key)
-                fan_in, fan_out = shape.linears[module]
-                want = (rank, fan_in) if ab == "A" else (fan_out, rank)
-                if tuple(tensor.shape) != want:
-                    raise InvalidExpert(f"tensor {key!r} has shape {tuple(tensor.shape)}, expected {want}", "path")
-                if not torch.isfinite(tensor.float()).all():
-                    raise InvalidExpert(f"tensor {key!r} holds NaN or infinite values", "path")
-                seen += 1
+        tensors = read_tensors(path)
+        for key in tensors:
+            m = _KEY_RE.match(key)
+            if not m:
+                raise InvalidExpert(f"unexpected tensor {key!r} in {WEIGHTS_FILE}", "path")
+            layer, _, module, ab = int(m[1]), m[2], m[3], m[4]
+            if layer >= shape.num_layers or module not in shape.linears:
+                raise InvalidExpert(f"tensor {key!r} names no linear layer of the base model", "path")
+            tensor = tensors[key]
+            fan_in, fan_out = shape.linears[module]
+            want = (rank, fan_in) if ab == "A" else (fan_out, rank)
+            if tuple(tensor.shape) != want:
+                raise InvalidExpert(f"tensor {key!r} has shape {tuple(tensor.shape)}, expected {want}", "path")
+            if not torch.isfinite(tensor.float()).all():
+                raise InvalidExpert(f"tensor {key!r} holds NaN or infinite values", "path")
+            seen += 1
     except InvalidExpert:
         raise
     except Exception as exc:  # safetensors raises several unrelated types on corrupt files
