@@ -10,10 +10,9 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors import safe_open
-
 from adapters.card import ExpertCard, read_card
 from adapters.errors import ExpertExists, InvalidExpert, PoolError, StateNotWritable, UnknownExpert
+from adapters.safetensors_io import read_tensors
 from adapters.validate import ModelShape, resolve_inside, validate_adapter
 
 log = logging.getLogger(__name__)
@@ -93,9 +92,7 @@ class ExpertPool:
             self.check(expert.path, expert.card)
             gates = expert.path / "gates.safetensors"
             if gates.is_file():
-                with safe_open(str(gates), framework="pt") as f:
-                    for key in f.keys():
-                        f.get_tensor(key)
+                read_tensors(gates)
         except PoolError as exc:
             return exc.message
         except Exception as exc:  # safetensors raises several unrelated types on corrupt files
@@ -178,6 +175,8 @@ class ExpertPool:
     # --- persistence ----------------------------------------------------------------------------------
     def load(self, seed_dir: Path | None = None) -> None:
         """Read the saved pool; on first start, seed it from the default library directory."""
+        for stale in self._state_file.parent.glob(self._state_file.stem + ".tmp*"):
+            stale.unlink(missing_ok=True)  # a write a crash cut short (the state file itself is whole)
         if self._state_file.is_file():
             saved = json.loads(self._state_file.read_text())
             experts = self._from_entries(saved.get("experts", []), library=seed_dir)
@@ -235,10 +234,34 @@ class ExpertPool:
                     log.warning("stored expert %s: %s is not usable here; using the library's %s",
                                 expert.name, entry["path"], moved)
             except Exception as exc:  # a stored expert whose files went away must not stop the service
-                log.warning("dropping stored expert %s: %s", entry.get("name"), exc)
-                continue
+                kept = self._quarantined_entry(entry, exc)
+                if kept is None:
+                    log.warning("dropping stored expert %s: %s", entry.get("name"), exc)
+                    continue
+                expert = kept
             experts[expert.name] = expert
         return experts
+
+    def _quarantined_entry(self, entry: dict, exc: Exception) -> Expert | None:
+        """A stored expert whose directory is still there but whose files are broken (being rewritten, or
+        corrupt) stays registered, quarantined: dropping it would remove it from every replica's pool for good.
+        None when its directory is gone or the entry itself is unusable."""
+        try:
+            card = ExpertCard.model_validate({k: entry[k] for k in ("name", "description", "examples", "extra")
+                                              if k in entry})
+            path = resolve_inside(entry["path"], self._roots)
+            expert = Expert(card=card, path=path, rank=int(entry["rank"]),
+                            target_modules=tuple(entry.get("target_modules") or ()))
+        except Exception:
+            return None
+        if not path.is_dir():
+            return None
+        reason = exc.message if isinstance(exc, PoolError) else str(exc)
+        if expert.name not in self.quarantined:
+            log.error("expert %s quarantined: %s (left out of routing until its files change or an admin checks it)",
+                      expert.name, reason)
+        self.quarantined[expert.name] = Quarantine(reason, files_fingerprint(path))
+        return expert
 
     @staticmethod
     def _library_copy(stored: str, library: Path | None) -> Path | None:

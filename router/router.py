@@ -125,7 +125,7 @@ class Router:
         """Gate signals each expert has, read from its gates file once per version of that file."""
         from adapters.gates import KINDS, has_gates
 
-        kinds = {}
+        kinds: dict[str, frozenset[str]] = {}
         for e in experts:
             gates = e.path / "gates.safetensors"
             try:
@@ -133,7 +133,11 @@ class Router:
             except OSError:
                 key = (str(e.path), 0)
             if key not in self._gates_seen:
-                self._gates_seen[key] = frozenset(k for k in KINDS if has_gates(e.path, k))
+                try:
+                    self._gates_seen[key] = frozenset(k for k in KINDS if has_gates(e.path, k))
+                except OSError:  # removed or broken meanwhile: no gates now; read again next time
+                    kinds[e.name] = frozenset()
+                    continue
             kinds[e.name] = self._gates_seen[key]
         current = {(str(e.path),) for e in experts}
         for key in [k for k in self._gates_seen if k[:1] not in current]:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -14,7 +16,7 @@ from pathlib import Path
 from adapters.composite import CompositeStore
 from adapters.composite_cache import CompositeCache
 from adapters.gated_composite import GatedCompositeStore, GateSpec
-from adapters.pool import ExpertPool
+from adapters.pool import ExpertPool, files_fingerprint
 from router.decision import RoutingDecision
 from service.backend import Adapter
 from service.errors import APIError
@@ -26,6 +28,13 @@ log = logging.getLogger(__name__)
 def expert_left(name: str) -> APIError:
     """A decision names an expert that has left the pool since it was made (or cached)."""
     return APIError(503, f"expert {name!r} left the pool; retry", code="pool_changed", headers={"Retry-After": "0"})
+
+
+def parts_version(parts: list[tuple[str, float, Path]]) -> str:
+    """What a composite of `parts` is built from: each part's name and files (size, mtime). Not the pool's
+    version: registering or removing another expert must not make every composite be built again."""
+    key = json.dumps([[name, str(path), files_fingerprint(path)] for name, _, path in parts])
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 class Resolver:
@@ -74,9 +83,9 @@ class Resolver:
             g = decision.gate
             parts = [(c.name, c.score or 0.0, path) for c, (_, _, path) in zip(experts, resolved, strict=True)]
             spec = GateSpec(kind=g.local, alpha=g.alpha, top_k=g.top_k)
-            cid, path = await self._ensure(lambda: self.gated.ensure(self.pool.version, parts, spec, take))
+            cid, path = await self._ensure(lambda: self.gated.ensure(parts_version(resolved), parts, spec, take))
             return Adapter(name=cid, path=path, kind="gated")
-        cid, path = await self._ensure(lambda: self.composites.ensure(self.pool.version, resolved, take))
+        cid, path = await self._ensure(lambda: self.composites.ensure(parts_version(resolved), resolved, take))
         return Adapter(name=cid, path=path, kind="merge")
 
     async def resolve_or_reroute(self, decision: RoutingDecision,

@@ -100,3 +100,36 @@ def test_a_state_file_that_cannot_be_written_refuses_the_change_and_keeps_the_po
     assert state.read_text() == saved and [f.name for f in state.parent.iterdir()] == ["pool.json"]
     p.add(extra)  # the disk has room again
     assert "extra2" in {e.name for e in p.experts()}
+
+
+def test_adopting_a_pool_with_a_corrupt_expert_quarantines_it_instead_of_dropping_it(tmp_path):
+    """Another replica's view names an expert whose weights are broken here (truncated mid-copy, say): it stays
+    registered, quarantined, so this replica never publishes a pool without it; repaired, it is released."""
+    lib = library(tmp_path)
+    p = pool(tmp_path / "state" / "pool.json", [lib], lib)
+    entries = list(p.entries().values())
+    weights = lib / "law" / "adapter_model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 3])
+    p.adopt(entries)
+    assert [e.name for e in p.experts()] == ["cooking", "law"]
+    assert [e.name for e in p.servable()] == ["cooking"] and "law" in p.quarantined
+    weights.write_bytes(good)
+    assert p.recheck(force=True) == ["law"] and [e.name for e in p.servable()] == ["cooking", "law"]
+    shutil.rmtree(lib / "law")  # files gone altogether: dropped, as before
+    p.adopt(entries)
+    assert [e.name for e in p.experts()] == ["cooking"]
+
+
+def test_a_composite_is_keyed_by_its_parts_not_by_the_pool(tmp_path):
+    """Registering another expert leaves every composite's key alone; changing a part's weights changes it."""
+    from service.resolve import parts_version
+
+    lib = library(tmp_path, names=("cooking", "law", "tax"))
+    parts = [("cooking", 0.5, lib / "cooking"), ("law", 0.5, lib / "law")]
+    p = pool(tmp_path / "state" / "pool.json", [lib], lib)
+    before, version = parts_version(parts), p.version
+    p.remove("tax")
+    assert p.version != version and parts_version(parts) == before
+    write_random_lora(lib / "law", shape=SHAPE, base_name=BASE, seed=9, card=ExpertCard(name="law", description="x"))
+    assert parts_version(parts) != before
