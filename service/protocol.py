@@ -14,6 +14,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from router.decision import ExpertChoice, RoutingDecision, RoutingParams
+from service.errors import APIError
 
 __all__ = [
     "ChatCompletionRequest", "CompletionRequest", "ResponsesRequest", "RouteRequest", "RouteResponse", "ExpertChoice",
@@ -28,7 +29,11 @@ def dumps(obj: Any) -> bytes:
     try:
         return orjson.dumps(obj)
     except TypeError:
-        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+        try:
+            return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+        except UnicodeEncodeError:  # JSON's \ud800 escape parses to a lone surrogate, which is not text
+            raise APIError(400, "the body contains a lone UTF-16 surrogate (an unpaired \\uD800-\\uDFFF escape), "
+                           "which is not valid text", code="invalid_value") from None
 
 
 def loads(data: bytes | str) -> Any:

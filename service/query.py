@@ -6,6 +6,7 @@ import itertools
 from collections.abc import Iterator
 
 from router.query import HISTORY_TURNS, Query
+from service.errors import APIError
 from service.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, ResponsesRequest
 
 
@@ -51,6 +52,19 @@ def responses_query(body: ResponsesRequest) -> Query:
 
 
 def query_text(body: ChatCompletionRequest | CompletionRequest | ResponsesRequest) -> str:
+    """The routed text (see `_query_text`), refused with a 400 when it is not valid text: JSON's \\uD800 escapes
+    parse to lone surrogates, which the embedder, the cache key and vLLM cannot encode."""
+    query = _query_text(body)
+    for text in (query, *getattr(query, "history", ())):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise APIError(400, "a message contains a lone UTF-16 surrogate (an unpaired \\uD800-\\uDFFF "
+                           "escape), which is not valid text", code="invalid_value", param="messages") from None
+    return query
+
+
+def _query_text(body: ChatCompletionRequest | CompletionRequest | ResponsesRequest) -> str:
     """What the router routes: for a chat, the last user message with its earlier user turns (a `Query`: the
     last message's text, as a str, carrying the history); for a completion, the (first) text prompt. Typed as
     str because the gateway passes it on as one; `Router.route` reads the history."""

@@ -263,8 +263,8 @@ def test_kill_managed_backend_fails_over_then_restarts(pair: Pair, managed: Mana
         backend_stream_broken error event."""
         long.sent = time.monotonic()
         try:
-            with gw.client() as client, client.stream(
-                    "POST", "/v1/chat/completions", json=chat(victim_expert, stream=True, max_tokens=1000, ignore_eos=True)) as r:
+            body = chat(victim_expert, stream=True, max_tokens=1000, ignore_eos=True)
+            with gw.client() as client, client.stream("POST", "/v1/chat/completions", json=body) as r:
                 long.status, body = r.status_code, b""
                 for chunk in r.iter_bytes():
                     if long.streaming_since is None and b"data: {" in chunk:

@@ -422,3 +422,20 @@ async def test_responses_stream_carries_routing_in_its_first_event(stack: Stack)
 async def test_responses_limits(stack: Stack, body, param):
     r = await stack.client.post("/v1/responses", headers=stack.auth(), json={"model": "auto", **body})
     assert r.status_code == 400 and error_of(r)["param"] == param, r.text
+
+
+async def test_boundary_values_never_get_a_5xx(stack: Stack):
+    """5,000 bodies with boundary values in every numeric and structured field (tests/boundary.py), through the
+    whole gateway to the fake vLLM: every answer is below 500, and every error is in the OpenAI shape."""
+    from tests.boundary import bodies
+
+    statuses: dict[int, int] = {}
+    for name, path, body in bodies(5000, seed=17):
+        headers = {**stack.auth(ADMIN), "content-type": "application/json"}
+        r = await stack.client.post(path, content=body, headers=headers)
+        statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+        assert r.status_code < 500, (name, body[:300], r.status_code, r.text[:300])
+        if r.status_code >= 400:
+            error_of(r)
+    print(f"\nboundary fuzz: 5000 requests, statuses {dict(sorted(statuses.items()))}")
+    assert statuses.get(200, 0) >= 500 and sum(v for k, v in statuses.items() if 400 <= k < 500) >= 2000
