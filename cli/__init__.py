@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import logging
 
-from cli import bench, describe, evaluate, experts, loadtest, prepare, route, serve, train, train_gates
+from cli import bench, describe, evaluate, experts, loadtest, prepare, route, serve, soak, train, train_gates
 from service.request_id import RequestIdFilter
 from service.settings import Settings
 
-COMMANDS = (serve, prepare, route, experts, train, train_gates, describe, evaluate, bench, loadtest)
+COMMANDS = (serve, prepare, route, experts, train, train_gates, describe, evaluate, bench, loadtest, soak)
 
 
 def build_parser() -> argparse.ArgumentParser:

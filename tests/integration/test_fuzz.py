@@ -46,3 +46,26 @@ def test_schemathesis_no_5xx_and_schema_conformant(fuzz_gateway, work):
     assert [s for s in statuses if s >= 500] == [], summary
     assert proc.returncode == 0, summary
     assert len(entries) >= MIN_REQUESTS, summary
+
+
+def test_boundary_values_through_the_real_stack(fuzz_gateway):
+    """The boundary bodies of tests/boundary.py through the real gateway and vLLM (fields flock passes through
+    reach vLLM's own validation): no 5xx. FLOCK_TEST_BOUNDARY_N sets how many (default 600; 5,000 for a report)."""
+    import os
+
+    import httpx
+
+    from tests.boundary import bodies
+
+    n = int(os.environ.get("FLOCK_TEST_BOUNDARY_N", "600"))
+    statuses: dict[int, int] = {}
+    failures = []
+    with httpx.Client(base_url=fuzz_gateway.url, timeout=120) as client:
+        for name, path, body in bodies(n, seed=29):
+            r = client.post(path, content=body, headers={"content-type": "application/json"})
+            statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+            if r.status_code >= 500 or (r.status_code >= 400 and "error" not in r.json()):
+                failures.append((name, body[:200], r.status_code, r.text[:200]))
+    print(f"\nboundary values, real stack: {n} requests, statuses {dict(sorted(statuses.items()))}")
+    assert not failures, failures[:5]
+    assert statuses.get(200, 0) >= n // 10
