@@ -152,6 +152,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if limiter_redis is not None:
             await limiter_redis.aclose()
         await gateway.backends.close()
+        await gateway.responses.close()
         await gateway.router.embedder.stop()
         if gateway.router.cache:
             await gateway.router.cache.close()
