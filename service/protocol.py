@@ -121,12 +121,17 @@ class RouteRequest(BaseModel):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     routing: RoutingParams | None = None
+    explain: bool = Field(False, description="Also return every expert's score and the abstain threshold.")
 
     check_user_turn = field_validator("messages")(_needs_user_turn)
 
 
 class RouteResponse(BaseModel):
     routing: RoutingDecision
+    scores: dict[str, float] | None = Field(None, description="With explain: every expert's score (cosine), the "
+                                            "conversation's earlier turns folded in.")
+    threshold: float | None = Field(None, description="With explain: the abstain threshold (below it for every "
+                                    "expert, the base model answers).")
 
 
 class ErrorBody(BaseModel):

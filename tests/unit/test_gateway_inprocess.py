@@ -188,6 +188,34 @@ async def test_route_endpoint(stack: Stack):
     assert r.status_code == 400 and error_of(r)["code"] == "invalid_request"
 
 
+async def test_route_explains_every_experts_score_and_the_threshold(stack: Stack):
+    body = {"prompt": "How long do I boil an egg?", "explain": True}
+    r = await stack.client.post("/v1/route", json=body, headers=stack.auth())
+    data = r.json()
+    assert r.status_code == 200 and set(data["scores"]) == set(EXPERTS)
+    assert max(data["scores"], key=data["scores"].get) == "cooking" == data["routing"]["experts"][0]["name"]
+    assert data["scores"]["cooking"] == pytest.approx(data["routing"]["experts"][0]["score"], abs=1e-3)
+    assert data["threshold"] == pytest.approx(stack.app.state.gateway.router.index.threshold, abs=1e-4)
+    plain = (await stack.client.post("/v1/route", json={"prompt": "hi"}, headers=stack.auth())).json()
+    assert plain["scores"] is None and plain["threshold"] is None
+    # A conversation: the follow-up's scores are the conversation's (it stays with arith).
+    messages = [{"role": "user", "content": "What is 12 times 7?"}, {"role": "assistant", "content": "84"},
+                {"role": "user", "content": "And the next one?"}]
+    r = await stack.client.post("/v1/route", json={"messages": messages, "explain": True}, headers=stack.auth())
+    assert max(r.json()["scores"], key=r.json()["scores"].get) == "arith" == r.json()["routing"]["experts"][0]["name"]
+
+
+async def test_console_is_served_as_static_files(stack: Stack):
+    r = await stack.client.get("/ui")
+    assert r.status_code == 307 and r.headers["location"] == "/ui/"
+    r = await stack.client.get("/ui/")
+    assert r.status_code == 200 and "routing console" in r.text and 'src="console.js"' in r.text
+    for name in ("console.js", "console.css"):
+        assert (await stack.client.get(f"/ui/{name}")).status_code == 200
+    r = await stack.client.get("/ready")
+    assert r.json()["default_mode"] == "global"
+
+
 async def test_experts_crud(stack: Stack):
     admin = stack.auth(ADMIN)
     r = await stack.client.post("/v1/experts", json={"path": str(stack.root / "spare")}, headers=admin)
