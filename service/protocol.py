@@ -111,7 +111,9 @@ class ResponsesRequest(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     stream: bool | None = False
-    previous_response_id: str | None = None
+    previous_response_id: str | None = Field(
+        None, description="Continue a conversation flock kept (docs/operations.md#the-responses-api); it is "
+        "routed as a whole.")
     routing: RoutingParams | None = Field(None, description="flock: how to route when model is 'auto'.")
 
 
