@@ -223,6 +223,19 @@ class Router:
             task.add_done_callback(self._pending.discard)
         return RouteResult(decision, stages, cache_status)
 
+    async def explain(self, query: str) -> tuple[dict[str, float], float]:
+        """Every expert's score for `query` (a conversation's earlier turns folded in, as `route` does) and the
+        abstain threshold: what the routing console charts. Not cached; the embeddings are remembered."""
+        index = self.index
+        turns = Query.of(query).turns()
+        if self.conversation.mechanism == "last":
+            turns = turns[-1:]
+        vectors, own = await self._embed(turns, index, {})
+        scores = own[-1]
+        if len(turns) > 1 and self.anchors is not None:
+            scores = fold(vectors, own, index.threshold, self.anchors, self.conversation)
+        return {name: round(float(s), 4) for name, s in zip(index.names, scores)}, round(index.threshold, 4)
+
     async def _embed(self, turns: tuple[tuple[str, ...], ...], index: ExpertIndex,
                      stages: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
         """(vectors, scores) of the user turns, oldest first: each turn's unit embedding (its first text's) and

@@ -21,7 +21,7 @@ from router.embed import Embedder, MicroBatcher
 from router.methods import GateConfig, MergeConfig, MethodConfig
 from router.router import Router
 from service import models
-from service.api import completions, experts, health, tokenize
+from service.api import completions, console, experts, health, tokenize
 from service.api import models as models_api
 from service.auth import Authenticator, RateLimiter
 from service.backend import BackendPool
@@ -152,6 +152,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if limiter_redis is not None:
             await limiter_redis.aclose()
         await gateway.backends.close()
+        await gateway.responses.close()
         await gateway.router.embedder.stop()
         if gateway.router.cache:
             await gateway.router.cache.close()
@@ -159,8 +160,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="flock", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible gateway routing each request across a pool of LoRA experts.")
     install_error_handlers(app, on_error=lambda kind: metrics.errors.labels(kind).inc())
-    for module in (completions, models_api, tokenize, experts, health):
+    for module in (completions, models_api, tokenize, experts, health, console):
         app.include_router(module.router)
+    app.mount("/ui/", console.static_files(), name="console")
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)  # outermost: every answer, a 413 included, carries the id
     app.state.metrics = metrics

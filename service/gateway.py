@@ -17,7 +17,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING
 
 from fastapi.responses import Response, StreamingResponse
@@ -38,6 +38,7 @@ from service.protocol import ResponsesRequest, dumps, loads
 from service.query import query_text
 from service.relay import StreamObserver, relay
 from service.resolve import Resolver
+from service.response_store import ResponseStore
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 AUTO = "auto"
+Remember = Callable[[dict], Awaitable[None]]
 # Errors that can mean an expert's files broke: its adapter failed to load, or a composite over it to build.
 BROKEN_EXPERT_CODES = ("adapter_load_failed", "composite_build_failed")
 
@@ -63,6 +65,7 @@ class Gateway:
         metrics.composites = lambda: (cache.bytes, cache.built, cache.evicted)
         self.metrics = metrics
         self.shared: SharedPool | None = None  # the registry shared with other replicas (Redis), if any
+        self.responses = ResponseStore(settings.redis_url, settings.responses_ttl_s)  # previous_response_id
 
     async def _composites_evicted(self, names: list[str]) -> None:
         for name in names:
@@ -138,6 +141,10 @@ class Gateway:
                        key_id: str = "anonymous") -> Response:
         """One request: limits, decide, resolve to an adapter, forward, answer with `routing` added."""
         start = time.perf_counter()
+        remember = None
+        if isinstance(body, ResponsesRequest):  # a continued conversation is routed and limited as a whole
+            body = await self.responses.expand(body, key_id)
+            remember = functools.partial(self.responses.remember, body, key_id)
         check_limits(self.settings, body)
         query = query_text(body)
         decision, cache_status = await self.decide(body.model, body.routing, query)
@@ -155,7 +162,7 @@ class Gateway:
                 decision, adapter = await self.resolver.resolve_or_reroute(
                     decision, reroute if body.model == AUTO else None, key_id)
                 return await self._forward(endpoint, body, decision, adapter, routing_headers(decision, cache_status),
-                                           start)
+                                           start, remember)
             except APIError as exc:
                 # An expert whose files broke since it was registered: quarantined, and a routed request goes to
                 # the next-best expert or the base model (a request that named it gets the error).
@@ -169,16 +176,17 @@ class Gateway:
         raise AssertionError("unreachable")
 
     async def _forward(self, endpoint: str, body: Generation, decision: RoutingDecision, adapter: Adapter | None,
-                       headers: dict[str, str], start: float) -> Response:
-        """Send the request, with the adapter in `model`, to a backend; answer with `routing` added."""
+                       headers: dict[str, str], start: float, remember: Remember | None = None) -> Response:
+        """Send the request, with the adapter in `model`, to a backend; answer with `routing` added.
+        `remember`: given the Responses answer, keeps the conversation (service/response_store.py)."""
         for choice in decision.experts or [ExpertChoice(name="base", weight=1.0)]:  # the decision served
             self.metrics.selections.labels(choice.name, decision.mode).inc()
         payload = body.model_dump(exclude_none=True, exclude={"routing"})
         payload["model"] = adapter.name if adapter else self.settings.base_model_name
         label = token_label(adapter)
         if body.stream:
-            return await self._stream(endpoint, body, payload, adapter, decision, label, headers)
-        return await self._complete(endpoint, payload, adapter, decision, label, headers, start)
+            return await self._stream(endpoint, body, payload, adapter, decision, label, headers, remember)
+        return await self._complete(endpoint, payload, adapter, decision, label, headers, start, remember)
 
     async def quarantine_broken(self, decision: RoutingDecision) -> bool:
         """Check the files of the decision's experts; quarantine the broken ones and take them out of routing.
@@ -206,7 +214,7 @@ class Gateway:
         return released
 
     async def _complete(self, endpoint: str, payload: dict, adapter: Adapter | None, decision: RoutingDecision,
-                        label: str, headers: dict[str, str], start: float) -> Response:
+                        label: str, headers: dict[str, str], start: float, remember: Remember | None) -> Response:
         resp = await self.backends.send(endpoint, payload, adapter, stream=False)
         t0 = resp.lease.start
         self.metrics.backend_latency.labels(endpoint, resp.lease.backend.url).observe(time.perf_counter() - t0)
@@ -214,6 +222,8 @@ class Gateway:
             raise backend_error(resp.status_code, resp.content)
         data = loads(resp.content)
         self._count_tokens(label, data.get("usage") or {})
+        if remember is not None:
+            await remember(data)
         if adapter is not None and adapter.kind != "expert":
             data["model"] = composite_model_name(decision)
         data["routing"] = decision.model_dump()
@@ -223,8 +233,8 @@ class Gateway:
         return Response(dumps(data), media_type="application/json", headers=headers)
 
     async def _stream(self, endpoint: str, body: Generation, payload: dict,
-                      adapter: Adapter | None, decision: RoutingDecision, label: str, headers: dict[str, str]
-                      ) -> Response:
+                      adapter: Adapter | None, decision: RoutingDecision, label: str, headers: dict[str, str],
+                      remember: Remember | None) -> Response:
         wants_usage = True  # a Responses stream reports usage in its last event, which is passed on
         if not isinstance(body, ResponsesRequest):  # chat and completions: ask vLLM for usage, drop it if unasked
             wants_usage = bool((body.stream_options or {}).get("include_usage"))
@@ -242,7 +252,7 @@ class Gateway:
             on_first_token=self.metrics.ttft.labels(endpoint).observe,
             on_usage=lambda usage: self._count_tokens(label, usage),
             on_broken=lambda kind: self.metrics.errors.labels("backend_stream_broken").inc(),
-            on_end=self.metrics.backend_latency.labels(endpoint, backend).observe)
+            on_end=self.metrics.backend_latency.labels(endpoint, backend).observe, on_response=remember)
         model = composite_model_name(decision) if adapter is not None and adapter.kind != "expert" else None
         return StreamingResponse(relay(resp, decision.model_dump(), wants_usage, observe, model=model),
                                  media_type="text/event-stream", headers=headers)

@@ -116,7 +116,9 @@ class ResponsesRequest(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     stream: bool | None = False
-    previous_response_id: str | None = None
+    previous_response_id: str | None = Field(
+        None, description="Continue a conversation flock kept (docs/operations.md#the-responses-api); it is "
+        "routed as a whole.")
     routing: RoutingParams | None = Field(None, description="flock: how to route when model is 'auto'.")
 
 
@@ -126,12 +128,17 @@ class RouteRequest(BaseModel):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     routing: RoutingParams | None = None
+    explain: bool = Field(False, description="Also return every expert's score and the abstain threshold.")
 
     check_user_turn = field_validator("messages")(_needs_user_turn)
 
 
 class RouteResponse(BaseModel):
     routing: RoutingDecision
+    scores: dict[str, float] | None = Field(None, description="With explain: every expert's score (cosine), the "
+                                            "conversation's earlier turns folded in.")
+    threshold: float | None = Field(None, description="With explain: the abstain threshold (below it for every "
+                                    "expert, the base model answers).")
 
 
 class ErrorBody(BaseModel):

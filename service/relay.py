@@ -3,13 +3,18 @@
 `routing` goes into the first data event; the usage event (always requested from vLLM, to count tokens) is
 dropped unless the client asked for it; a backend that fails mid-stream ends the stream with an OpenAI-style
 error event and no [DONE].
+
+`system_fingerprint`: vLLM stamps it on the trailing usage chunk when usage is requested, else on each chunk
+that finishes a choice. As flock always requests usage, a client that did not ask for it would lose the
+fingerprint with the dropped usage chunk; so its finishing chunks are held back until the usage chunk (sent in
+the same engine step) and carry its fingerprint, as vLLM direct would send them.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from service.backend import BackendResponse, BackendStreamError
@@ -53,6 +58,11 @@ class Event:
         return False
 
     @property
+    def finishes(self) -> bool:
+        """A chat or completion chunk that finishes a choice (vLLM's fingerprint goes on these)."""
+        return any(c.get("finish_reason") for c in (self.data or {}).get("choices") or ())
+
+    @property
     def usage_only(self) -> dict | None:
         """The usage of the final usage-only chunk (no choices), else None."""
         if self.data is not None and not self.data.get("choices") and self.data.get("usage"):
@@ -60,11 +70,30 @@ class Event:
         return None
 
     @property
-    def response_usage(self) -> dict | None:
-        """The usage a Responses stream reports in its response.completed event (an event passed on as it is)."""
-        if self.data is not None and self.data.get("type") == "response.completed":
-            return (self.data.get("response") or {}).get("usage")
+    def final_response(self) -> dict | None:
+        """The response object of a Responses stream's last event (completed or incomplete), else None."""
+        if self.data is not None and self.data.get("type") in ("response.completed", "response.incomplete"):
+            response = self.data.get("response")
+            return response if isinstance(response, dict) else None
         return None
+
+    @property
+    def response_usage(self) -> dict | None:
+        """The usage a Responses stream reports in its last event (an event passed on as it is)."""
+        return (self.final_response or {}).get("usage")
+
+
+def released(held: list[Event], fingerprint: str | None) -> list[bytes]:
+    """The held finishing chunks, stamped with `fingerprint` where they lack one; `held` is emptied."""
+    out = []
+    for event in held:
+        if fingerprint is not None and event.data is not None and not event.data.get("system_fingerprint"):
+            event.data["system_fingerprint"] = fingerprint
+            out.append(event.with_data(event.data) + b"\n\n")
+        else:
+            out.append(event.raw + b"\n\n")
+    held.clear()
+    return out
 
 
 def events(buffer: bytes) -> tuple[list[bytes], bytes]:
@@ -82,6 +111,9 @@ class StreamObserver:
     on_usage: Callable[[dict], None]
     on_broken: Callable[[str], None]
     on_end: Callable[[float], None]
+    # A Responses stream's final response object, before its last event is passed on (so a client that
+    # continues the conversation at once finds it stored).
+    on_response: Callable[[dict], Awaitable[None]] | None = None
 
 
 async def relay(resp: BackendResponse, routing: dict, wants_usage: bool, observe: StreamObserver, *,
@@ -89,6 +121,7 @@ async def relay(resp: BackendResponse, routing: dict, wants_usage: bool, observe
     """`model`: the name every chunk carries instead of the backend's (a composite's readable name)."""
     t0 = resp.lease.start
     first, got_token, buffer = True, False, b""
+    held: list[Event] = []  # finishing chunks waiting for the usage chunk's fingerprint (usage not wanted)
     try:
         async for chunk in resp.iter_raw():
             done, buffer = events(buffer + chunk)
@@ -110,12 +143,24 @@ async def relay(resp: BackendResponse, routing: dict, wants_usage: bool, observe
                     observe.on_first_token(time.perf_counter() - t0)
                 if (usage := event.response_usage) is not None:
                     observe.on_usage(usage)
+                if observe.on_response is not None and (final := event.final_response) is not None:
+                    await observe.on_response(final)
                 usage = event.usage_only
                 if usage is not None:
                     observe.on_usage(usage)
+                    for chunk_ in released(held, (event.data or {}).get("system_fingerprint")):
+                        yield chunk_
                     if not wants_usage:
                         continue
+                elif not wants_usage and event.finishes:
+                    held.append(Event(raw, event.data))
+                    continue
+                elif held and event.data is None:  # [DONE] (or another non-data event) with no usage chunk seen
+                    for chunk_ in released(held, None):
+                        yield chunk_
                 yield raw + b"\n\n"
+        for chunk_ in released(held, None):
+            yield chunk_
         if buffer.strip():
             yield buffer
     except BackendStreamError as exc:
@@ -123,6 +168,8 @@ async def relay(resp: BackendResponse, routing: dict, wants_usage: bool, observe
         # (which would make the server cut the client's connection mid-event). A partial event is dropped.
         log.warning("backend %s failed mid-stream (%s)", resp.lease.backend.url, exc.kind)
         observe.on_broken(exc.kind)
+        for chunk_ in released(held, None):
+            yield chunk_
         error = {"message": f"model backend failed mid-stream ({exc.kind}); retry the request",
                  "type": "server_error", "param": None, "code": "backend_stream_broken"}
         yield b"data: " + dumps({"error": error}) + b"\n\n"

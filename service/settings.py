@@ -122,6 +122,9 @@ class Settings(EngineSettings):
     composite_builds_per_min: int = Field(
         30, ge=0, description="New composites one key may have built per minute (429 beyond); 0: no limit.")
     cache_ttl_s: int = Field(3600, description="Lifetime of a cached routing decision.")
+    responses_ttl_s: int = Field(
+        3600, ge=1, description="How long a /v1/responses conversation can be continued with previous_response_id "
+        "(kept in Redis, else in the gateway's memory, newest 10,000).")
     pool_sync_s: float = Field(2.0, description="How often a gateway checks Redis for pool changes made by "
                                "other gateway replicas.")
 

@@ -28,6 +28,7 @@ async def ready(gateway: Gateway = Depends(get_gateway)) -> JSONResponse:
                  "abstain_threshold": round(gateway.router.index.threshold, 4)},
         "redis": None if cache is None else await cache.ping(),
         "modes": gateway.modes_served(),
+        "default_mode": gateway.router.default_mode,
         "quarantined": {name: q.reason for name, q in gateway.pool.quarantined.items()},
         "capabilities": {b.url: b.caps.describe() if b.caps else None for b in gateway.backends.backends},
     }

@@ -52,6 +52,10 @@ async def route(body: RouteRequest, gateway: Gateway = Depends(get_gateway)) -> 
         ChatCompletionRequest(model=body.model, messages=body.messages) if body.messages
         else CompletionRequest(model=body.model, prompt=body.prompt or ""))
     check_limits(gateway.settings, request)
-    decision, _ = await gateway.decide(body.model, body.routing, query_text(request))
+    query = query_text(request)
+    decision, _ = await gateway.decide(body.model, body.routing, query)
     gateway.metrics.requests.labels("/v1/route", decision.mode, "ok").inc()
-    return RouteResponse(routing=decision)
+    if not body.explain:
+        return RouteResponse(routing=decision)
+    scores, threshold = await gateway.router.explain(query)
+    return RouteResponse(routing=decision, scores=scores, threshold=threshold)

@@ -63,6 +63,22 @@ def test_streaming_without_usage_has_no_usage_chunk(client: OpenAI):
     assert chunks and all(c.choices for c in chunks)
 
 
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_streams_keep_the_system_fingerprint_as_vllm_direct_sends_it(client: OpenAI, vllm_url: str, include_usage):
+    """The same stream from vLLM direct and through the gateway carries the same fingerprint on the same chunk
+    (the finishing one, or the usage chunk when usage is asked for), though the gateway always asks for usage."""
+    kw = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 4,
+          "temperature": 0, "stream": True, "stream_options": {"include_usage": include_usage}}
+    direct = OpenAI(base_url=vllm_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+    def stamped(chunks: list) -> list[tuple[int, str]]:
+        return [(i - len(chunks), c.system_fingerprint) for i, c in enumerate(chunks) if c.system_fingerprint]
+
+    want = stamped(list(direct.chat.completions.create(model=BASE, **kw)))
+    got = stamped(list(client.chat.completions.create(model=BASE, **kw)))
+    assert want and want[0][1].startswith("vllm-") and got == want
+
+
 def test_models_lists_auto_base_and_experts(client: OpenAI):
     ids = {m.id for m in client.models.list()}
     assert {"auto", BASE, "cooking", "arith", "sqlgen"} <= ids

@@ -9,6 +9,8 @@ import httpx
 import openai
 import pytest
 
+from tests.conftest import BASE
+
 pytestmark = pytest.mark.integration
 
 
@@ -46,3 +48,30 @@ def test_responses_stream(gateway):
         first = next(e for e in r.iter_text() if "data: " in e)
     data = json.loads(first.split("data: ", 1)[1].split("\n\n", 1)[0])
     assert data["type"] == "response.created" and data["routing"]["experts"][0]["name"] == "arith"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_previous_response_id_continues_the_conversation(gateway, stream):
+    """The gateway keeps the conversation (in Redis) and sends it whole to vLLM; routing follows it: a follow-up
+    that alone names no task stays with the conversation's expert."""
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", timeout=120)
+
+    def create(**kw):
+        if not stream:
+            return client.responses.create(max_output_tokens=16, temperature=0, **kw)
+        with client.responses.stream(max_output_tokens=16, temperature=0, **kw) as events:
+            return events.get_final_response()
+
+    first = create(model=BASE, input="My name is Ada Lovelace. Remember it.")
+    follow = create(model=BASE, input="What is my name?", previous_response_id=first.id)
+    alone = create(model=BASE, input="What is my name?")
+    assert follow.usage.input_tokens > alone.usage.input_tokens + first.usage.output_tokens  # the whole talk
+    assert "Lovelace" in follow.output_text and "Lovelace" not in alone.output_text  # known from the history
+    routed = create(model="auto", input="What is 12 times 7?")
+    with httpx.Client(base_url=gateway.url, timeout=120) as http:
+        body = {"model": "auto", "input": "And the next one?", "max_output_tokens": 4}
+        assert http.post("/v1/responses", json=body).json()["routing"]["experts"] == []  # alone: no task named
+        r = http.post("/v1/responses", json={**body, "previous_response_id": routed.id})
+        assert r.json()["routing"]["experts"][0]["name"] == "arith"
+        r = http.post("/v1/responses", json={**body, "previous_response_id": "resp_unknown"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "previous_response_not_found"

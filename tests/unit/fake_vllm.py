@@ -20,6 +20,7 @@ from adapters.engine.capabilities import capabilities
 from service.processes import free_port
 
 USAGE = {"prompt_tokens": 8, "completion_tokens": 2, "total_tokens": 10}
+FINGERPRINT = "vllm-fake-0123abcd"
 
 
 @dataclass
@@ -76,8 +77,8 @@ class FakeVLLM:
             self.request_ids.append(request.headers.get("x-request-id"))
             body = await request.json()
             self.requests.append(body)
-            response = {"id": "resp_1", "object": "response", "model": body["model"], "status": "completed",
-                        "output": [{"type": "message", "role": "assistant",
+            response = {"id": f"resp_{len(self.requests)}", "object": "response", "model": body["model"],
+                        "status": "completed", "output": [{"type": "message", "role": "assistant",
                                     "content": [{"type": "output_text", "text": "Hello there"}]}],
                         "usage": {"input_tokens": 8, "output_tokens": 2, "total_tokens": 10}}
             if not body.get("stream"):
@@ -116,19 +117,27 @@ class FakeVLLM:
                        "finish_reason": "stop"} if chat else
                       {"index": 0, "text": "".join(words), "finish_reason": "stop"})
             return JSONResponse({"id": "x", "object": "chat.completion" if chat else "text_completion",
-                                 "created": 0, "model": body["model"], "choices": [choice], "usage": USAGE})
+                                 "created": 0, "model": body["model"], "choices": [choice], "usage": USAGE,
+                                 "system_fingerprint": FINGERPRINT})
         break_midway = "BREAK" in text
+
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
         async def events() -> AsyncIterator[bytes]:
             for i, word in enumerate(words):
                 choice = {"index": 0, "delta": {"content": word}} if chat else {"index": 0, "text": word}
-                yield b"data: " + json.dumps({"id": "x", "model": body["model"], "choices": [choice]}).encode() \
-                    + b"\n\n"
+                chunk: dict = {"id": "x", "model": body["model"], "choices": [choice]}
+                if i == len(words) - 1:  # as vLLM: the fingerprint on the finishing chunk unless usage follows
+                    choice["finish_reason"] = "stop"
+                    if not include_usage:
+                        chunk["system_fingerprint"] = FINGERPRINT
+                yield b"data: " + json.dumps(chunk).encode() + b"\n\n"
                 await asyncio.sleep(0)
                 if break_midway and i == 0:
                     raise ConnectionResetError("killed")  # uvicorn drops the connection mid-stream
-            if (body.get("stream_options") or {}).get("include_usage"):
-                yield b"data: " + json.dumps({"id": "x", "choices": [], "usage": USAGE}).encode() + b"\n\n"
+            if include_usage:
+                yield b"data: " + json.dumps({"id": "x", "choices": [], "usage": USAGE,
+                                              "system_fingerprint": FINGERPRINT}).encode() + b"\n\n"
             yield b"data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")

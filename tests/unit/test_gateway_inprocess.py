@@ -153,6 +153,23 @@ async def test_stream_carries_routing_first_and_drops_unrequested_usage(stack: S
     assert any(json.loads(e[6:]).get("usage") for e in r.text.split("\n\n") if e.startswith("data: {"))
 
 
+@pytest.mark.parametrize("endpoint", ["/v1/chat/completions", "/v1/completions"])
+async def test_stream_keeps_the_system_fingerprint_where_vllm_puts_it(stack: Stack, endpoint):
+    """vLLM stamps the fingerprint on the finishing chunk, or on the usage chunk when usage is asked for: the
+    client sees it where it would from vLLM direct, though the gateway always asks vLLM for usage."""
+    body = {"model": "auto", "max_tokens": 4, "stream": True}
+    body |= {"messages": [{"role": "user", "content": "What is 12 times 7?"}]} if "chat" in endpoint \
+        else {"prompt": "What is 12 times 7?"}
+    for usage in (False, True):
+        r = await stack.client.post(endpoint, headers=stack.auth(),
+                                    json={**body, "stream_options": {"include_usage": usage}})
+        chunks = [json.loads(e[6:]) for e in r.text.split("\n\n") if e.startswith("data: {")]
+        finishing = [c for c in chunks if any(ch.get("finish_reason") for ch in c["choices"])]
+        stamped = finishing if not usage else [c for c in chunks if c.get("usage")]
+        assert len(stamped) == 1 and stamped[0]["system_fingerprint"] == "vllm-fake-0123abcd", chunks
+        assert r.text.endswith("data: [DONE]\n\n") and chunks[-1] is stamped[0]
+
+
 async def test_stream_broken_midway_ends_with_an_error_event(stack: Stack):
     r = await stack.chat("BREAK the stream", stream=True)
     assert r.status_code == 200
@@ -169,6 +186,34 @@ async def test_route_endpoint(stack: Stack):
     assert r.status_code == 200 and r.json()["routing"]["experts"][0]["name"] == "arith"
     r = await stack.client.post("/v1/route", json={}, headers=stack.auth())
     assert r.status_code == 400 and error_of(r)["code"] == "invalid_request"
+
+
+async def test_route_explains_every_experts_score_and_the_threshold(stack: Stack):
+    body = {"prompt": "How long do I boil an egg?", "explain": True}
+    r = await stack.client.post("/v1/route", json=body, headers=stack.auth())
+    data = r.json()
+    assert r.status_code == 200 and set(data["scores"]) == set(EXPERTS)
+    assert max(data["scores"], key=data["scores"].get) == "cooking" == data["routing"]["experts"][0]["name"]
+    assert data["scores"]["cooking"] == pytest.approx(data["routing"]["experts"][0]["score"], abs=1e-3)
+    assert data["threshold"] == pytest.approx(stack.app.state.gateway.router.index.threshold, abs=1e-4)
+    plain = (await stack.client.post("/v1/route", json={"prompt": "hi"}, headers=stack.auth())).json()
+    assert plain["scores"] is None and plain["threshold"] is None
+    # A conversation: the follow-up's scores are the conversation's (it stays with arith).
+    messages = [{"role": "user", "content": "What is 12 times 7?"}, {"role": "assistant", "content": "84"},
+                {"role": "user", "content": "And the next one?"}]
+    r = await stack.client.post("/v1/route", json={"messages": messages, "explain": True}, headers=stack.auth())
+    assert max(r.json()["scores"], key=r.json()["scores"].get) == "arith" == r.json()["routing"]["experts"][0]["name"]
+
+
+async def test_console_is_served_as_static_files(stack: Stack):
+    r = await stack.client.get("/ui")
+    assert r.status_code == 307 and r.headers["location"] == "/ui/"
+    r = await stack.client.get("/ui/")
+    assert r.status_code == 200 and "routing console" in r.text and 'src="console.js"' in r.text
+    for name in ("console.js", "console.css"):
+        assert (await stack.client.get(f"/ui/{name}")).status_code == 200
+    r = await stack.client.get("/ready")
+    assert r.json()["default_mode"] == "global"
 
 
 async def test_experts_crud(stack: Stack):
@@ -411,6 +456,52 @@ async def test_responses_stream_carries_routing_in_its_first_event(stack: Stack)
     assert first["routing"]["experts"][0]["name"] == "arith" and first["type"] == "response.created"
     deltas = [json.loads(e.split("data: ", 1)[1])["delta"] for e in events[1:3]]
     assert "".join(deltas) == "Hello there"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_previous_response_id_continues_the_conversation_on_the_gateway(stack: Stack, stream):
+    """The gateway keeps the conversation: vLLM gets it whole in `input`, and routing follows it (a follow-up
+    that alone names no task stays with the conversation's expert)."""
+    async def respond(key: str = USER, **body) -> httpx.Response:
+        r = await stack.client.post("/v1/responses", headers=stack.auth(key),
+                                    json={"model": "auto", "stream": stream, **body})
+        return r
+
+    def answer(r: httpx.Response) -> dict:
+        assert r.status_code == 200, r.text
+        if not stream:
+            return r.json()
+        events = [json.loads(e.split("data: ", 1)[1]) for e in r.text.split("\n\n") if "data: " in e]
+        return {**events[-1]["response"], "routing": events[0]["routing"]}
+
+    first = answer(await respond(input="What is 12 times 7?", instructions="Be brief."))
+    assert first["routing"]["experts"][0]["name"] == "arith"
+    alone = answer(await respond(input="And the next one?"))
+    assert alone["routing"]["experts"] == []  # alone, the follow-up names no task
+    follow = answer(await respond(input="And the next one?", previous_response_id=first["id"]))
+    assert follow["routing"]["experts"][0]["name"] == "arith"
+    sent = stack.fake.requests[-1]
+    assert "previous_response_id" not in sent and "instructions" not in sent  # instructions are not carried over
+    assert sent["input"] == [{"role": "user", "content": "What is 12 times 7?"},
+                             {"role": "assistant", "content": "Hello there"},
+                             {"role": "user", "content": "And the next one?"}]
+    # The conversation counts toward the limits as a whole (4 messages here).
+    r = await respond(input=[{"role": "user", "content": "Thanks"}], previous_response_id=follow["id"])
+    assert r.status_code == 400 and error_of(r)["code"] == "too_many_messages"
+    # Unknown, another key's, or not stored: a 400 naming the parameter.
+    for key, rid in ((USER, "resp_nope"), (ADMIN, first["id"])):
+        r = await respond(key, input="hi", previous_response_id=rid)
+        assert r.status_code == 400 and error_of(r)["code"] == "previous_response_not_found", r.text
+    unstored = answer(await respond(input="What is 12 times 7?", store=False))
+    r = await respond(input="hi", previous_response_id=unstored["id"])
+    assert r.status_code == 400 and error_of(r)["param"] == "previous_response_id"
+
+
+async def test_a_continued_conversation_is_limited_as_a_whole(stack: Stack):
+    r = await stack.client.post("/v1/responses", headers=stack.auth(), json={"model": "auto", "input": "x" * 150})
+    r = await stack.client.post("/v1/responses", headers=stack.auth(), json={
+        "model": "auto", "input": "y" * 100, "previous_response_id": r.json()["id"]})
+    assert r.status_code == 400 and error_of(r)["code"] == "context_length_exceeded"
 
 
 @pytest.mark.parametrize("body, param", [
