@@ -79,7 +79,8 @@ def build_pool(settings: Settings) -> ExpertPool:
     """The expert pool from its state file (seeded from the library on the first start)."""
     shape = ModelShape.from_model_dir(settings.resolved_base_model_dir)
     pool = ExpertPool(state_file=settings.pool_file, roots=settings.resolved_expert_roots,
-                      base_name=settings.base_model_name, shape=shape, max_rank=settings.vllm_max_lora_rank)
+                      base_name=settings.base_model_name, shape=shape, max_rank=settings.vllm_max_lora_rank,
+                      tenants_dir=settings.tenants_dir)
     pool.load(seed_dir=settings.library_dir)
     return pool
 
@@ -131,13 +132,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             gateway.shared.start()
         app.state.gateway = gateway
         app.state.auth = Authenticator(settings.api_keys, settings.admin_keys, settings.api_keys_file,
-                                       settings.admin_keys_file)
+                                       settings.admin_keys_file, settings.tenant_keys, settings.tenant_keys_file)
         limiter_redis = aioredis.from_url(settings.redis_url, socket_timeout=0.25, socket_connect_timeout=0.25) \
             if settings.redis_url else None
         app.state.rate_limiter = RateLimiter(limiter_redis, settings.rate_limit_rps, settings.rate_limit_burst)
         if app.state.auth.open:
-            log.warning("no API keys configured (FLOCK_API_KEYS, FLOCK_ADMIN_KEYS): the gateway is OPEN to anyone "
-                        "who can reach %s:%s", settings.host, settings.port)
+            log.warning("no API keys configured (FLOCK_API_KEYS, FLOCK_ADMIN_KEYS, FLOCK_TENANT_KEYS): the gateway "
+                        "is OPEN to anyone who can reach %s:%s", settings.host, settings.port)
         # Everything built so far (the embedding model, torch, the pool) lives as long as the process: frozen, a
         # full garbage collection no longer walks it, which otherwise stalls a request for tens of milliseconds.
         gc.freeze()
