@@ -86,12 +86,14 @@ class ExpertPool:
         return list(self._roots)
 
     def roots_for(self, tenant: str | None) -> list[Path]:
-        """Where experts of `tenant` may be registered from: the expert roots for shared experts, the tenant's
-        own directory for a tenant's."""
-        return list(self._roots) if tenant is None else [self._tenants_dir / tenant]
+        """Where experts of `tenant` may be registered from: the expert roots (and admin uploads) for shared
+        experts, the tenant's own directory for a tenant's."""
+        return [*self._roots, self.upload_dir(None)] if tenant is None else [self._tenants_dir / tenant]
 
-    def tenant_dir(self, tenant: str) -> Path:
-        return self._tenants_dir / tenant
+    def upload_dir(self, tenant: str | None) -> Path:
+        """Where uploads of `tenant`'s experts are unpacked; shared ones in '_shared' (no tenant's name: a
+        tenant name starts with a letter or digit)."""
+        return self._tenants_dir / (tenant or "_shared")
 
     def get(self, name: str) -> Expert | None:
         return self._experts.get(name)

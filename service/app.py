@@ -38,33 +38,39 @@ log = logging.getLogger("flock")
 class BodySizeLimit:
     """413 for bodies over the limit, checked on Content-Length and on the bytes actually received."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, upload_bytes: int = 0):
         self.app = app
         self.max_bytes = max_bytes
+        self.upload_bytes = upload_bytes  # an expert archive upload (POST /v1/experts, multipart)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._reject(send)
+        headers = dict(scope.get("headers") or [])
+        max_bytes = self.max_bytes
+        if (scope["method"] == "POST" and scope["path"] == "/v1/experts"
+                and headers.get(b"content-type", b"").lower().startswith(b"multipart/form-data")):
+            max_bytes = max(max_bytes, self.upload_bytes)
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+            return await self._reject(send, max_bytes)
         received = 0
 
         async def limited() -> Message:
             nonlocal received
             message = await receive()
             received += len(message.get("body", b""))
-            if received > self.max_bytes:
+            if received > max_bytes:
                 raise _TooLarge
             return message
 
         try:
             await self.app(scope, limited, send)
         except _TooLarge:
-            await self._reject(send)
+            await self._reject(send, max_bytes)
 
-    async def _reject(self, send: Send) -> None:
-        body = json.dumps(error_body(413, f"request body exceeds {self.max_bytes} bytes",
+    async def _reject(self, send: Send, max_bytes: int) -> None:
+        body = json.dumps(error_body(413, f"request body exceeds {max_bytes} bytes",
                                      code="request_too_large")).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
@@ -162,7 +168,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app, on_error=lambda kind: metrics.errors.labels(kind).inc())
     for module in (completions, models_api, tokenize, experts, health):
         app.include_router(module.router)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    # An upload may carry an archive of upload_max_mb and its card fields.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes,
+                       upload_bytes=(settings.upload_max_mb << 20) + settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)  # outermost: every answer, a 413 included, carries the id
     app.state.metrics = metrics
     return app

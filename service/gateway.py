@@ -41,6 +41,7 @@ from service.query import query_text
 from service.relay import StreamObserver, relay
 from service.resolve import Resolver, expert_left
 from service.settings import Settings
+from service.upload import discard_upload
 
 if TYPE_CHECKING:
     from service.pool_sync import SharedPool
@@ -84,11 +85,13 @@ class Gateway:
         """Register an expert owned by `tenant` (None: shared) here and, with replicas, in the shared registry,
         on behalf of `who` (None: the operator, who may change anything)."""
         scope = who.scope if who is not None else EVERYTHING
-        existed = self.pool.visible(card.name, scope) is not None
+        old = self.pool.visible(card.name, scope)
         add = functools.partial(self.pool.add, path, card, replace=replace, tenant=tenant, scope=scope)
         expert = await (self.shared.add(add) if self.shared is not None else asyncio.to_thread(add))
-        self.audit(action or ("replace" if existed else "register"), expert, who)
+        self.audit(action or ("replace" if old is not None else "register"), expert, who)
         await self.pool_changed(removed=[expert.name] if replace else [])
+        if old is not None and old.path != expert.path:
+            discard_upload(old.path, self.settings.tenants_dir)
         return expert
 
     async def remove_expert(self, name: str, who: Principal | None = None) -> Expert:
@@ -97,6 +100,7 @@ class Gateway:
         expert = await (self.shared.remove(remove) if self.shared is not None else asyncio.to_thread(remove))
         self.audit("remove", expert, who)
         await self.pool_changed(removed=[expert.name])
+        discard_upload(expert.path, self.settings.tenants_dir)
         return expert
 
     def audit(self, action: str, expert: Expert, who: Principal | None) -> None:

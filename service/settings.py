@@ -144,6 +144,12 @@ class Settings(EngineSettings):
                                 "experts, flock loadtest). Empty: the first admin key, if any.")
     rate_limit_rps: float = Field(0.0, description="Requests per second per key (token bucket in Redis); 0: off.")
     rate_limit_burst: int = Field(20, description="Burst size of the per-key token bucket.")
+    upload_max_mb: int = Field(64, ge=1, description="Largest expert archive (.tar.gz or .zip) accepted, in MiB "
+                               "(413 beyond).")
+    upload_max_unpacked_mb: int = Field(256, ge=1, description="Most bytes an expert archive may unpack to, in "
+                                        "MiB, counted while extracting (a decompression bomb stops there).")
+    upload_max_entries: int = Field(32, ge=1, description="Most entries (files and directories) in an expert "
+                                    "archive.")
 
     # --- request limits ------------------------------------------------------------------------------
     max_body_bytes: int = Field(1_000_000, description="Largest request body accepted (413 beyond).")

@@ -6,7 +6,8 @@ answered as one that does not exist.
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
+from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from adapters.card import ExpertCard, read_card
@@ -19,6 +20,7 @@ from service.auth import Principal
 from service.errors import APIError
 from service.gateway import Gateway
 from service.protocol import ExpertChoice, ExpertIn, ExpertList, ExpertOut, RoutingDecision
+from service.upload import upload_expert
 
 router = APIRouter(tags=["experts"])
 
@@ -75,9 +77,27 @@ def card_for(body: ExpertIn, pool: ExpertPool, tenant: str | None) -> ExpertCard
         raise InvalidExpert(f"{'.'.join(map(str, first['loc']))}: {first['msg']}", str(first["loc"][0])) from None
 
 
-@router.post("/v1/experts", response_model=ExpertOut, status_code=201, responses=ERRORS)
-async def add_expert(body: ExpertIn, gateway: Gateway = Depends(get_gateway),
+_UPLOAD_FIELDS = {"file": {"type": "string", "format": "binary", "description": ".tar.gz or .zip of a PEFT "
+                            "directory (adapter_config.json, adapter_model.safetensors, optionally card.json)."},
+                  "name": {"type": "string"}, "description": {"type": "string"},
+                  "examples": {"type": "string", "description": "A JSON list of example queries."},
+                  "replace": {"type": "boolean"}, "tenant": {"type": "string"}}
+_BODIES = {"application/json": {"schema": ExpertIn.model_json_schema()},
+           "multipart/form-data": {"schema": {"type": "object", "properties": _UPLOAD_FIELDS, "required": ["file"]}}}
+
+
+@router.post("/v1/experts", response_model=ExpertOut, status_code=201, responses=ERRORS,
+             openapi_extra={"requestBody": {"required": True, "content": _BODIES}})
+async def add_expert(request: Request, gateway: Gateway = Depends(get_gateway),
                      principal: Principal = Depends(require_manager)) -> ExpertOut:
+    """Register an expert: JSON naming an adapter directory on the server, or multipart uploading an archive of
+    one (service/upload.py)."""
+    if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        return _out(await upload_expert(request, gateway, principal, owner_of, card_for))
+    try:
+        body = ExpertIn.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from None
     tenant = owner_of(body.tenant, principal)
     card = card_for(body, gateway.pool, tenant)
     expert = await gateway.add_expert(body.path, card, replace=bool(body.replace), tenant=tenant, who=principal)
