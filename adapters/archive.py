@@ -28,6 +28,11 @@ ALLOWED = (".json", ".safetensors", ".md", ".txt")
 _CHUNK = 1 << 16
 
 
+def _shown(name: str) -> str:
+    """An entry's name as an error message quotes it: cut short (a name can be megabytes long)."""
+    return repr(name if len(name) <= 120 else name[:120] + "...")
+
+
 class ArchiveRefused(PoolError):
     status = 400
     code = "invalid_archive"
@@ -47,21 +52,22 @@ class ArchiveLimits:
 def _member_name(raw: str) -> str:
     """The file name an entry may have: one plain component, optionally under one top-level directory."""
     if not raw or raw.startswith(("/", "\\")) or (len(raw) > 1 and raw[1] == ":") or "\\" in raw:
-        raise ArchiveRefused(f"archive entry {raw!r} has an absolute or non-portable name", "file")
+        raise ArchiveRefused(f"archive entry {_shown(raw)} has an absolute or non-portable name", "file")
     parts = [p for p in PurePosixPath(raw).parts if p != "."]
     if any(p == ".." for p in parts):
-        raise ArchiveRefused(f"archive entry {raw!r} climbs out of the archive ('..')", "file")
+        raise ArchiveRefused(f"archive entry {_shown(raw)} climbs out of the archive ('..')", "file")
     if not parts:
-        raise ArchiveRefused(f"archive entry {raw!r} has no name", "file")
+        raise ArchiveRefused(f"archive entry {_shown(raw)} has no name", "file")
     return "/".join(parts)
 
 
 def _check_file_name(name: str) -> None:
     suffix = PurePosixPath(name).suffix.lower()
     if suffix in PICKLED:
-        raise ArchiveRefused(f"{name}: pickled weights ({suffix}) are refused; ship adapter_model.safetensors", "file")
+        raise ArchiveRefused(f"{_shown(name)}: pickled weights ({suffix}) are refused; ship "
+                             "adapter_model.safetensors", "file")
     if suffix not in ALLOWED:
-        raise ArchiveRefused(f"{name}: only {', '.join(ALLOWED)} files belong in an expert archive", "file")
+        raise ArchiveRefused(f"{_shown(name)}: only {', '.join(ALLOWED)} files belong in an expert archive", "file")
 
 
 class _Writer:
@@ -82,20 +88,20 @@ class _Writer:
     def directory(self, raw: str) -> None:
         name = _member_name(raw)
         if "/" in name:
-            raise ArchiveRefused(f"archive entry {raw!r}: an expert directory has no subdirectories", "file")
+            raise ArchiveRefused(f"archive entry {_shown(raw)}: an expert directory has no subdirectories", "file")
         self.top.add(name)
 
     def file(self, raw: str, source: IO[bytes]) -> None:
         name = _member_name(raw)
         parts = name.split("/")
         if len(parts) > 2:
-            raise ArchiveRefused(f"archive entry {raw!r}: an expert directory has no subdirectories", "file")
+            raise ArchiveRefused(f"archive entry {_shown(raw)}: an expert directory has no subdirectories", "file")
         _check_file_name(name)
         if len(parts) == 2:
             self.top.add(parts[0])
         key = parts[-1] if len(parts) == 1 else name
         if key in self.names:
-            raise ArchiveRefused(f"archive entry {raw!r} appears twice", "file")
+            raise ArchiveRefused(f"archive entry {_shown(raw)} appears twice", "file")
         self.names.add(key)
         target = self.dest.joinpath(*parts)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -147,7 +153,7 @@ def _from_tar(fileobj: IO[bytes], writer: _Writer) -> None:
         for member in tar:
             writer.count()
             if member.issym() or member.islnk():
-                raise ArchiveRefused(f"archive entry {member.name!r} is a link; links are refused", "file")
+                raise ArchiveRefused(f"archive entry {_shown(member.name)} is a link; links are refused", "file")
             if member.isdir():
                 writer.directory(member.name)
             elif member.isreg():
@@ -155,7 +161,8 @@ def _from_tar(fileobj: IO[bytes], writer: _Writer) -> None:
                 assert source is not None
                 writer.file(member.name, source)
             else:
-                raise ArchiveRefused(f"archive entry {member.name!r} is a device, FIFO or other special file", "file")
+                raise ArchiveRefused(f"archive entry {_shown(member.name)} is a device, FIFO or other special "
+                                     "file", "file")
 
 
 def _from_zip(fileobj: IO[bytes], writer: _Writer) -> None:
@@ -167,9 +174,9 @@ def _from_zip(fileobj: IO[bytes], writer: _Writer) -> None:
             writer.count()
             kind = stat.S_IFMT(info.external_attr >> 16)  # 0: no Unix file type recorded (a plain entry)
             if kind == stat.S_IFLNK:
-                raise ArchiveRefused(f"archive entry {info.filename!r} is a link; links are refused", "file")
+                raise ArchiveRefused(f"archive entry {_shown(info.filename)} is a link; links are refused", "file")
             if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
-                raise ArchiveRefused(f"archive entry {info.filename!r} is a device, FIFO or other special file",
+                raise ArchiveRefused(f"archive entry {_shown(info.filename)} is a device, FIFO or other special file",
                                      "file")
             if info.is_dir():
                 writer.directory(info.filename)
@@ -184,8 +191,11 @@ def _reading_errors() -> Iterator[None]:
         yield
     except PoolError:
         raise
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, ValueError, NotImplementedError) as exc:
-        raise ArchiveRefused(f"the archive is damaged or unreadable: {exc}", "file") from None
+    except OSError as exc:  # its strerror alone: the message names no path on the server
+        raise ArchiveRefused(f"the archive is damaged or unreadable: {exc.strerror or type(exc).__name__}",
+                             "file") from None
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, ValueError, NotImplementedError) as exc:
+        raise ArchiveRefused(f"the archive is damaged or unreadable: {str(exc)[:200]}", "file") from None
 
 
 def unpack(fileobj: IO[bytes], dest: Path, limits: ArchiveLimits) -> Path:

@@ -261,3 +261,23 @@ async def test_without_tenants_there_is_one_index(tmp_path):
     router = Router(pool, HashEmbedder(), None)  # type: ignore[arg-type]
     await router.rebuild_index()
     assert router.view(SHARED) is router.view(A) is router.index
+
+
+# --- archives -----------------------------------------------------------------------------------------------
+def test_a_huge_tar_header_is_cut_off_before_tarfile_reads_it_into_memory(tmp_path):
+    """A GNU long name of 3 MiB is read by tarfile itself, whole, before any member reaches the writer: the
+    decompressed stream is bounded underneath it."""
+    import io
+    import tarfile
+
+    from adapters.archive import ArchiveLimits, ArchiveTooLarge, unpack
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz", format=tarfile.GNU_FORMAT) as tar:
+        info = tarfile.TarInfo("a" * (3 << 20) + ".json")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"{}"))
+    buf.seek(0)
+    with pytest.raises(ArchiveTooLarge, match="unpacks to more than"):
+        unpack(buf, tmp_path / "dest", ArchiveLimits(max_entries=8, max_unpacked_bytes=1 << 20))
+    assert not (tmp_path / "dest").exists()
