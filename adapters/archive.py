@@ -13,8 +13,10 @@ import gzip
 import io
 import shutil
 import stat
+import struct
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -194,7 +196,8 @@ def _reading_errors() -> Iterator[None]:
     except OSError as exc:  # its strerror alone: the message names no path on the server
         raise ArchiveRefused(f"the archive is damaged or unreadable: {exc.strerror or type(exc).__name__}",
                              "file") from None
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, ValueError, NotImplementedError) as exc:
+    except (tarfile.TarError, zipfile.BadZipFile, zlib.error, struct.error, EOFError, ValueError, RuntimeError,
+            NotImplementedError) as exc:  # RuntimeError: an encrypted zip entry
         raise ArchiveRefused(f"the archive is damaged or unreadable: {str(exc)[:200]}", "file") from None
 
 

@@ -281,3 +281,30 @@ def test_a_huge_tar_header_is_cut_off_before_tarfile_reads_it_into_memory(tmp_pa
     with pytest.raises(ArchiveTooLarge, match="unpacks to more than"):
         unpack(buf, tmp_path / "dest", ArchiveLimits(max_entries=8, max_unpacked_bytes=1 << 20))
     assert not (tmp_path / "dest").exists()
+
+
+def test_corrupt_compressed_data_is_a_clear_refusal(tmp_path):
+    import io
+    import tarfile
+    import zipfile
+
+    from adapters.archive import ArchiveLimits, ArchiveRefused, unpack
+
+    limits = ArchiveLimits(max_entries=8, max_unpacked_bytes=1 << 20)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        info = tarfile.TarInfo("card.json")
+        data = os.urandom(4096)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    raw = bytearray(buf.getvalue())
+    raw[40:200] = bytes(160)  # the deflate stream broken
+    zbuf = io.BytesIO()
+    with zipfile.ZipFile(zbuf, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("card.json", b"{" * 5000)
+    zraw = bytearray(zbuf.getvalue())
+    zraw[40:60] = b"\xff" * 20
+    for n, blob in enumerate((bytes(raw), bytes(zraw), bytes(raw[:60]))):
+        with pytest.raises(ArchiveRefused, match="damaged|unreadable"):
+            unpack(io.BytesIO(blob), tmp_path / f"d{n}", limits)
+        assert not (tmp_path / f"d{n}").exists()
