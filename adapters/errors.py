@@ -38,3 +38,17 @@ class StateNotWritable(PoolError):
 class UnknownExpert(PoolError):
     status = 404
     code = "model_not_found"
+
+
+class NotPermitted(PoolError):
+    """The caller may see the expert but not change it (a tenant key and a shared expert)."""
+
+    status = 403
+    code = "insufficient_permissions"
+
+
+class NameNotAllowed(PoolError):
+    """A tenant's expert whose name is outside the tenant's namespace (adapters/tenants.py)."""
+
+    status = 403
+    code = "name_not_allowed"

@@ -11,8 +11,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapters.card import ExpertCard, read_card
-from adapters.errors import ExpertExists, InvalidExpert, PoolError, StateNotWritable, UnknownExpert
+from adapters.errors import (
+    ExpertExists,
+    ForbiddenPath,
+    InvalidExpert,
+    NameNotAllowed,
+    NotPermitted,
+    PoolError,
+    StateNotWritable,
+    UnknownExpert,
+)
 from adapters.safetensors_io import read_tensors
+from adapters.tenants import EVERYTHING, Scope, name_prefix
 from adapters.validate import ModelShape, resolve_inside, validate_adapter
 
 log = logging.getLogger(__name__)
@@ -40,6 +50,7 @@ class Expert:
     path: Path
     rank: int
     target_modules: tuple[str, ...]
+    tenant: str | None = None  # the owner: None is a shared expert (adapters/tenants.py)
 
     @property
     def name(self) -> str:
@@ -47,15 +58,18 @@ class Expert:
 
     def to_json(self) -> dict:
         return {"path": str(self.path), "rank": self.rank, "target_modules": list(self.target_modules),
-                **self.card.model_dump()}
+                "tenant": self.tenant, **self.card.model_dump()}
 
 
 class ExpertPool:
     """Thread-safe registry. `version` is a content hash: any change to the pool changes it."""
 
-    def __init__(self, *, state_file: Path, roots: list[Path], base_name: str, shape: ModelShape, max_rank: int):
+    def __init__(self, *, state_file: Path, roots: list[Path], base_name: str, shape: ModelShape, max_rank: int,
+                 tenants_dir: Path | None = None):
         self._state_file = state_file
         self._roots = roots
+        # <state>/experts: a tenant's experts live in <tenants_dir>/<tenant>/ and nowhere else.
+        self._tenants_dir = (tenants_dir or state_file.parent / "experts").expanduser().resolve()
         self._base_name = base_name
         self._shape = shape
         self._max_rank = max_rank
@@ -70,11 +84,30 @@ class ExpertPool:
     def roots(self) -> list[Path]:
         return list(self._roots)
 
+    def roots_for(self, tenant: str | None) -> list[Path]:
+        """Where experts of `tenant` may be registered from: the expert roots (and admin uploads) for shared
+        experts, the tenant's own directory for a tenant's."""
+        return [*self._roots, self.upload_dir(None)] if tenant is None else [self._tenants_dir / tenant]
+
+    def upload_dir(self, tenant: str | None) -> Path:
+        """Where uploads of `tenant`'s experts are unpacked; shared ones in '_shared' (no tenant's name: a
+        tenant name starts with a letter or digit)."""
+        return self._tenants_dir / (tenant or "_shared")
+
     def get(self, name: str) -> Expert | None:
         return self._experts.get(name)
 
-    def experts(self) -> list[Expert]:
-        return sorted(self._experts.values(), key=lambda e: e.name)
+    def visible(self, name: str, scope: Scope) -> Expert | None:
+        """The expert `name` if `scope` may see it; None as for a name that does not exist."""
+        expert = self._experts.get(name)
+        return expert if expert is not None and scope.sees(expert.tenant) else None
+
+    def experts(self, scope: Scope = EVERYTHING) -> list[Expert]:
+        return sorted((e for e in self._experts.values() if scope.sees(e.tenant)), key=lambda e: e.name)
+
+    def version_of(self, experts: list[Expert]) -> str:
+        """A content hash of some experts (a visible set): what the decisions over them depend on."""
+        return self._fingerprint({e.name: e for e in experts})
 
     def servable(self) -> list[Expert]:
         """The experts routing and composites may use: registered and not quarantined."""
@@ -136,9 +169,9 @@ class ExpertPool:
         return len(self._experts)
 
     # --- changing -------------------------------------------------------------------------------------
-    def check(self, path: str | Path, card: ExpertCard | None = None) -> Expert:
+    def check(self, path: str | Path, card: ExpertCard | None = None, tenant: str | None = None) -> Expert:
         """Validate without registering: raises a PoolError that says what is wrong."""
-        adapter_dir = resolve_inside(path, self._roots)
+        adapter_dir = self.resolve_path(path, tenant)
         config = validate_adapter(adapter_dir, base_name=self._base_name, shape=self._shape, max_rank=self._max_rank)
         if card is None:
             try:
@@ -149,25 +182,69 @@ class ExpertPool:
                 raise InvalidExpert("no expert card given and no card.json in the adapter directory", "name")
         targets = config.get("target_modules") or []
         targets = [targets] if isinstance(targets, str) else targets
-        return Expert(card=card, path=adapter_dir, rank=config["r"], target_modules=tuple(sorted(targets)))
+        return Expert(card=card, path=adapter_dir, rank=config["r"], target_modules=tuple(sorted(targets)),
+                      tenant=tenant)
 
-    def add(self, path: str | Path, card: ExpertCard | None = None, *, replace: bool = False) -> Expert:
-        expert = self.check(path, card)
-        if expert.name == self._base_name:
-            raise InvalidExpert(f"{expert.name!r} is the base model's name", "name")
+    def resolve_path(self, path: str | Path, tenant: str | None = None) -> Path:
+        """The adapter directory, symlinks resolved, inside the roots `tenant` may use. A tenant's directory
+        may hold no link leading out of it either (to another tenant's weights, say)."""
+        roots = self.roots_for(tenant)
+        try:
+            adapter_dir = resolve_inside(path, roots)
+        except ForbiddenPath:
+            if tenant is None:
+                raise
+            raise ForbiddenPath(f"expert path {str(path)!r} is outside tenant {tenant!r}'s expert directory "
+                                f"{roots[0]}/: a tenant's experts are registered from there (or uploaded)",
+                                "path") from None
+        if tenant is not None and adapter_dir.is_dir():
+            for f in adapter_dir.iterdir():
+                if f.is_symlink() and not f.resolve().is_relative_to(roots[0]):
+                    raise ForbiddenPath(f"{f.name} in {str(path)!r} links outside tenant {tenant!r}'s expert "
+                                        "directory", "path")
+        return adapter_dir
+
+    def add(self, path: str | Path, card: ExpertCard | None = None, *, replace: bool = False,
+            tenant: str | None = None, scope: Scope = EVERYTHING) -> Expert:
+        """Register an expert owned by `tenant` (None: shared) on behalf of a caller who sees `scope`."""
+        if not scope.manages(tenant):
+            raise NotPermitted("shared experts are registered by admin keys; a tenant key registers its "
+                               "tenant's own" if tenant is None else f"this key may not register experts of "
+                               f"tenant {tenant!r}", "tenant")
+        expert = self.check(path, card, tenant)
+        name = expert.name
+        if name == self._base_name:
+            raise InvalidExpert(f"{name!r} is the base model's name", "name")
+        if tenant is not None and not name.startswith(name_prefix(tenant)):
+            if replace and not scope.everything:  # the same answer as for any name this caller cannot see
+                raise UnknownExpert(f"no expert named {name!r}", "name")
+            raise NameNotAllowed(f"the names of tenant {tenant!r}'s experts start with {name_prefix(tenant)!r}: "
+                                 f"{name!r} does not", "name")
         with self._lock:
-            if expert.name in self._experts and not replace:
-                raise ExpertExists(f"expert {expert.name!r} is already registered", "name")
-            experts = {**self._experts, expert.name: expert}
+            existing = self._experts.get(name)
+            if existing is not None and not scope.sees(existing.tenant):  # not reachable by the naming rule
+                raise UnknownExpert(f"no expert named {name!r}", "name") if replace else \
+                    ExpertExists(f"expert name {name!r} is not available", "name")
+            if existing is not None and not replace:
+                raise ExpertExists(f"expert {name!r} is already registered", "name")
+            if existing is not None and not scope.manages(existing.tenant):
+                raise NotPermitted(f"expert {name!r} is shared: only admin keys replace it", "name")
+            if existing is not None and existing.tenant != tenant:
+                raise ExpertExists(f"expert {name!r} belongs to {_owner(existing.tenant)}, not {_owner(tenant)}: "
+                                   "remove it first to change its owner", "tenant")
+            experts = {**self._experts, name: expert}
             self._commit(experts)
-        log.info("registered expert %s from %s", expert.name, expert.path)
+        log.info("registered expert %s (%s) from %s", name, _owner(tenant), expert.path)
         return expert
 
-    def remove(self, name: str) -> Expert:
+    def remove(self, name: str, scope: Scope = EVERYTHING) -> Expert:
+        """Remove `name` on behalf of a caller who sees `scope`: an expert it cannot see is 'no expert'."""
         with self._lock:
             expert = self._experts.get(name)
-            if expert is None:
+            if expert is None or not scope.sees(expert.tenant):
                 raise UnknownExpert(f"no expert named {name!r}", "name")
+            if not scope.manages(expert.tenant):
+                raise NotPermitted(f"expert {name!r} is shared: only admin keys remove it", "name")
             self._commit({k: v for k, v in self._experts.items() if k != name})
         log.info("removed expert %s", name)
         return expert
@@ -224,10 +301,13 @@ class ExpertPool:
             try:
                 card = ExpertCard.model_validate({k: entry[k] for k in ("name", "description", "examples", "extra")
                                                   if k in entry})
+                tenant = entry.get("tenant")
+                if tenant is not None and not card.name.startswith(name_prefix(tenant)):
+                    raise NameNotAllowed(f"not named {name_prefix(tenant)}...", "name")
                 try:
-                    expert = self.check(entry["path"], card)
+                    expert = self.check(entry["path"], card, tenant)
                 except PoolError:
-                    moved = self._library_copy(entry["path"], library)
+                    moved = self._library_copy(entry["path"], library) if tenant is None else None
                     if moved is None:
                         raise
                     expert = self.check(moved, card)
@@ -249,9 +329,12 @@ class ExpertPool:
         try:
             card = ExpertCard.model_validate({k: entry[k] for k in ("name", "description", "examples", "extra")
                                               if k in entry})
-            path = resolve_inside(entry["path"], self._roots)
+            tenant = entry.get("tenant")
+            if isinstance(exc, NameNotAllowed):  # an entry no tenant may hold: never kept
+                return None
+            path = self.resolve_path(entry["path"], tenant)
             expert = Expert(card=card, path=path, rank=int(entry["rank"]),
-                            target_modules=tuple(entry.get("target_modules") or ()))
+                            target_modules=tuple(entry.get("target_modules") or ()), tenant=tenant)
         except Exception:
             return None
         if not path.is_dir():
@@ -304,5 +387,9 @@ class ExpertPool:
         for e in sorted(experts.values(), key=lambda e: e.name):
             weights = e.path / "adapter_model.safetensors"
             mtime = weights.stat().st_mtime_ns if weights.exists() else 0
-            h.update(json.dumps([e.name, str(e.path), mtime, e.card.description]).encode())
+            h.update(json.dumps([e.name, str(e.path), mtime, e.card.description, e.tenant]).encode())
         return h.hexdigest()[:16]
+
+
+def _owner(tenant: str | None) -> str:
+    return "the shared pool" if tenant is None else f"tenant {tenant!r}"

@@ -2,6 +2,12 @@
 
 The Router owns the expert index (rebuilt when the pool changes) and the routing methods. It knows nothing
 about HTTP or vLLM; the gateway turns its decision into an adapter on a backend.
+
+Tenants (adapters/tenants.py): a caller is routed over the experts it may see only. Each visible set (shared
+experts alone, shared plus one tenant's, everything) gets its own index, built with the pool's: its rows of the
+expert matrix, its own abstain threshold calibrated on its own cards, and a version that names its own content,
+which keys the decision cache. So no score, threshold or cached decision of one tenant depends on another
+tenant's experts, and picking the view costs a request one dict lookup.
 """
 
 from __future__ import annotations
@@ -14,7 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from adapters.pool import ExpertPool
+from adapters.pool import Expert, ExpertPool
+from adapters.tenants import EVERYTHING, Scope
 from router.cache import RoutingCache, cache_key
 from router.calibration import FOLLOW_UP_PHRASES, GENERAL_ANCHORS, OUT_OF_DOMAIN_PROMPTS
 from router.conversation import Anchors, ConversationConfig, fold
@@ -59,6 +66,9 @@ class Router:
         self.conversation = conversation or ConversationConfig()
         configs = method_configs or {}
         self.methods: dict[str, RoutingMethod] = {n: method_class(n)(configs.get(n)) for n in method_names()}
+        # Scope.key -> the index of that visible set ('*': everything, `index`; '': shared only; a tenant: shared
+        # and its own). A tenant with no private expert is absent and routed on '' (the same visible set).
+        self.views: dict[str, ExpertIndex] = {}
         self.index = ExpertIndex(names=[], vectors=np.zeros((0, embedder.embedder.dim), dtype=np.float32))
         self._rebuild_lock = asyncio.Lock()
         self._pending: set[asyncio.Task] = set()  # background cache writes, kept referenced until done
@@ -85,27 +95,64 @@ class Router:
             bounds = np.cumsum([0] + [len(e.card.examples) for e in experts])
             per_expert = [in_vecs[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
             vectors = expert_vectors(self.expert_vector, descriptions, per_expert)
-            threshold = self.fixed_threshold
             if self.anchors is None:  # the same for every pool: embedded once
                 self.anchors = Anchors(general=await self.embedder.embed_many(list(GENERAL_ANCHORS)),
                                        follow_ups=await self.embedder.embed_many(list(FOLLOW_UP_PHRASES)))
-            if threshold is None:
-                if self._ood_vectors is None:  # the same for every pool: embedded once
-                    self._ood_vectors = await self.embedder.embed_many(list(OUT_OF_DOMAIN_PROMPTS))
-                ood_vecs = self._ood_vectors
-                ood_best = (ood_vecs @ vectors.T).max(axis=1) if len(experts) else np.zeros(0)
-                in_best = in_domain_best(self.expert_vector, descriptions, per_expert, vectors)
-                threshold = calibrate_threshold(in_best, ood_best)
-            self.index = ExpertIndex(
-                names=[e.name for e in experts],
-                vectors=vectors,
-                threshold=float(threshold),
-                # The vector kind changes decisions, so cached ones must not outlive a change of it.
-                pool_version=self._index_version(version),
-                ranks={e.name: e.rank for e in experts},
-                gates=await asyncio.to_thread(self._gate_kinds, experts),
-            )
+            if self.fixed_threshold is None and self._ood_vectors is None:  # the same for every pool: embedded once
+                self._ood_vectors = await self.embedder.embed_many(list(OUT_OF_DOMAIN_PROMPTS))
+            gates = await asyncio.to_thread(self._gate_kinds, experts)
+            views: dict[str, ExpertIndex] = {}
+            every = list(range(len(experts)))
+            for key, rows in visible_sets(experts).items():
+                if key != "*" and rows == every:  # the same visible set: the same index (no tenants: one index)
+                    views[key] = views["*"]
+                    continue
+                views[key] = self._view(experts, rows, descriptions, per_expert, vectors, gates,
+                                        # everything: the pool's version, which ensure_current compares with
+                                        self._index_version(version) if key == "*" else None)
+            self.views = views
             return self.index
+
+    @property
+    def index(self) -> ExpertIndex:
+        """The index of every servable expert (what admin keys are routed on)."""
+        return self.views["*"]
+
+    @index.setter
+    def index(self, index: ExpertIndex) -> None:
+        """An index set by hand (evaluations, tests) has no tenants: every expert in it is shared."""
+        self.views = {"*": index, "": index}
+
+    def _view(self, experts: list[Expert], rows: list[int], descriptions: np.ndarray,
+              per_expert: list[np.ndarray], vectors: np.ndarray, gates: dict[str, frozenset[str]],
+              version: str | None) -> ExpertIndex:
+        """The index of one visible set: its experts' rows, and the abstain threshold calibrated on its cards
+        alone (another tenant's examples move neither the threshold nor, through it, this tenant's decisions)."""
+        chosen = [experts[i] for i in rows]
+        vecs, descs, examples = vectors[rows], descriptions[rows], [per_expert[i] for i in rows]
+        threshold = self.fixed_threshold
+        if threshold is None:
+            assert self._ood_vectors is not None  # embedded by rebuild_index
+            ood_best = (self._ood_vectors @ vecs.T).max(axis=1) if len(chosen) else np.zeros(0)
+            threshold = calibrate_threshold(in_domain_best(self.expert_vector, descs, examples, vecs), ood_best)
+        if version is None:  # named by its own content (servable experts only: a quarantine changes it too), so
+            # equal visible sets share cached decisions and others never do
+            version = f"{self.pool.version_of(chosen)}.{self.expert_vector}"
+        return ExpertIndex(
+            names=[e.name for e in chosen],
+            vectors=np.ascontiguousarray(vecs),
+            threshold=float(threshold),
+            # The vector kind changes decisions, so cached ones must not outlive a change of it.
+            pool_version=version,
+            ranks={e.name: e.rank for e in chosen},
+            gates={e.name: gates[e.name] for e in chosen},
+        )
+
+    def view(self, scope: Scope) -> ExpertIndex:
+        """The index `scope` is routed on."""
+        views = self.views
+        found = views.get(scope.key)
+        return found if found is not None else views[""]
 
     async def _card_embeddings(self, texts: list[str]) -> np.ndarray:
         """Embeddings of card texts, each distinct text embedded once: a pool change embeds only the cards that
@@ -152,7 +199,7 @@ class Router:
         """Wait until the index reflects the pool as it is now: a change may be mid-rebuild (wait for it) or
         not yet rebuilt (rebuild now). Bounded, for a pool that keeps changing."""
         for _ in range(attempts):
-            if self.index is not None and self.index.pool_version == self._index_version(self.pool.version):
+            if self.index.pool_version == self._index_version(self.pool.version):
                 return
             if self._rebuild_lock.locked():
                 async with self._rebuild_lock:
@@ -167,11 +214,12 @@ class Router:
             raise KeyError(f"unknown routing mode {name!r}; known: {', '.join(sorted(self.methods))}")
         return self.methods[name]
 
-    async def route(self, query: str, params: RoutingParams | None = None) -> RouteResult:
-        """Decide for `query`: a str, or a `Query` carrying a chat's earlier user turns (router/query.py)."""
+    async def route(self, query: str, params: RoutingParams | None = None, scope: Scope = EVERYTHING) -> RouteResult:
+        """Decide for `query`: a str, or a `Query` carrying a chat's earlier user turns (router/query.py), among
+        the experts `scope` may see."""
         params = params or RoutingParams()
         method = self.method(params.mode)
-        index = self.index
+        index = self.view(scope)
         stages: dict[str, float] = {}
         turns = Query.of(query).turns()
         if self.conversation.mechanism == "last":  # earlier turns are neither embedded nor part of the key
@@ -223,10 +271,11 @@ class Router:
             task.add_done_callback(self._pending.discard)
         return RouteResult(decision, stages, cache_status)
 
-    async def explain(self, query: str) -> tuple[dict[str, float], float]:
+    async def explain(self, query: str, scope: Scope = EVERYTHING) -> tuple[dict[str, float], float]:
         """Every expert's score for `query` (a conversation's earlier turns folded in, as `route` does) and the
-        abstain threshold: what the routing console charts. Not cached; the embeddings are remembered."""
-        index = self.index
+        abstain threshold: what the routing console charts, over the experts `scope` may see (its own index
+        and threshold). Not cached; the embeddings are remembered."""
+        index = self.view(scope)
         turns = Query.of(query).turns()
         if self.conversation.mechanism == "last":
             turns = turns[-1:]
@@ -284,3 +333,13 @@ class Router:
                       index: ExpertIndex) -> RoutingDecision:
         experts = method.choose(scores, index, params)
         return RoutingDecision(mode=method.name, experts=experts, gate=method.gate(params) if experts else None)
+
+
+def visible_sets(experts: list[Expert]) -> dict[str, list[int]]:
+    """Scope.key -> the rows of `experts` that scope sees: '*' all, '' the shared ones, each owning tenant its
+    own and the shared ones."""
+    shared = [i for i, e in enumerate(experts) if e.tenant is None]
+    sets = {"*": list(range(len(experts))), "": shared}
+    for tenant in sorted({e.tenant for e in experts if e.tenant is not None}):
+        sets[tenant] = [i for i, e in enumerate(experts) if e.tenant in (None, tenant)]
+    return sets

@@ -38,33 +38,39 @@ log = logging.getLogger("flock")
 class BodySizeLimit:
     """413 for bodies over the limit, checked on Content-Length and on the bytes actually received."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, upload_bytes: int = 0):
         self.app = app
         self.max_bytes = max_bytes
+        self.upload_bytes = upload_bytes  # an expert archive upload (POST /v1/experts, multipart)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._reject(send)
+        headers = dict(scope.get("headers") or [])
+        max_bytes = self.max_bytes
+        if (scope["method"] == "POST" and scope["path"] == "/v1/experts"
+                and headers.get(b"content-type", b"").lower().startswith(b"multipart/form-data")):
+            max_bytes = max(max_bytes, self.upload_bytes)
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+            return await self._reject(send, max_bytes)
         received = 0
 
         async def limited() -> Message:
             nonlocal received
             message = await receive()
             received += len(message.get("body", b""))
-            if received > self.max_bytes:
+            if received > max_bytes:
                 raise _TooLarge
             return message
 
         try:
             await self.app(scope, limited, send)
         except _TooLarge:
-            await self._reject(send)
+            await self._reject(send, max_bytes)
 
-    async def _reject(self, send: Send) -> None:
-        body = json.dumps(error_body(413, f"request body exceeds {self.max_bytes} bytes",
+    async def _reject(self, send: Send, max_bytes: int) -> None:
+        body = json.dumps(error_body(413, f"request body exceeds {max_bytes} bytes",
                                      code="request_too_large")).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
@@ -79,7 +85,8 @@ def build_pool(settings: Settings) -> ExpertPool:
     """The expert pool from its state file (seeded from the library on the first start)."""
     shape = ModelShape.from_model_dir(settings.resolved_base_model_dir)
     pool = ExpertPool(state_file=settings.pool_file, roots=settings.resolved_expert_roots,
-                      base_name=settings.base_model_name, shape=shape, max_rank=settings.vllm_max_lora_rank)
+                      base_name=settings.base_model_name, shape=shape, max_rank=settings.vllm_max_lora_rank,
+                      tenants_dir=settings.tenants_dir)
     pool.load(seed_dir=settings.library_dir)
     return pool
 
@@ -131,13 +138,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             gateway.shared.start()
         app.state.gateway = gateway
         app.state.auth = Authenticator(settings.api_keys, settings.admin_keys, settings.api_keys_file,
-                                       settings.admin_keys_file)
+                                       settings.admin_keys_file, settings.tenant_keys, settings.tenant_keys_file)
         limiter_redis = aioredis.from_url(settings.redis_url, socket_timeout=0.25, socket_connect_timeout=0.25) \
             if settings.redis_url else None
         app.state.rate_limiter = RateLimiter(limiter_redis, settings.rate_limit_rps, settings.rate_limit_burst)
         if app.state.auth.open:
-            log.warning("no API keys configured (FLOCK_API_KEYS, FLOCK_ADMIN_KEYS): the gateway is OPEN to anyone "
-                        "who can reach %s:%s", settings.host, settings.port)
+            log.warning("no API keys configured (FLOCK_API_KEYS, FLOCK_ADMIN_KEYS, FLOCK_TENANT_KEYS): the gateway "
+                        "is OPEN to anyone who can reach %s:%s", settings.host, settings.port)
         # Everything built so far (the embedding model, torch, the pool) lives as long as the process: frozen, a
         # full garbage collection no longer walks it, which otherwise stalls a request for tens of milliseconds.
         gc.freeze()
@@ -163,7 +170,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (completions, models_api, tokenize, experts, health, console):
         app.include_router(module.router)
     app.mount("/ui/", console.static_files(), name="console")
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    # An upload may carry an archive of upload_max_mb and its card fields.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes,
+                       upload_bytes=(settings.upload_max_mb << 20) + settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)  # outermost: every answer, a 413 included, carries the id
     app.state.metrics = metrics
     return app

@@ -27,9 +27,11 @@ from adapters.composite import CompositeStore
 from adapters.composite_cache import CompositeCache, dir_bytes
 from adapters.gated_composite import GatedCompositeStore
 from adapters.pool import Expert, ExpertPool
+from adapters.tenants import EVERYTHING, Scope
 from router.decision import ExpertChoice, RoutingDecision, RoutingParams
 from router.methods.gated import GatedRouting
 from router.router import Router
+from service.auth import Principal
 from service.backend import Adapter, BackendPool
 from service.errors import APIError
 from service.limits import BuildLimiter, Generation, check_limits
@@ -37,14 +39,16 @@ from service.metrics import Metrics
 from service.protocol import ResponsesRequest, dumps, loads
 from service.query import query_text
 from service.relay import StreamObserver, relay
-from service.resolve import Resolver
+from service.resolve import Resolver, expert_left
 from service.response_store import ResponseStore
 from service.settings import Settings
+from service.upload import discard_upload
 
 if TYPE_CHECKING:
     from service.pool_sync import SharedPool
 
 log = logging.getLogger(__name__)
+audit_log = logging.getLogger("flock.audit")
 AUTO = "auto"
 Remember = Callable[[dict], Awaitable[None]]
 # Errors that can mean an expert's files broke: its adapter failed to load, or a composite over it to build.
@@ -79,36 +83,66 @@ class Gateway:
             await self.backends.unload_everywhere(name)
         self.metrics.pool_size.set(len(self.pool))
 
-    async def add_expert(self, path: str, card: ExpertCard, *, replace: bool) -> Expert:
-        """Register an expert here and, with replicas, in the shared registry."""
-        add = functools.partial(self.pool.add, path, card, replace=replace)
+    async def add_expert(self, path: str, card: ExpertCard, *, replace: bool, tenant: str | None = None,
+                         who: Principal | None = None, action: str | None = None) -> Expert:
+        """Register an expert owned by `tenant` (None: shared) here and, with replicas, in the shared registry,
+        on behalf of `who` (None: the operator, who may change anything)."""
+        scope = who.scope if who is not None else EVERYTHING
+        old = self.pool.visible(card.name, scope)
+        add = functools.partial(self.pool.add, path, card, replace=replace, tenant=tenant, scope=scope)
         expert = await (self.shared.add(add) if self.shared is not None else asyncio.to_thread(add))
+        self.audit(action or ("replace" if old is not None else "register"), expert, who)
         await self.pool_changed(removed=[expert.name] if replace else [])
+        if old is not None and old.path != expert.path:
+            discard_upload(old.path, self.settings.tenants_dir)
         return expert
 
-    async def remove_expert(self, name: str) -> Expert:
-        remove = functools.partial(self.pool.remove, name)
+    async def remove_expert(self, name: str, who: Principal | None = None) -> Expert:
+        """Remove an expert `who` may manage; one it may not see is answered as one that does not exist."""
+        remove = functools.partial(self.pool.remove, name, who.scope if who is not None else EVERYTHING)
         expert = await (self.shared.remove(remove) if self.shared is not None else asyncio.to_thread(remove))
+        self.audit("remove", expert, who)
         await self.pool_changed(removed=[expert.name])
+        discard_upload(expert.path, self.settings.tenants_dir)
         return expert
+
+    def audit(self, action: str, expert: Expert, who: Principal | None) -> None:
+        """One line and one count for every change of any pool: who (the key's id, never the key), what, when."""
+        tenant = expert.tenant or "shared"
+        audit_log.info("pool change: action=%s expert=%s tenant=%s key=%s at=%s", action, expert.name, tenant,
+                       who.key_id if who is not None else "operator",
+                       time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        self.metrics.pool_changes.labels(action, tenant).inc()
+
+    def expert_label(self, name: str) -> str:
+        """An expert's name in metrics: a private expert's is not shown to whoever reads /metrics."""
+        expert = self.pool.get(name)
+        return "private" if expert is not None and expert.tenant is not None else name
 
     # --- deciding -------------------------------------------------------------------------------------
-    async def decide(self, model: str, params: RoutingParams | None, query: str) -> tuple[RoutingDecision, str]:
-        """(decision, cache status). `model` is 'auto', an expert's name or the base model's name."""
+    async def decide(self, model: str, params: RoutingParams | None, query: str,
+                     scope: Scope = EVERYTHING) -> tuple[RoutingDecision, str]:
+        """(decision, cache status). `model` is 'auto', an expert's name or the base model's name; `scope` what
+        the caller may see: a routed decision is made among those experts, and a name outside it is 'not
+        found', exactly as a name that does not exist."""
         if model == AUTO:
             try:
-                result = await self.router.route(query, params)
+                result = await self.router.route(query, params, scope)
             except KeyError as exc:
                 raise APIError(400, str(exc.args[0]), param="routing.mode", code="invalid_routing_mode") from None
             self.metrics.observe_stages(result.stages)
             if result.cache != "off":
                 self.metrics.cache.labels(result.cache).inc()
+            for choice in result.decision.experts:  # by construction; checked, as a leak would be a breach
+                if self.pool.visible(choice.name, scope) is None:
+                    log.error("routing chose %s outside the caller's scope %r; refused", choice.name, scope.key)
+                    raise expert_left(choice.name)
             return result.decision, result.cache
         if params is not None and params.mode is not None:
             raise APIError(400, "routing applies only to model 'auto'", param="routing", code="invalid_value")
         if model == self.settings.base_model_name:
             return RoutingDecision(mode="base"), "none"
-        if self.pool.get(model) is not None:
+        if self.pool.visible(model, scope) is not None:
             quarantined = self.pool.quarantined.get(model)
             if quarantined is not None:
                 raise APIError(503, f"expert {model!r} is unavailable: {quarantined.reason}", param="model",
@@ -137,22 +171,24 @@ class Gateway:
                 if gated or not isinstance(method, GatedRouting)] + ["base", "direct"]
 
     # --- generating -----------------------------------------------------------------------------------
-    async def generate(self, endpoint: str, body: Generation,
-                       key_id: str = "anonymous") -> Response:
-        """One request: limits, decide, resolve to an adapter, forward, answer with `routing` added."""
+    async def generate(self, endpoint: str, body: Generation, who: Principal | None = None) -> Response:
+        """One request: limits, decide, resolve to an adapter, forward, answer with `routing` added. `who`: the
+        caller (None: the operator, who sees every expert)."""
         start = time.perf_counter()
+        key_id = who.key_id if who is not None else "anonymous"
+        scope = who.scope if who is not None else EVERYTHING
         remember = None
         if isinstance(body, ResponsesRequest):  # a continued conversation is routed and limited as a whole
             body = await self.responses.expand(body, key_id)
             remember = functools.partial(self.responses.remember, body, key_id)
         check_limits(self.settings, body)
         query = query_text(body)
-        decision, cache_status = await self.decide(body.model, body.routing, query)
+        decision, cache_status = await self.decide(body.model, body.routing, query, scope)
 
         async def reroute() -> RoutingDecision:
             nonlocal cache_status
             await self.router.ensure_current()
-            new, cache_status = await self.decide(body.model, body.routing, query)
+            new, cache_status = await self.decide(body.model, body.routing, query, scope)
             return new
 
         if isinstance(self.router.methods.get(decision.mode), GatedRouting):  # even when it chose no expert
@@ -162,7 +198,7 @@ class Gateway:
                 decision, adapter = await self.resolver.resolve_or_reroute(
                     decision, reroute if body.model == AUTO else None, key_id)
                 return await self._forward(endpoint, body, decision, adapter, routing_headers(decision, cache_status),
-                                           start, remember)
+                                           start, remember, who.tenant if who is not None else None)
             except APIError as exc:
                 # An expert whose files broke since it was registered: quarantined, and a routed request goes to
                 # the next-best expert or the base model (a request that named it gets the error).
@@ -176,14 +212,16 @@ class Gateway:
         raise AssertionError("unreachable")
 
     async def _forward(self, endpoint: str, body: Generation, decision: RoutingDecision, adapter: Adapter | None,
-                       headers: dict[str, str], start: float, remember: Remember | None = None) -> Response:
+                       headers: dict[str, str], start: float, remember: Remember | None = None,
+                       tenant: str | None = None) -> Response:
         """Send the request, with the adapter in `model`, to a backend; answer with `routing` added.
         `remember`: given the Responses answer, keeps the conversation (service/response_store.py)."""
+        tenant_label = tenant or "none"
         for choice in decision.experts or [ExpertChoice(name="base", weight=1.0)]:  # the decision served
-            self.metrics.selections.labels(choice.name, decision.mode).inc()
+            self.metrics.selections.labels(self.expert_label(choice.name), decision.mode, tenant_label).inc()
         payload = body.model_dump(exclude_none=True, exclude={"routing"})
         payload["model"] = adapter.name if adapter else self.settings.base_model_name
-        label = token_label(adapter)
+        label = (self.expert_label(token_label(adapter)), tenant_label)
         if body.stream:
             return await self._stream(endpoint, body, payload, adapter, decision, label, headers, remember)
         return await self._complete(endpoint, payload, adapter, decision, label, headers, start, remember)
@@ -214,7 +252,8 @@ class Gateway:
         return released
 
     async def _complete(self, endpoint: str, payload: dict, adapter: Adapter | None, decision: RoutingDecision,
-                        label: str, headers: dict[str, str], start: float, remember: Remember | None) -> Response:
+                        label: tuple[str, str], headers: dict[str, str], start: float,
+                        remember: Remember | None) -> Response:
         resp = await self.backends.send(endpoint, payload, adapter, stream=False)
         t0 = resp.lease.start
         self.metrics.backend_latency.labels(endpoint, resp.lease.backend.url).observe(time.perf_counter() - t0)
@@ -233,8 +272,8 @@ class Gateway:
         return Response(dumps(data), media_type="application/json", headers=headers)
 
     async def _stream(self, endpoint: str, body: Generation, payload: dict,
-                      adapter: Adapter | None, decision: RoutingDecision, label: str, headers: dict[str, str],
-                      remember: Remember | None) -> Response:
+                      adapter: Adapter | None, decision: RoutingDecision, label: tuple[str, str],
+                      headers: dict[str, str], remember: Remember | None) -> Response:
         wants_usage = True  # a Responses stream reports usage in its last event, which is passed on
         if not isinstance(body, ResponsesRequest):  # chat and completions: ask vLLM for usage, drop it if unasked
             wants_usage = bool((body.stream_options or {}).get("include_usage"))
@@ -257,10 +296,12 @@ class Gateway:
         return StreamingResponse(relay(resp, decision.model_dump(), wants_usage, observe, model=model),
                                  media_type="text/event-stream", headers=headers)
 
-    def _count_tokens(self, label: str, usage: dict) -> None:
+    def _count_tokens(self, label: tuple[str, str], usage: dict) -> None:
         # chat and completions say prompt/completion tokens; the Responses API input/output tokens
-        self.metrics.tokens.labels(label, "prompt").inc(usage.get("prompt_tokens", usage.get("input_tokens", 0)))
-        self.metrics.tokens.labels(label, "completion").inc(
+        expert, tenant = label
+        self.metrics.tokens.labels(expert, "prompt", tenant).inc(
+            usage.get("prompt_tokens", usage.get("input_tokens", 0)))
+        self.metrics.tokens.labels(expert, "completion", tenant).inc(
             usage.get("completion_tokens", usage.get("output_tokens", 0)))
 
 

@@ -48,19 +48,24 @@ class Metrics:
                                        ["stage"], buckets=_LATENCY, registry=r)
         self.cache = Counter("flock_routing_cache_total", "Routing cache lookups by result (hit, miss, bypass).",
                              ["result"], registry=r)
-        self.selections = Counter("flock_expert_selections_total", "Times an expert was chosen (base: none).",
-                                  ["expert", "mode"], registry=r)
+        # expert: the name of a shared expert, "private" for a tenant's (tenants read no other tenant's names here);
+        # tenant: the caller's tenant ("none": a key of no tenant, or an admin key).
+        self.selections = Counter("flock_expert_selections_total", "Times an expert was chosen (base: none), by "
+                                  "the caller's tenant.", ["expert", "mode", "tenant"], registry=r)
         self.backend_latency = Histogram("flock_backend_request_seconds", "Backend request latency (to last byte).",
                                          ["endpoint", "backend"], buckets=_LATENCY, registry=r)
         self.ttft = Histogram("flock_time_to_first_token_seconds", "Gateway-observed time to first streamed token.",
                               ["endpoint"], buckets=_LATENCY, registry=r)
-        self.tokens = Counter("flock_tokens_total", "Tokens by expert and kind (prompt, completion).",
-                              ["expert", "kind"], registry=r)
+        self.tokens = Counter("flock_tokens_total", "Tokens by expert, kind (prompt, completion) and the caller's "
+                              "tenant.", ["expert", "kind", "tenant"], registry=r)
         self.errors = Counter("flock_errors_total", "Errors by type.", ["type"], registry=r)
         self.backend_up = Gauge("flock_backend_up", "1 if the backend passes health checks.", ["backend"], registry=r)
         self.quarantined = Gauge("flock_experts_quarantined", "Experts left out because their files are broken.",
                                  registry=r)
         self.pool_size = Gauge("flock_pool_experts", "Experts registered in the pool.", registry=r)
+        self.pool_changes = Counter("flock_pool_changes_total", "Changes of the expert pool made on this replica, by "
+                                    "action (register, upload, replace, remove) and owning tenant (shared: none).",
+                                    ["action", "tenant"], registry=r)
         # flock_composites_*: read from the composite cache when scraped, so the request path pays nothing.
         self.composites: Callable[[], tuple[int, int, int]] | None = None  # (bytes, built, evicted)
         r.register(_CompositesCollector(self))

@@ -173,10 +173,13 @@ class ExpertIn(BaseModel):
     description: str | None = Field(None, description="Overrides card.json's description.")
     examples: list[str] | None = Field(None, max_length=64)
     replace: bool = Field(False, description="Replace an expert of the same name.")
+    tenant: str | None = Field(None, description="The owner (admin keys only; a tenant key's experts are its "
+                               "tenant's). Empty: a shared expert.")
 
 
 class ExpertOut(BaseModel):
     name: str
+    tenant: str | None = Field(None, description="The owning tenant; null: shared.")
     description: str
     examples: list[str]
     path: str

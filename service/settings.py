@@ -46,6 +46,10 @@ class Settings(EngineSettings):
         "Empty: the library directory and <state_dir>/experts.",
     )
 
+    tenant_experts_dir: Path | None = Field(
+        None, description="Tenant T's experts are registered from, and uploaded to, <this>/T/ only. Gateway "
+        "replicas must share it. Empty: <state_dir>/experts.")
+
     # --- models --------------------------------------------------------------------------------------
     base_model_name: str = Field("SmolLM2-135M-Instruct", description="Served name of the base model.")
     base_model_dir: Path | None = Field(None, description="bf16 checkpoint. Empty: <cache_dir>/models/<name>.")
@@ -133,12 +137,22 @@ class Settings(EngineSettings):
         default_factory=list, description="Inference keys (comma-separated). None and no admin keys: open.")
     admin_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Admin keys: may also register and remove experts.")
+    tenant_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Tenant keys, TENANT:KEY (comma-separated): the shared experts plus the "
+        "tenant's private ones, which they may register and remove (docs/operations.md#tenants).")
     api_keys_file: Path | None = Field(None, description="File with more inference keys, one per line.")
+    tenant_keys_file: Path | None = Field(None, description="File with more tenant keys, one TENANT:KEY per line.")
     admin_keys_file: Path | None = Field(None, description="File with more admin keys, one per line.")
     api_key: str | None = Field(None, description="The key the `flock` CLI sends to a running gateway (flock "
                                 "experts, flock loadtest). Empty: the first admin key, if any.")
     rate_limit_rps: float = Field(0.0, description="Requests per second per key (token bucket in Redis); 0: off.")
     rate_limit_burst: int = Field(20, description="Burst size of the per-key token bucket.")
+    upload_max_mb: int = Field(64, ge=1, description="Largest expert archive (.tar.gz or .zip) accepted, in MiB "
+                               "(413 beyond).")
+    upload_max_unpacked_mb: int = Field(256, ge=1, description="Most bytes an expert archive may unpack to, in "
+                                        "MiB, counted while extracting (a decompression bomb stops there).")
+    upload_max_entries: int = Field(32, ge=1, description="Most entries (files and directories) in an expert "
+                                    "archive.")
 
     # --- request limits ------------------------------------------------------------------------------
     max_body_bytes: int = Field(1_000_000, description="Largest request body accepted (413 beyond).")
@@ -147,12 +161,12 @@ class Settings(EngineSettings):
     max_messages: int = Field(256, description="Most chat messages accepted.")
     max_prompt_chars: int = Field(64_000, description="Longest prompt text accepted, in characters.")
 
-    @field_validator("vllm_chat_template", "base_model_dir", "embed_model_dir", mode="before")
+    @field_validator("vllm_chat_template", "base_model_dir", "embed_model_dir", "tenant_experts_dir", mode="before")
     @classmethod
     def _empty_path(cls, value: object) -> object:
         return None if value == "" else value  # FLOCK_VLLM_CHAT_TEMPLATE= (empty) means none
 
-    @field_validator("expert_roots", "backend_urls", "api_keys", "admin_keys", mode="before")
+    @field_validator("expert_roots", "backend_urls", "api_keys", "admin_keys", "tenant_keys", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
@@ -166,6 +180,11 @@ class Settings(EngineSettings):
     def resolved_expert_roots(self) -> list[Path]:
         roots = self.expert_roots or [self.library_dir, self.state_dir / "experts"]
         return [Path(r).expanduser().resolve() for r in roots]
+
+    @property
+    def tenants_dir(self) -> Path:
+        """Tenant T's experts live in <tenants_dir>/T/ (registered there or uploaded)."""
+        return self.tenant_experts_dir or self.state_dir / "experts"
 
     @property
     def composites_dir(self) -> Path:

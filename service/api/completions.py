@@ -30,7 +30,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     # get_gateway called, not Depends(get_gateway): FastAPI resolving a dependency costs ~10 µs per request.
     # (require_key is the router's dependency too: FastAPI resolves it once per request.)
     gateway = await get_gateway(request)
-    work = gateway.generate("/v1/chat/completions", body, principal.key_id)
+    work = gateway.generate("/v1/chat/completions", body, principal)
     return await unless_client_leaves(request, work, gateway.metrics)
 
 
@@ -39,7 +39,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
 async def completions(body: CompletionRequest, request: Request,
                       principal: Principal = Depends(require_key)) -> Response:
     gateway = await get_gateway(request)
-    work = gateway.generate("/v1/completions", body, principal.key_id)
+    work = gateway.generate("/v1/completions", body, principal)
     return await unless_client_leaves(request, work, gateway.metrics)
 
 
@@ -47,7 +47,7 @@ async def completions(body: CompletionRequest, request: Request,
 async def responses(body: ResponsesRequest, request: Request, principal: Principal = Depends(require_key)) -> Response:
     """OpenAI's Responses API, routed like a chat (`routing` in the answer, or in a stream's first event)."""
     gateway = await get_gateway(request)
-    return await unless_client_leaves(request, gateway.generate("/v1/responses", body, principal.key_id),
+    return await unless_client_leaves(request, gateway.generate("/v1/responses", body, principal),
                                       gateway.metrics)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import Request
 
 from service.auth import Principal
+from service.errors import APIError
 from service.gateway import Gateway
 
 
@@ -25,5 +26,14 @@ async def require_key(request: Request) -> Principal:
 
 
 async def require_admin(request: Request) -> Principal:
-    """An admin key: changes to the expert pool."""
+    """An admin key: checks of any expert."""
     return await _access(request, admin=True)
+
+
+async def require_manager(request: Request) -> Principal:
+    """An admin key or a tenant key: changes to the expert pool (which ones, the pool decides by the key's scope)."""
+    principal = await _access(request, admin=False)
+    if not principal.admin and principal.tenant is None:
+        raise APIError(403, "changing the expert pool needs an admin key or a tenant key",
+                       code="insufficient_permissions")
+    return principal

@@ -29,7 +29,7 @@ async def ready(gateway: Gateway = Depends(get_gateway)) -> JSONResponse:
         "redis": None if cache is None else await cache.ping(),
         "modes": gateway.modes_served(),
         "default_mode": gateway.router.default_mode,
-        "quarantined": {name: q.reason for name, q in gateway.pool.quarantined.items()},
+        "quarantined": quarantined(gateway),
         "capabilities": {b.url: b.caps.describe() if b.caps else None for b in gateway.backends.backends},
     }
     return JSONResponse(body, status_code=200 if body["ready"] else 503)
@@ -39,3 +39,13 @@ async def ready(gateway: Gateway = Depends(get_gateway)) -> JSONResponse:
 async def metrics(gateway: Gateway = Depends(get_gateway)) -> Response:
     gateway.metrics.pool_size.set(len(gateway.pool))
     return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def quarantined(gateway: Gateway) -> dict[str, str]:
+    """Quarantined experts and why. /ready is unauthenticated: shared experts by name, tenants' only counted
+    (their names and file paths are theirs)."""
+    shown = {name: q.reason for name, q in gateway.pool.quarantined.items() if gateway.expert_label(name) == name}
+    hidden = len(gateway.pool.quarantined) - len(shown)
+    if hidden:
+        shown["private"] = f"{hidden} private expert(s) of tenants"
+    return shown

@@ -71,7 +71,7 @@ def test_health_ready_metrics(gateway, chat):
     for name in ("flock_requests_total", "flock_routing_stage_seconds_bucket", "flock_routing_cache_total",
                  "flock_expert_selections_total", "flock_backend_request_seconds_bucket", "flock_tokens_total"):
         assert name in text, name
-    assert 'flock_expert_selections_total{expert="cooking",mode="global"}' in text
+    assert 'flock_expert_selections_total{expert="cooking",mode="global",tenant="none"}' in text
 
 
 def test_vllm_metrics_stay_scrapable(vllm_url):

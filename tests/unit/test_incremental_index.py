@@ -39,6 +39,7 @@ class FakeExpert:
     card: ExpertCard
     path: Path = Path("/nonexistent")
     rank: int = 4
+    tenant: str | None = None  # shared
 
     @property
     def name(self) -> str:
