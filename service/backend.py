@@ -226,6 +226,7 @@ class BackendPool:
             # measured 5x slower). An adapter vLLM already holds under this name may be stale (re-registered
             # while this gateway was away): unload it and load it again, once.
             body = {"lora_name": adapter.name, "lora_path": str(adapter.path)}
+            t0 = time.perf_counter()
             status, text = await self._admin(backend, "load_lora_adapter", body)
             if status == 400 and "already been loaded" in text:
                 await self._admin(backend, "unload_lora_adapter", {"lora_name": adapter.name})
@@ -235,6 +236,7 @@ class BackendPool:
                                code="adapter_load_failed", type_="server_error")
             backend.loaded[adapter.name] = adapter.path
             self.metrics.adapter_loads.labels(backend.url, adapter.kind).inc()
+            self.metrics.adapter_load_time.labels(backend.url, adapter.kind).observe(time.perf_counter() - t0)
 
     async def unload_everywhere(self, name: str) -> None:
         for backend in self.backends:
