@@ -262,7 +262,9 @@ async def zipf_serving(gateway: str, many: list[str], few: list[str], rounds: in
     rng = random.Random(seed)
     ratios, many_tok_s, few_tok_s, errors = [], [], [], 0
     distinct = set()
-    async with httpx.AsyncClient(timeout=900) as client:
+    # Idle connections dropped after 1 s, well before uvicorn's 5 s keep-alive ends: a request is never sent on a
+    # connection the server is closing (an httpx ReadError that would count as an error of the gateway).
+    async with httpx.AsyncClient(timeout=900, limits=httpx.Limits(keepalive_expiry=1.0)) as client:
         await zipf_load(client, gateway, few * 2, concurrency, 2)  # the 8 experts loaded once, not counted
         for r in range(rounds):
             draw_many, draw_few = zipf_names(many, requests, rng), zipf_names(few, requests, rng)
@@ -336,7 +338,8 @@ async def serving(settings: Settings, n: int, work: Path, redis_url: str, backen
             p.stop()
 
 
-async def run(settings: Settings, n: int, *, backend: str | None, quick: bool, scale: int, serve: bool) -> dict:
+async def run(settings: Settings, n: int, *, backend: str | None, quick: bool, scale: int, serve: bool,
+              cold: bool = False, placement_only: bool = False) -> dict:
     import tempfile
 
     from service.processes import ManagedProcess, free_port, redis_command, wait_http, wait_redis
@@ -355,21 +358,25 @@ async def run(settings: Settings, n: int, *, backend: str | None, quick: bool, s
             fake = f"http://127.0.0.1:{fake_port}"
             wait_http(f"{fake}/health", 60, procs[1])
             adapter = write_adapter(settings, work / "shared" / "adapter", seed=0)
+            say("placement: rendezvous vs LoRA affinity scorer, two modelled backends, Zipf traffic")
+            place = await placement(settings, work / "placement", f"redis://127.0.0.1:{redis_port}/3", adapter,
+                                    requests=400 if quick else 1000, rounds=1 if quick else 2)
+            result["placement"] = place
+            for policy in ("rendezvous", "scorer"):
+                result[f"placement_{policy}_loads_per_1000"] = place[f"{policy}_loads_per_1000"]
+                result[f"placement_{policy}_p95_ms"] = place[f"{policy}_p95_ms"]
+            say("so far: " + json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}))
+            if placement_only:
+                return result
             say(f"registration with {n} experts registered (instant fake backend)")
             reg = await registration(settings, n, work / f"reg-{n}", f"redis://127.0.0.1:{redis_port}/0", fake,
-                                     adapter, registrations=5 if quick else 9)
+                                     adapter, registrations=5 if quick else 9, cold=cold)
             result[f"register_ms_p50_at_{n}"] = reg["register_ms_p50"]
-            result[f"startup_s_cold_at_{n}"] = reg["startup_cold_s"]
+            if cold:
+                result[f"startup_s_cold_at_{n}"] = reg["startup_cold_s"]
             result[f"startup_s_warm_at_{n}"] = reg["startup_warm_s"]
             result["registration"] = {n: reg}
-            if scale > 1:
-                big = n * scale
-                say(f"registration with {big} experts registered (card vectors seeded)")
-                reg_big = await registration(settings, big, work / f"reg-{big}", f"redis://127.0.0.1:{redis_port}/1",
-                                             fake, adapter, registrations=5 if quick else 9, cold=False)
-                result[f"register_ms_p50_at_{big}"] = reg_big["register_ms_p50"]
-                result[f"startup_s_warm_at_{big}"] = reg_big["startup_warm_s"]
-                result["registration"][big] = reg_big
+            say("so far: " + json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}))
             if serve:
                 say(f"Zipf traffic over {n} experts vs 8, through flock serve on vLLM")
                 srv = await serving(settings, n, work / "serve", f"redis://127.0.0.1:{redis_port}/2", backend,
@@ -381,6 +388,15 @@ async def run(settings: Settings, n: int, *, backend: str | None, quick: bool, s
                 result["gateway_rss_mib"] = srv["gateway_rss_mib"]
                 result["vllm_rss_mib"] = srv["vllm_rss_mib"]
                 result["serving"] = srv
+                say("so far: " + json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}))
+            if scale > 1:
+                big = n * scale
+                say(f"registration with {big} experts registered (card vectors seeded)")
+                reg_big = await registration(settings, big, work / f"reg-{big}", f"redis://127.0.0.1:{redis_port}/1",
+                                             fake, adapter, registrations=5 if quick else 9, cold=False)
+                result[f"register_ms_p50_at_{big}"] = reg_big["register_ms_p50"]
+                result[f"startup_s_warm_at_{big}"] = reg_big["startup_warm_s"]
+                result["registration"][big] = reg_big
         finally:
             for p in reversed(procs):
                 p.stop()
@@ -401,3 +417,82 @@ def table(result: dict) -> str:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "experts":
             rows.append(f"| `{key}` | {value:.3f} | {goals.get(key, '')} |")
     return "\n".join(rows)
+
+
+# --- placement ------------------------------------------------------------------------------------------
+async def timed_requests(gateway: str, names: list[str], concurrency: int) -> tuple[list[float], int]:
+    """(latency of each request, errors): one 1-token chat request per name, `concurrency` at a time."""
+    latencies: list[float] = []
+    errors = 0
+    queue = list(names)
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(keepalive_expiry=1.0)) as client:
+        async def worker() -> None:
+            nonlocal errors
+            while queue:
+                name = queue.pop(0)
+                t0 = time.perf_counter()
+                resp = await client.post(f"{gateway}/v1/chat/completions", json={
+                    "model": name, "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]})
+                latencies.append(time.perf_counter() - t0)
+                errors += resp.status_code != 200
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies, errors
+
+
+async def placement(settings: Settings, work: Path, redis_url: str, adapter: Path, *, experts: int = 200,
+                    requests: int = 1000, concurrency: int = 32, rounds: int = 2) -> dict:
+    """Rendezvous hashing vs the LoRA affinity scorer over two modelled multi-LoRA backends
+    (bench/fake_lora_backend.py) under Zipf traffic: adapter loads (CPU cache misses and slot swaps) per 1,000
+    requests, and p95 latency. Fresh backends and gateway per policy and round; the policies alternate."""
+    from service.processes import ManagedProcess, free_port, wait_http
+
+    cards = [card_fields(i, examples=4) for i in range(experts)]
+    names = [c["name"] for c in cards]
+    out: dict = {"experts": experts, "requests": requests, "concurrency": concurrency, "rounds": rounds,
+                 "backend_model": {"max_loras": 8, "max_cpu_loras": 16, "load_ms": 40, "step_ms": 200, "max_seqs": 16}}
+    samples: dict[str, dict[str, list[float]]] = {p: {"loads": [], "p95": [], "p50": []}
+                                                  for p in ("rendezvous", "scorer")}
+    for r in range(rounds):
+        draw = zipf_names(names, requests, random.Random(r))
+        for policy in (("rendezvous", "scorer") if r % 2 == 0 else ("scorer", "rendezvous")):
+            run_dir = work / f"{policy}-{r}"
+            run_dir.mkdir(parents=True)
+            write_pool_file(run_dir / "state", [entry(adapter, c) for c in cards])
+            seed_card_vectors(settings, run_dir / "state", cards)
+            env = {**os.environ, "FAKE_MAX_LORAS": "8", "FAKE_MAX_CPU_LORAS": "16", "FAKE_LOAD_MS": "40",
+                   "FAKE_STEP_MS": "200", "FAKE_MAX_SEQS": "16"}
+            ports = [free_port(), free_port()]
+            backends = [ManagedProcess(f"fake LoRA backend {i}", [sys.executable, "-m", "uvicorn",
+                                       "bench.fake_lora_backend:app", "--port", str(p), "--log-level", "warning"],
+                                       env, log_file=run_dir / f"backend{i}.log") for i, p in enumerate(ports)]
+            urls = [f"http://127.0.0.1:{p}" for p in ports]
+            gw = Gateway(settings, run_dir, urls, redis_url, adapter.parent, name=f"gateway-{policy}",
+                         extra_env={"FLOCK_PLACEMENT": policy})
+            try:
+                for b, url in zip(backends, urls):
+                    b.start()
+                    wait_http(f"{url}/health", 60, b)
+                gw.start()
+                latencies, errors = await timed_requests(gw.url, draw, concurrency)
+                async with httpx.AsyncClient(timeout=60) as client:
+                    stats = [(await client.get(f"{u}/stats")).json() for u in urls]
+            finally:
+                gw.stop()
+                for b in backends:
+                    b.stop()
+            loads = sum(s["cpu_loads"] + s["slot_swaps"] for s in stats)
+            samples[policy]["loads"].append(loads * 1000 / requests)
+            samples[policy]["p95"].append(pct(latencies, 95) * 1e3)
+            samples[policy]["p50"].append(pct(latencies, 50) * 1e3)
+            say(f"  placement {policy} round {r + 1}/{rounds}: {loads * 1000 / requests:.0f} adapter loads per 1,000 "
+                f"requests (per backend: {[s['requests'] for s in stats]} requests, "
+                f"{[s['cpu_loads'] for s in stats]} CPU loads, {[s['slot_swaps'] for s in stats]} slot swaps), "
+                f"p95 {pct(latencies, 95) * 1e3:.0f} ms, errors {errors}")
+            out.setdefault("errors", 0)
+            out["errors"] += errors
+    for policy, s in samples.items():
+        out[f"{policy}_loads_per_1000"] = statistics.median(s["loads"])
+        out[f"{policy}_p95_ms"] = statistics.median(s["p95"])
+        out[f"{policy}_p50_ms"] = statistics.median(s["p50"])
+    return out

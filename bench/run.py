@@ -559,7 +559,8 @@ def main(args, settings: Settings) -> int:
         from bench import many_experts
 
         result = asyncio.run(many_experts.run(settings, args.many_experts, backend=args.backend, quick=args.quick,
-                                              scale=args.scale, serve=not args.no_serve))
+                                              scale=args.scale, serve=not args.no_serve, cold=args.cold_start,
+                                              placement_only=args.placement))
         if args.out:
             Path(args.out).mkdir(parents=True, exist_ok=True)
             (Path(args.out) / "many_experts.json").write_text(json.dumps(result, indent=2) + "\n")

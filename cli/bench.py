@@ -25,6 +25,10 @@ def register(sub) -> None:
     p.add_argument("--scale", type=int, default=10,
                    help="with --many-experts: also time registration at N x this many experts (1: skip)")
     p.add_argument("--no-serve", action="store_true", help="with --many-experts: skip the vLLM serving part")
+    p.add_argument("--cold-start", action="store_true",
+                   help="with --many-experts: also time a cold start at N (every card embedded; slow on 2 cores)")
+    p.add_argument("--placement", action="store_true",
+                   help="with --many-experts: only the placement comparison (rendezvous vs scorer)")
     p.set_defaults(func=run)
 
 

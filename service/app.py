@@ -107,7 +107,8 @@ def build_gateway(settings: Settings, metrics: Metrics) -> Gateway:
                     conversation=ConversationConfig(mechanism=settings.conversation_routing),
                     vector_dir=settings.state_dir / "card-vectors")
     backends = BackendPool(settings.backend_urls, metrics, connect_timeout_s=settings.backend_connect_timeout_s,
-                           read_timeout_s=settings.backend_timeout_s)
+                           read_timeout_s=settings.backend_timeout_s, placement=settings.placement,
+                           max_loras=settings.vllm_max_loras, batch=settings.vllm_max_num_seqs)
     composites = CompositeStore(settings.composites_dir)
     return Gateway(settings, pool, router, backends, composites, metrics)
 
