@@ -431,10 +431,17 @@ async def timed_requests(gateway: str, names: list[str], concurrency: int) -> tu
             while queue:
                 name = queue.pop(0)
                 t0 = time.perf_counter()
-                resp = await client.post(f"{gateway}/v1/chat/completions", json={
-                    "model": name, "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]})
+                try:
+                    resp = await client.post(f"{gateway}/v1/chat/completions", json={
+                        "model": name, "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]})
+                except httpx.HTTPError as exc:
+                    errors += 1
+                    say(f"    error: {exc!r}")
+                    continue
                 latencies.append(time.perf_counter() - t0)
-                errors += resp.status_code != 200
+                if resp.status_code != 200:
+                    errors += 1
+                    say(f"    error {resp.status_code}: {resp.text[:200]}")
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return latencies, errors
@@ -477,6 +484,9 @@ async def placement(settings: Settings, work: Path, redis_url: str, adapter: Pat
                 latencies, errors = await timed_requests(gw.url, draw, concurrency)
                 async with httpx.AsyncClient(timeout=60) as client:
                     stats = [(await client.get(f"{u}/stats")).json() for u in urls]
+                if errors:
+                    log = (run_dir / f"gateway-{policy}.log").read_text(errors="replace").splitlines()
+                    say("  gateway log (last lines):\n" + "\n".join(log[-15:]))
             finally:
                 gw.stop()
                 for b in backends:
