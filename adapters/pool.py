@@ -75,6 +75,7 @@ class ExpertPool:
         self._max_rank = max_rank
         self._lock = threading.Lock()
         self._experts: dict[str, Expert] = {}
+        self._encodings: dict[str, tuple[Expert, str, int]] = {}  # name -> (expert, entry JSON, fingerprint)
         self.version = self._fingerprint()
         # Health is this process's own finding, not part of the registry: never saved nor shared.
         self.quarantined: dict[str, Quarantine] = {}
@@ -281,10 +282,21 @@ class ExpertPool:
         """Every expert as the JSON entry the state file (and the shared registry) stores."""
         return {e.name: e.to_json() for e in self.experts()}
 
-    def adopt(self, entries: list[dict]) -> set[str]:
-        """Make the pool exactly `entries` (another replica's view); returns the names that were removed or
-        changed, whose adapters backends must drop. Entries that fail validation here are left out."""
-        experts = self._from_entries(entries)
+    def adopt(self, entries: list[dict] | list[str]) -> set[str]:
+        """Make the pool exactly `entries` (another replica's view: dicts, or their JSON text as the shared
+        registry holds it); returns the names that were removed or changed, whose adapters backends must drop.
+        Entries that fail validation here are left out. An entry identical to the expert this pool already has
+        is kept without validating its files again: adopting a change costs O(change), not O(pool)."""
+        unchanged: dict[str, Expert] = {}
+        fresh: list[dict] = []
+        for raw in entries:
+            entry = json.loads(raw) if isinstance(raw, str) else raw
+            current = self._experts.get(entry.get("name"))
+            if current is not None and (raw if isinstance(raw, str) else json.dumps(raw)) == self._encoded(current)[0]:
+                unchanged[current.name] = current
+            else:
+                fresh.append(entry)
+        experts = {**unchanged, **self._from_entries(fresh)}
         with self._lock:
             old = self._experts
             changed = {n for n, e in old.items() if n not in experts or experts[n] != e}
@@ -364,13 +376,17 @@ class ExpertPool:
 
     def _commit(self, experts: dict[str, Expert]) -> None:
         # Write first, then swap: a failed write leaves both the file and the in-memory pool unchanged.
+        # Each expert's entry is encoded and fingerprinted once (kept by the Expert object): a change costs the
+        # changed experts' encoding plus writing the joined text, not encoding the whole pool again.
         version = self._fingerprint(experts)
-        payload = {"version": version, "experts": [e.to_json() for e in sorted(experts.values(), key=lambda e: e.name)]}
+        ordered = sorted(experts.values(), key=lambda e: e.name)
+        text = ('{\n "version": ' + json.dumps(version) + ',\n "experts": [\n'
+                + ",\n".join("  " + self._encoded(e)[0] for e in ordered) + "\n ]\n}")
         tmp = self._state_file.with_suffix(f".tmp{os.getpid()}")
         try:
             self._state_file.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "w") as f:
-                f.write(json.dumps(payload, indent=1))
+                f.write(text)
                 f.flush()
                 os.fsync(f.fileno())  # on disk before it replaces the old file: a crash leaves one or the other
             os.replace(tmp, self._state_file)
@@ -380,15 +396,28 @@ class ExpertPool:
                                    "; the pool is unchanged") from None
         self._experts = experts
         self.version = version
+        for name in [n for n in self._encodings if n not in experts]:
+            del self._encodings[name]
+
+    def _encoded(self, expert: Expert) -> tuple[str, int]:
+        """(the expert's state-file entry as JSON text, its fingerprint as an int), made once per Expert."""
+        known = self._encodings.get(expert.name)
+        if known is None or known[0] is not expert:
+            weights = expert.path / "adapter_model.safetensors"
+            mtime = weights.stat().st_mtime_ns if weights.exists() else 0
+            fields = json.dumps([expert.name, str(expert.path), mtime, expert.card.description, expert.tenant])
+            digest = int.from_bytes(hashlib.sha256(fields.encode()).digest()[:8], "big")
+            known = self._encodings[expert.name] = (expert, json.dumps(expert.to_json()), digest)
+        return known[1], known[2]
 
     def _fingerprint(self, experts: dict[str, Expert] | None = None) -> str:
+        """The pool's content hash: the XOR of its experts' fingerprints (name, path, weights' mtime,
+        description, owner), so that it is updated per changed expert and does not depend on order."""
         experts = self._experts if experts is None else experts
-        h = hashlib.sha256()
-        for e in sorted(experts.values(), key=lambda e: e.name):
-            weights = e.path / "adapter_model.safetensors"
-            mtime = weights.stat().st_mtime_ns if weights.exists() else 0
-            h.update(json.dumps([e.name, str(e.path), mtime, e.card.description, e.tenant]).encode())
-        return h.hexdigest()[:16]
+        value = 0
+        for e in experts.values():
+            value ^= self._encoded(e)[1]
+        return f"{value:016x}"
 
 
 def _owner(tenant: str | None) -> str:

@@ -555,6 +555,17 @@ async def decode_only(settings: Settings, gateway: str, expert: str, prompt: str
 
 
 def main(args, settings: Settings) -> int:
+    if getattr(args, "many_experts", None):
+        from bench import many_experts
+
+        result = asyncio.run(many_experts.run(settings, args.many_experts, backend=args.backend, quick=args.quick,
+                                              scale=args.scale, serve=not args.no_serve, cold=args.cold_start,
+                                              placement_only=args.placement))
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "many_experts.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2) if args.json else many_experts.table(result))
+        return 0
     if args.decode_only:
         if not args.gateway:
             raise SystemExit("--decode-only needs --gateway URL of a running gateway")

@@ -19,6 +19,16 @@ def register(sub) -> None:
     p.add_argument("--expert", default="arithmetic", help="expert for --decode-only (default %(default)s)")
     p.add_argument("--prompt", default="What is 17 times 23?",
                    help="prompt for --decode-only; it must route to experts (default %(default)s)")
+    p.add_argument("--many-experts", type=int, metavar="N",
+                   help="what N experts cost: registration at N (and at N x --scale), start-up, and Zipf traffic "
+                        "over N synthetic experts vs 8 through flock serve on vLLM (bench/many_experts.py)")
+    p.add_argument("--scale", type=int, default=10,
+                   help="with --many-experts: also time registration at N x this many experts (1: skip)")
+    p.add_argument("--no-serve", action="store_true", help="with --many-experts: skip the vLLM serving part")
+    p.add_argument("--cold-start", action="store_true",
+                   help="with --many-experts: also time a cold start at N (every card embedded; slow on 2 cores)")
+    p.add_argument("--placement", action="store_true",
+                   help="with --many-experts: only the placement comparison (rendezvous vs scorer)")
     p.set_defaults(func=run)
 
 

@@ -26,6 +26,11 @@ class _Hidden(torch.nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
+def model_id(model_dir: Path, *, int8: bool, jit: bool = True) -> str:
+    """Names the vectors an embedder makes: the model and the numerics it runs with."""
+    return f"{Path(model_dir).resolve().name}:{'int8' if int8 else 'float'}:jit={jit}"
+
+
 class Embedder:
     """Synchronous encoder. `encode` is thread-compatible but not re-entrant; MicroBatcher serialises calls.
 
@@ -41,6 +46,8 @@ class Embedder:
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         model = AutoModel.from_pretrained(str(model_dir)).eval()
         self.dim = model.config.hidden_size
+        # Which vectors this embedder makes: stored card vectors are reused only under the same id.
+        self.model_id = model_id(model_dir, int8=int8, jit=jit)
         self.forward: torch.nn.Module = _Hidden(model)
         if int8:
             import warnings

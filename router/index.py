@@ -73,6 +73,17 @@ def in_domain_best(kind: str, descriptions: np.ndarray, example_vectors: list[np
     return np.concatenate(rows) if rows else np.zeros(0, dtype=np.float32)
 
 
+def own_scores(kind: str, description: np.ndarray, examples: np.ndarray, vector: np.ndarray) -> np.ndarray:
+    """Each example's score against its own expert: with centroids, the centroid computed WITHOUT it (see
+    in_domain_best); with descriptions, the description's vector."""
+    if not len(examples):
+        return np.zeros(0, dtype=np.float32)
+    if kind == "centroid":
+        loo = unit_rows((description + examples.sum(axis=0))[None] - examples)
+        return (examples * loo).sum(axis=1)
+    return examples @ vector
+
+
 def calibrate_threshold(in_domain_best: np.ndarray, out_domain_best: np.ndarray) -> float:
     """Threshold on the best expert score that best separates in-domain from out-of-domain queries.
 
@@ -84,10 +95,15 @@ def calibrate_threshold(in_domain_best: np.ndarray, out_domain_best: np.ndarray)
         return DEFAULT_THRESHOLD
     values = np.sort(np.concatenate([in_domain_best, out_domain_best]))
     candidates = (values[:-1] + values[1:]) / 2 if len(values) > 1 else values
-    best, best_key = DEFAULT_THRESHOLD, (-1.0, -1.0)
-    for t in candidates:
-        correct = float((in_domain_best >= t).mean() + (out_domain_best < t).mean())
-        margin = float(min(np.abs(values - t)))
-        if (correct, margin) > best_key:
-            best, best_key = float(t), (correct, margin)
-    return best
+    # Every candidate at once (sorted sides and binary search): O(n log n) where a loop over the candidates is
+    # O(n^2), some 40 s at 1,000 experts of 32 examples. The same figures as that loop, to the last bit.
+    ins, outs = np.sort(in_domain_best), np.sort(out_domain_best)
+    in_at_or_above = len(ins) - np.searchsorted(ins, candidates, side="left")
+    out_below = np.searchsorted(outs, candidates, side="left")
+    correct = in_at_or_above / len(ins) + out_below / len(outs)
+    if len(values) > 1:  # a midpoint's nearest values are the two it lies between
+        margin = np.minimum(np.abs(values[:-1] - candidates), np.abs(values[1:] - candidates))
+    else:
+        margin = np.zeros(1)
+    best = np.flatnonzero(correct == correct.max())
+    return float(candidates[best[np.argmax(margin[best])]])

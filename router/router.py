@@ -17,6 +17,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -24,14 +25,16 @@ from adapters.pool import Expert, ExpertPool
 from adapters.tenants import EVERYTHING, Scope
 from router.cache import RoutingCache, cache_key
 from router.calibration import FOLLOW_UP_PHRASES, GENERAL_ANCHORS, OUT_OF_DOMAIN_PROMPTS
+from router.card_vectors import CardVectors, CardVectorStore, card_key
 from router.conversation import Anchors, ConversationConfig, fold
 from router.decision import RoutingDecision, RoutingParams
 from router.embed import MicroBatcher
-from router.index import ExpertIndex, calibrate_threshold, expert_vectors, in_domain_best
+from router.index import ExpertIndex, calibrate_threshold, expert_vectors, own_scores
 from router.methods import MethodConfig, RoutingMethod, method_class, method_names
 from router.query import Query
 
 StageObserver = Callable[[str, float], None]
+EMBED_CHUNK = 256  # card texts embedded per call when a pool's cards are embedded
 
 
 @dataclass
@@ -41,6 +44,17 @@ class RouteResult:
     # overlap on a local miss
     stages: dict[str, float]
     cache: str  # hit, miss, bypass (Redis down) or off (no cache configured)
+
+
+@dataclass(frozen=True)
+class _Card:
+    """An expert's card as the index uses it: embedded, its index vector, and its examples' own-expert scores."""
+
+    key: str
+    description: np.ndarray
+    examples: np.ndarray
+    vector: np.ndarray
+    own: np.ndarray  # each example's score against its own expert (leave-one-out for centroids)
 
 
 class Router:
@@ -56,6 +70,7 @@ class Router:
         expert_vector: str = "centroid",
         conversation: ConversationConfig | None = None,
         vector_cache_entries: int = 4096,
+        vector_dir: Path | None = None,
     ):
         self.pool = pool
         self.embedder = embedder
@@ -77,29 +92,37 @@ class Router:
         self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
         self._vector_cache_entries = vector_cache_entries
         self.anchors: Anchors | None = None
-        self._card_vectors: dict[str, np.ndarray] = {}  # card text -> embedding, for the texts of the pool
+        self._cards_by_key: dict[str, _Card] = {}  # card key -> embedded card, for the cards of the pool
+        self._keys: dict[str, tuple[object, str]] = {}  # expert name -> (its card, the card's key)
+        self._store = CardVectorStore(vector_dir) if vector_dir is not None else None
+        self._pruned = False
+        # expert name -> (card key, best score of each example over the other experts, which expert gave it)
+        self._best_other: dict[str, tuple[str, np.ndarray, np.ndarray]] = {}
         self._ood_vectors: np.ndarray | None = None
         self._gates_seen: dict[tuple[str, int], frozenset[str]] = {}  # (expert dir, gates file mtime) -> kinds
 
     # --- index ----------------------------------------------------------------------------------------
     async def rebuild_index(self) -> ExpertIndex:
-        """Embed every expert (description or example centroid) and re-calibrate the abstain threshold on the
-        cards' examples against general prompts."""
+        """Bring the index up to the pool: embed the experts that are new or changed (description or example
+        centroid), and re-calibrate the abstain threshold on the cards' examples against general prompts.
+
+        O(change), not O(pool): cards are embedded once (kept by content, on disk across restarts), and each
+        example's best score over the other experts is kept and only compared with the experts that came in;
+        it is computed again only for examples whose best expert left. The threshold scan is O(n log n)."""
         async with self._rebuild_lock:
             experts = self.pool.servable()  # quarantined experts are left out
             version = self.pool.version
-            descriptions = await self._card_embeddings([e.card.description for e in experts])
-            examples = [x for e in experts for x in e.card.examples]
-            in_vecs = await self._card_embeddings(examples)
-            self._forget_card_texts({e.card.description for e in experts} | set(examples))
-            bounds = np.cumsum([0] + [len(e.card.examples) for e in experts])
-            per_expert = [in_vecs[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-            vectors = expert_vectors(self.expert_vector, descriptions, per_expert)
+            cards = await self._cards(experts)
+            vectors = (np.stack([c.vector for c in cards]) if cards
+                       else np.zeros((0, self.embedder.embedder.dim), dtype=np.float32))
             if self.anchors is None:  # the same for every pool: embedded once
                 self.anchors = Anchors(general=await self.embedder.embed_many(list(GENERAL_ANCHORS)),
                                        follow_ups=await self.embedder.embed_many(list(FOLLOW_UP_PHRASES)))
-            if self.fixed_threshold is None and self._ood_vectors is None:  # the same for every pool: embedded once
-                self._ood_vectors = await self.embedder.embed_many(list(OUT_OF_DOMAIN_PROMPTS))
+            in_best = None
+            if self.fixed_threshold is None:
+                if self._ood_vectors is None:  # the same for every pool: embedded once
+                    self._ood_vectors = await self.embedder.embed_many(list(OUT_OF_DOMAIN_PROMPTS))
+                in_best = await asyncio.to_thread(self._in_domain_best, [e.name for e in experts], cards, vectors)
             gates = await asyncio.to_thread(self._gate_kinds, experts)
             views: dict[str, ExpertIndex] = {}
             every = list(range(len(experts)))
@@ -107,9 +130,10 @@ class Router:
                 if key != "*" and rows == every:  # the same visible set: the same index (no tenants: one index)
                     views[key] = views["*"]
                     continue
-                views[key] = self._view(experts, rows, descriptions, per_expert, vectors, gates,
-                                        # everything: the pool's version, which ensure_current compares with
-                                        self._index_version(version) if key == "*" else None)
+                # everything: the pool's version (which ensure_current compares with) and the kept scores
+                views[key] = await asyncio.to_thread(
+                    self._view, experts, rows, cards, vectors, gates, in_best if key == "*" else None,
+                    self._index_version(version) if key == "*" else None)
             self.views = views
             return self.index
 
@@ -123,18 +147,19 @@ class Router:
         """An index set by hand (evaluations, tests) has no tenants: every expert in it is shared."""
         self.views = {"*": index, "": index}
 
-    def _view(self, experts: list[Expert], rows: list[int], descriptions: np.ndarray,
-              per_expert: list[np.ndarray], vectors: np.ndarray, gates: dict[str, frozenset[str]],
-              version: str | None) -> ExpertIndex:
+    def _view(self, experts: list[Expert], rows: list[int], cards: list[_Card], vectors: np.ndarray,
+              gates: dict[str, frozenset[str]], in_best: np.ndarray | None, version: str | None) -> ExpertIndex:
         """The index of one visible set: its experts' rows, and the abstain threshold calibrated on its cards
         alone (another tenant's examples move neither the threshold nor, through it, this tenant's decisions)."""
         chosen = [experts[i] for i in rows]
-        vecs, descs, examples = vectors[rows], descriptions[rows], [per_expert[i] for i in rows]
+        vecs = vectors[rows]
         threshold = self.fixed_threshold
         if threshold is None:
             assert self._ood_vectors is not None  # embedded by rebuild_index
             ood_best = (self._ood_vectors @ vecs.T).max(axis=1) if len(chosen) else np.zeros(0)
-            threshold = calibrate_threshold(in_domain_best(self.expert_vector, descs, examples, vecs), ood_best)
+            if in_best is None:  # a tenant's set: its examples against its own set's experts only
+                in_best = subset_in_domain_best([cards[i] for i in rows], vecs)
+            threshold = calibrate_threshold(in_best, ood_best)
         if version is None:  # named by its own content (servable experts only: a quarantine changes it too), so
             # equal visible sets share cached decisions and others never do
             version = f"{self.pool.version_of(chosen)}.{self.expert_vector}"
@@ -154,19 +179,87 @@ class Router:
         found = views.get(scope.key)
         return found if found is not None else views[""]
 
-    async def _card_embeddings(self, texts: list[str]) -> np.ndarray:
-        """Embeddings of card texts, each distinct text embedded once: a pool change embeds only the cards that
-        are new or changed, not the whole pool: a registration costs O(change), not O(pool)."""
-        missing = list(dict.fromkeys(t for t in texts if t not in self._card_vectors))
+    async def _cards(self, experts) -> list[_Card]:
+        """Each expert's embedded card: kept from the last build when its texts are the same, else read from the
+        store or embedded (all missing cards' texts in one call)."""
+        model_id = getattr(self.embedder.embedder, "model_id", "")
+        keys = []
+        for e in experts:  # an expert's key is hashed once per card object, not on every build
+            known = self._keys.get(e.name)
+            if known is None or known[0] is not e.card:
+                known = self._keys[e.name] = (e.card, card_key(model_id, e.card.description, list(e.card.examples)))
+            keys.append(known[1])
+        if len(self._keys) > len(experts):
+            names = {e.name for e in experts}
+            for name in [n for n in self._keys if n not in names]:
+                del self._keys[name]
+        dim = self.embedder.embedder.dim
+        missing: dict[str, object] = {}
+        for e, key in zip(experts, keys):
+            if key in self._cards_by_key or key in missing:
+                continue
+            stored = self._store.get(key, len(e.card.examples), dim) if self._store else None
+            if stored is not None:
+                self._cards_by_key[key] = self._card(key, stored)
+            else:
+                missing[key] = e.card
         if missing:
-            self._card_vectors.update(zip(missing, await self.embedder.embed_many(missing), strict=True))
-        if not texts:
-            return np.zeros((0, self.embedder.embedder.dim), dtype=np.float32)
-        return np.stack([self._card_vectors[t] for t in texts])
+            texts = [t for card in missing.values() for t in (card.description, *card.examples)]  # type: ignore[attr-defined]
+            # In chunks: one forward pass over a whole pool's texts (33,000 at 1,000 experts) would pad them all to
+            # the longest and hold every activation at once.
+            rows = np.concatenate([await self.embedder.embed_many(texts[i:i + EMBED_CHUNK])
+                                   for i in range(0, len(texts), EMBED_CHUNK)])
+            at = 0
+            for key, card in missing.items():
+                n = 1 + len(card.examples)  # type: ignore[attr-defined]
+                embedded = CardVectors(rows[at], rows[at + 1:at + n])
+                at += n
+                self._cards_by_key[key] = self._card(key, embedded)
+                if self._store is not None:
+                    await asyncio.to_thread(self._store.put, key, embedded)
+        if self._store is not None and not self._pruned:
+            self._pruned = True  # once per process: files of cards that left the pool while it was down
+            await asyncio.to_thread(self._store.keep_only, set(keys))
+        for key in set(self._cards_by_key) - set(keys):
+            del self._cards_by_key[key]
+        return [self._cards_by_key[k] for k in keys]
 
-    def _forget_card_texts(self, keep: set[str]) -> None:
-        for text in [t for t in self._card_vectors if t not in keep]:
-            del self._card_vectors[text]
+    def _card(self, key: str, v: CardVectors) -> _Card:
+        vector = expert_vectors(self.expert_vector, v.description[None], [v.examples])[0]
+        own = own_scores(self.expert_vector, v.description, v.examples, vector)
+        return _Card(key, v.description, v.examples, vector, own)
+
+    def _in_domain_best(self, names: list[str], cards: list[_Card], vectors: np.ndarray) -> np.ndarray:
+        """Best expert score of every card example (its own expert's leave-one-out; see index.in_domain_best),
+        kept per expert between builds: an unchanged expert's examples are scored only against the experts that
+        came in, and scored against all only when the expert that was best for one of them left."""
+        previous = self._best_other
+        current = dict(zip(names, (c.key for c in cards)))
+        gone = {n for n, (key, _, _) in previous.items() if current.get(n) != key}
+        came = [i for i, n in enumerate(names) if n not in previous or previous[n][0] != current[n]]
+        came_names = np.array([names[i] for i in came], dtype=object)
+        best_other: dict[str, tuple[str, np.ndarray, np.ndarray]] = {}
+        rows = []
+        for i, (name, card) in enumerate(zip(names, cards)):
+            ex, at = card.examples, np.arange(len(card.examples))
+            kept = previous.get(name)
+            if kept is not None and kept[0] == card.key and not (gone and gone & set(kept[2].tolist())):
+                _, best, by = kept
+                if came and len(ex):  # only the experts that came in can beat the kept best
+                    scores = ex @ vectors[came].T
+                    j = scores.argmax(axis=1)
+                    better = scores[at, j] > best
+                    best, by = np.where(better, scores[at, j], best), np.where(better, came_names[j], by)
+            else:  # new or changed, or its best expert for some example left: against every other expert
+                scores = ex @ vectors.T
+                scores[:, i] = -np.inf
+                j = scores.argmax(axis=1)
+                best, by = scores[at, j], np.array([names[k] for k in j], dtype=object)
+            best_other[name] = (card.key, best, by)
+            if len(ex):
+                rows.append(np.maximum(card.own, best))
+        self._best_other = best_other
+        return np.concatenate(rows) if rows else np.zeros(0, dtype=np.float32)
 
     def _gate_kinds(self, experts) -> dict[str, frozenset[str]]:
         """Gate signals each expert has, read from its gates file once per version of that file."""
@@ -343,3 +436,16 @@ def visible_sets(experts: list[Expert]) -> dict[str, list[int]]:
     for tenant in sorted({e.tenant for e in experts if e.tenant is not None}):
         sets[tenant] = [i for i, e in enumerate(experts) if e.tenant in (None, tenant)]
     return sets
+
+
+def subset_in_domain_best(cards: list[_Card], vectors: np.ndarray) -> np.ndarray:
+    """Best expert score of every example of `cards` within this set of experts (`vectors`, in the same order):
+    its own expert's score (leave-one-out, see index.in_domain_best) or the best other's, whichever is higher."""
+    rows = []
+    for i, card in enumerate(cards):
+        if not len(card.examples):
+            continue
+        scores = card.examples @ vectors.T
+        scores[:, i] = -np.inf
+        rows.append(np.maximum(card.own, scores.max(axis=1)))
+    return np.concatenate(rows) if rows else np.zeros(0, dtype=np.float32)

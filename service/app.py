@@ -111,9 +111,11 @@ def build_gateway(settings: Settings, metrics: Metrics) -> Gateway:
     router = Router(pool, embedder, cache, default_mode=settings.default_mode,
                     fixed_threshold=settings.abstain_threshold, expert_vector=settings.expert_vector,
                     method_configs=method_configs(settings),
-                    conversation=ConversationConfig(mechanism=settings.conversation_routing))
+                    conversation=ConversationConfig(mechanism=settings.conversation_routing),
+                    vector_dir=settings.state_dir / "card-vectors")
     backends = BackendPool(settings.backend_urls, metrics, connect_timeout_s=settings.backend_connect_timeout_s,
-                           read_timeout_s=settings.backend_timeout_s)
+                           read_timeout_s=settings.backend_timeout_s, placement=settings.placement,
+                           max_loras=settings.vllm_max_loras, batch=settings.vllm_max_num_seqs)
     composites = CompositeStore(settings.composites_dir)
     return Gateway(settings, pool, router, backends, composites, metrics)
 

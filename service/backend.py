@@ -4,7 +4,6 @@ forwarding with fail-over for requests a backend dropped before answering."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -19,6 +18,7 @@ from adapters.engine.gated_format import FORMAT_VERSION
 from service import request_id
 from service.errors import APIError, unavailable
 from service.metrics import Metrics
+from service.placement import Placement, order
 from service.protocol import dumps
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ class Backend:
     inflight: int = 0
     caps: Capabilities | None = None  # None until read (on each start of the backend)
     loaded: dict[str, Path] = field(default_factory=dict)  # adapter name -> directory loaded from
+    active: dict[str, int] = field(default_factory=dict)  # adapter name -> requests in flight here (placement)
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)
 
     def mark_down(self) -> None:
@@ -83,24 +84,37 @@ class Adapter:
 class Lease:
     """A request's hold on a backend: counts in the backend's in-flight load until released, once."""
 
-    def __init__(self, backend: Backend):
+    def __init__(self, backend: Backend, adapter: str | None = None):
         self.backend = backend
+        self.adapter = adapter
         self.start = time.perf_counter()
         backend.inflight += 1
+        if adapter is not None:
+            backend.active[adapter] = backend.active.get(adapter, 0) + 1
         self._held = True
 
     def release(self) -> None:
         if self._held:
             self._held = False
             self.backend.inflight -= 1
+            if self.adapter is not None:
+                left = self.backend.active.get(self.adapter, 0) - 1
+                if left > 0:
+                    self.backend.active[self.adapter] = left
+                else:
+                    self.backend.active.pop(self.adapter, None)
 
 
 class BackendPool:
     def __init__(self, urls: list[str], metrics: Metrics, *, connect_timeout_s: float, read_timeout_s: float,
-                 spill_inflight: int = 64, health_interval_s: float = 2.0, health_timeout_s: float = 5.0):
+                 spill_inflight: int = 64, health_interval_s: float = 2.0, health_timeout_s: float = 5.0,
+                 placement: Placement = "rendezvous", max_loras: int = 8, batch: int = 32):
         self.backends = [Backend(url.rstrip("/")) for url in urls]
         self.metrics = metrics
         self.spill_inflight = spill_inflight
+        self.placement: Placement = placement
+        self.max_loras = max_loras  # adapter slots per backend (vLLM --max-loras), for the scorer
+        self.batch = batch  # sequences per backend batch (vLLM --max-num-seqs), for the scorer
         self.health_interval_s = health_interval_s
         self.health_timeout = aiohttp.ClientTimeout(total=health_timeout_s)
         # No total limit: a long generation may stream for minutes; sock_read bounds the wait between bytes.
@@ -197,23 +211,16 @@ class BackendPool:
 
     # --- placement ------------------------------------------------------------------------------------
     def candidates(self, adapter: Adapter | None) -> list[Backend]:
-        """Healthy backends in preference order: the adapter's rendezvous-hash owner first, so each adapter
-        stays hot on one replica; the owner is skipped while saturated and others have room."""
+        """Healthy backends in preference order (service/placement.py): by rendezvous hashing, each adapter's
+        owner first (skipped while saturated), or by the Inference Extension's LoRA affinity score."""
         # With none healthy, try them all anyway: a refused connection fails in microseconds, and a backend
         # that is only slow to answer health checks may still serve.
         backends = self.backends
         if adapter is not None and adapter.kind == "gated":  # never to a backend that would serve it ungated
             backends = [b for b in backends if b.caps is not None and b.caps.gated]
         healthy = [b for b in backends if b.healthy] or list(backends)
-        key = adapter.name if adapter else ""
-
-        def weight(b: Backend) -> int:
-            return int.from_bytes(hashlib.blake2b(f"{b.url}|{key}".encode(), digest_size=8).digest(), "big")
-
-        ordered = sorted(healthy, key=weight, reverse=True)
-        if ordered and ordered[0].inflight >= self.spill_inflight:
-            ordered.sort(key=lambda b: b.inflight)
-        return ordered
+        return order(healthy, adapter.name if adapter else None, policy=self.placement, max_loras=self.max_loras,
+                     batch=self.batch, spill_inflight=self.spill_inflight)
 
     async def ensure_adapter(self, backend: Backend, adapter: Adapter) -> None:
         if backend.loaded.get(adapter.name) == adapter.path:
@@ -226,6 +233,7 @@ class BackendPool:
             # measured 5x slower). An adapter vLLM already holds under this name may be stale (re-registered
             # while this gateway was away): unload it and load it again, once.
             body = {"lora_name": adapter.name, "lora_path": str(adapter.path)}
+            t0 = time.perf_counter()
             status, text = await self._admin(backend, "load_lora_adapter", body)
             if status == 400 and "already been loaded" in text:
                 await self._admin(backend, "unload_lora_adapter", {"lora_name": adapter.name})
@@ -235,6 +243,7 @@ class BackendPool:
                                code="adapter_load_failed", type_="server_error")
             backend.loaded[adapter.name] = adapter.path
             self.metrics.adapter_loads.labels(backend.url, adapter.kind).inc()
+            self.metrics.adapter_load_time.labels(backend.url, adapter.kind).observe(time.perf_counter() - t0)
 
     async def unload_everywhere(self, name: str) -> None:
         for backend in self.backends:
@@ -267,14 +276,14 @@ class BackendPool:
             try:
                 if adapter is not None:
                     await self.ensure_adapter(backend, adapter)
-                lease = Lease(backend)
+                lease = Lease(backend, adapter.name if adapter else None)
                 try:
                     resp = await self._send_once(lease, path, body, stream)
                     if (adapter is not None and resp.status_code == 404
                             and b"does not exist" in await resp.read()):
                         # vLLM lost the adapter (restarted between health checks): load it again, once.
                         await resp.aclose()
-                        lease = Lease(backend)
+                        lease = Lease(backend, adapter.name)
                         backend.loaded.pop(adapter.name, None)
                         await self.ensure_adapter(backend, adapter)
                         resp = await self._send_once(lease, path, body, stream)

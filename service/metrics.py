@@ -71,6 +71,9 @@ class Metrics:
         r.register(_CompositesCollector(self))
         self.adapter_loads = Counter("flock_adapter_loads_total", "Adapters loaded into a backend.",
                                      ["backend", "kind"], registry=r)
+        self.adapter_load_time = Histogram("flock_adapter_load_seconds",
+                                           "Time to load an adapter into a backend (a CPU LoRA cache miss).",
+                                           ["backend", "kind"], buckets=_LATENCY, registry=r)
 
     def observe_stages(self, stages: dict[str, float]) -> None:
         for stage, seconds in stages.items():

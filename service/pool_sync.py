@@ -80,7 +80,8 @@ class SharedPool:
                 revision = int(raw)
                 if revision == self._revision:
                     return False
-                entries = [json.loads(v) for v in (await self._redis.hgetall(EXPERTS_KEY)).values()]
+                entries = [v.decode() if isinstance(v, bytes) else v
+                           for v in (await self._redis.hgetall(EXPERTS_KEY)).values()]
             except (RedisError, OSError) as exc:
                 log.debug("pool registry unreachable: %s", exc)
                 return False

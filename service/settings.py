@@ -70,6 +70,9 @@ class Settings(EngineSettings):
     )
     backend_timeout_s: float = Field(300.0, description="Read timeout of one backend request.")
     backend_connect_timeout_s: float = Field(1.0, description="Connect timeout: an unreachable backend fails fast.")
+    placement: Literal["rendezvous", "scorer"] = Field(
+        "rendezvous", description="How a backend is chosen for an adapter: `rendezvous` (hashing, each adapter's "
+        "owner) or `scorer` (LoRA affinity on what each backend holds; see docs/performance.md).")
 
     # --- the vLLM engine that `flock serve` manages --------------------------------------------------
     vllm_port: int = Field(8100, description="Port of the managed vLLM server.")

@@ -234,6 +234,34 @@ async def test_experts_crud(stack: Stack):
     assert {"auto", BASE, "cooking", "arith"} <= models and "spare" not in models
 
 
+async def test_concurrent_registrations_all_land(stack: Stack):
+    """Many registrations at once through the API: every one answers 201 and is in the list, the routing index
+    and the state file; then removed at once, none is left behind."""
+    import asyncio
+
+    admin = stack.auth(ADMIN)
+    gateway = stack.app.state.gateway
+    names = [f"burst{i:02d}" for i in range(24)]
+
+    async def register(name: str) -> int:
+        body = {"path": str(stack.root / "spare"), "name": name, "description": f"Answers {name} questions.",
+                "examples": [f"A question for {name}?", f"Another one for {name}."]}
+        return (await stack.client.post("/v1/experts", json=body, headers=admin)).status_code
+
+    assert await asyncio.gather(*(register(n) for n in names)) == [201] * len(names)
+    listed = {e["name"] for e in (await stack.client.get("/v1/experts", headers=admin)).json()["data"]}
+    assert set(names) <= listed
+    await gateway.router.ensure_current()
+    assert set(names) <= set(gateway.router.index.names)
+    saved = {e["name"] for e in json.loads(gateway.settings.pool_file.read_text())["experts"]}
+    assert set(names) <= saved
+    codes = await asyncio.gather(*(stack.client.delete(f"/v1/experts/{n}", headers=admin) for n in names))
+    assert [r.status_code for r in codes] == [200] * len(names)
+    await gateway.router.ensure_current()
+    assert not set(names) & set(gateway.router.index.names)
+    assert not set(names) & {e["name"] for e in json.loads(gateway.settings.pool_file.read_text())["experts"]}
+
+
 async def test_gated_modes_only_where_a_backend_applies_the_gate(stack: Stack):
     gateway = stack.app.state.gateway
     r = await stack.chat("What is 12 times 7?", routing={"mode": "arrow"})

@@ -108,6 +108,7 @@ def test_adopting_a_pool_with_a_corrupt_expert_quarantines_it_instead_of_droppin
     lib = library(tmp_path)
     p = pool(tmp_path / "state" / "pool.json", [lib], lib)
     entries = list(p.entries().values())
+    p.remove("law")  # so that adopting the entries reads law's files (an unchanged entry is not read again)
     weights = lib / "law" / "adapter_model.safetensors"
     good = weights.read_bytes()
     weights.write_bytes(good[: len(good) // 3])
@@ -116,6 +117,7 @@ def test_adopting_a_pool_with_a_corrupt_expert_quarantines_it_instead_of_droppin
     assert [e.name for e in p.servable()] == ["cooking"] and "law" in p.quarantined
     weights.write_bytes(good)
     assert p.recheck(force=True) == ["law"] and [e.name for e in p.servable()] == ["cooking", "law"]
+    p.remove("law")
     shutil.rmtree(lib / "law")  # files gone altogether: dropped, as before
     p.adopt(entries)
     assert [e.name for e in p.experts()] == ["cooking"]
@@ -133,3 +135,46 @@ def test_a_composite_is_keyed_by_its_parts_not_by_the_pool(tmp_path):
     assert p.version != version and parts_version(parts) == before
     write_random_lora(lib / "law", shape=SHAPE, base_name=BASE, seed=9, card=ExpertCard(name="law", description="x"))
     assert parts_version(parts) != before
+
+
+def test_a_change_validates_only_what_changed(tmp_path, monkeypatch):
+    """Registering into a pool, and adopting another replica's view of it, check the files of the experts that
+    are new or changed only: the others' entries are kept as they are (O(change), not O(pool))."""
+    import adapters.pool as pool_module
+
+    lib = library(tmp_path, names=tuple(f"e{i}" for i in range(30)))
+    p = pool(tmp_path / "state" / "pool.json", [lib], lib)
+    other = pool(tmp_path / "other" / "pool.json", [lib], lib)  # a replica, seeded from the same library
+    checked: list[str] = []
+    real = pool_module.validate_adapter
+    monkeypatch.setattr(pool_module, "validate_adapter", lambda d, **kw: checked.append(Path(d).name) or real(d, **kw))
+    write_random_lora(lib / "new", shape=SHAPE, base_name=BASE, seed=99, card=ExpertCard(name="new", description="n"))
+    p.add(lib / "new")
+    assert checked == ["new"]
+
+    entries = [json.dumps(e) for e in p.entries().values()]
+    checked.clear()
+    changed = other.adopt(entries)  # strings, as the shared registry holds them
+    assert checked == ["new"] and changed == set() and other.version == p.version
+    assert json.loads((tmp_path / "other" / "pool.json").read_text())["experts"] == list(p.entries().values())
+    checked.clear()
+    replaced = {**p.entries()["e3"], "description": "e3, rewritten"}
+    changed = other.adopt([json.dumps(replaced) if json.loads(e)["name"] == "e3" else e for e in entries
+                           if json.loads(e)["name"] != "e7"])
+    assert checked == ["e3"] and changed == {"e3", "e7"} and other.get("e3").card.description == "e3, rewritten"
+    assert pool(tmp_path / "other" / "pool.json", [lib], lib).version == other.version  # saved as adopted
+
+
+def test_version_is_a_content_hash(tmp_path):
+    """The same experts give the same version whatever the order of changes; any change gives another."""
+    lib = library(tmp_path, names=("a", "b", "c"))
+    p = pool(tmp_path / "s1" / "pool.json", [lib], lib)
+    q = ExpertPool(state_file=tmp_path / "s2" / "pool.json", roots=[lib.resolve()], base_name=BASE, shape=SHAPE,
+                   max_rank=16)
+    for name in ("c", "a", "b"):
+        q.add(lib / name)
+    assert q.version == p.version
+    q.remove("a")
+    assert q.version != p.version
+    q.add(lib / "a")
+    assert q.version == p.version
