@@ -13,7 +13,8 @@ Pinned to vLLM 0.32.0. On the CPU it replaces the CPU LoRA path's pure-torch pun
 On CUDA it makes the platform choose adapters/engine/punica_gated.py's PunicaWrapperGated (vLLM's GPU wrapper,
 subclassed: gated slots through flock's Triton kernel, plain adapters through vLLM's) and tells that wrapper
 when an adapter has been set into a slot (vLLM's LoRAModelManager.activate_adapter, wrapped). Only on a vLLM
-version that path was tested with (GPU_TESTED_VLLM), and only in eager mode; otherwise an error or warning
+version that path was tested with (GPU_TESTED_VLLM), and only in eager mode on one tensor-parallel rank
+(gate_blocker); otherwise an error or warning
 says why, vLLM's own wrapper stays, and GET /flock/capabilities reports gated: false.
 """
 
@@ -210,12 +211,33 @@ def gpu_gate_supported(version: str) -> bool:
     return version in GPU_TESTED_VLLM
 
 
-def _eager() -> bool:
-    """This engine runs without torch.compile and CUDA graphs (--enforce-eager), which the gated path needs."""
-    from vllm.config import get_current_vllm_config
+def gate_blocker(enforce_eager: bool, tensor_parallel_size: int, fully_sharded_loras: bool) -> str | None:
+    """Why the CUDA gated path cannot serve an engine started with these options, or None when it can.
+    - eager: the wrapper decides per step, in Python, whether to launch its kernel and which tokens are gated,
+      which torch.compile and CUDA-graph capture would freeze;
+    - one tensor-parallel rank: a row-parallel layer's shard (o_proj, down_proj) sees part of x, and the gate
+      needs all of it (its logits and LN statistics);
+    - not --fully-sharded-loras: those layers call vLLM's shrink and expand apart, past the wrapper's gate."""
+    if not enforce_eager:
+        return "per-token modes on CUDA need --enforce-eager"
+    if tensor_parallel_size != 1:
+        return "per-token modes on CUDA need --tensor-parallel-size 1"
+    if fully_sharded_loras:
+        return "per-token modes on CUDA do not work with --fully-sharded-loras"
+    return None
 
-    model = get_current_vllm_config().model_config
-    return bool(model is not None and model.enforce_eager)
+
+def _engine_blocker() -> str | None:
+    """gate_blocker for this engine's configuration (vLLM's current config, set while its worker loads the model
+    and creates the LoRA manager; without one, the gated path is not chosen)."""
+    from vllm.config import get_current_vllm_config_or_none
+
+    config = get_current_vllm_config_or_none()
+    if config is None or config.model_config is None:
+        return "no vLLM configuration at hand"
+    lora = config.lora_config
+    return gate_blocker(bool(config.model_config.enforce_eager), int(config.parallel_config.tensor_parallel_size),
+                        bool(lora is not None and lora.fully_sharded_loras))
 
 
 def install_gpu_gate(platform_cls: type, version: str) -> bool:
@@ -234,10 +256,11 @@ def install_gpu_gate(platform_cls: type, version: str) -> bool:
         original = platform_cls.get_punica_wrapper  # bound to platform_cls
 
         def get_punica_wrapper(cls) -> str:
-            if _eager():
+            blocker = _engine_blocker()
+            if blocker is None:
                 return GATED_WRAPPER
-            log.warning("flock's vLLM plugin: per-token routing modes need --enforce-eager on CUDA (its gate is "
-                        "chosen per step in Python, which CUDA graphs would freeze); vLLM's own LoRA wrapper is used")
+            log.warning("flock's vLLM plugin: %s; vLLM's own LoRA wrapper is used and this backend serves no "
+                        "per-token routing mode (GET /flock/capabilities: gated false)", blocker)
             return original()
 
         get_punica_wrapper.flock = True  # type: ignore[attr-defined]

