@@ -139,13 +139,14 @@ def run_training(
     model, encoded: list[tuple[list[int], list[int]]], params: list[torch.Tensor], *, steps: int, batch_size: int,
     lr: float, pad_id: int, label: str, progress: Callable[[str], None], what: str = "", warmup_frac: float = 0.06,
     schedule: str = "cosine", weight_decay: float = 0.0, eval_every: int = 0,
-    on_eval: Callable[[int, float], bool] | None = None,
+    on_eval: Callable[[int, float], bool] | None = None, deadline: float | None = None,
 ) -> tuple[float, float]:
     """AdamW on `params` over `encoded` examples (wrapping around when there are fewer than steps x batch_size),
     gradient clipping at 1.0, progress ("[label] {what}step ...") every 10 steps.
 
     With `on_eval`, it is called as on_eval(step, windowed loss) every `eval_every` steps (and after the last);
-    returning True stops training there (the stopping rule lives in the callback).
+    returning True stops training there (the stopping rule lives in the callback). Past `deadline` (a
+    time.time() value) training stops after the current step, with one last on_eval call.
     Returns (final windowed loss, seconds)."""
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     warmup = max(1, round(warmup_frac * steps))
@@ -177,10 +178,15 @@ def run_training(
                 f"ETA {per_step * (steps - step - 1):.0f}s"
             )
             window_loss, window_n, window_tokens, window_t = 0.0, 0, 0, now
-        if on_eval is not None and eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
-            if on_eval(step + 1, final_loss):
+        late = deadline is not None and time.time() > deadline
+        if on_eval is not None and eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps or late):
+            if window_n:  # a loss over the steps since the last print
+                final_loss = window_loss / window_n
+            if on_eval(step + 1, final_loss) or late:
                 break
             model.train()
+        elif late:
+            break
     return final_loss, time.perf_counter() - t0
 
 
@@ -288,6 +294,7 @@ def train_expert(
     stop_n: int = 48,
     test_n: int = 0,
     init_from: Path | None = None,
+    max_minutes: float | None = None,
 ) -> dict:
     """Train a LoRA expert for `task_name`, score it on the dev split and save it (bf16) with a card in `out_dir`.
 
@@ -298,6 +305,7 @@ def train_expert(
     With `test_n` > 0 the saved adapter is also scored on `test_n` test-split examples and on `test_n`
     examples in held-out phrasing families (measurement only; never used to choose anything).
     `init_from`: an adapter dir to continue training from (warm start) instead of a fresh LoRA.
+    `max_minutes`: a wall-clock budget for the training loop (it stops there, keeping the best weights).
 
     Returns a summary: task, out_dir, dev_accuracy, final_loss, seconds, seconds_per_step, recipe (and
     test_accuracy, held_out_phrasing_accuracy with `test_n`).
@@ -371,7 +379,8 @@ def train_expert(
     final_loss, train_seconds = run_training(
         model, encoded, trainable, steps=steps, batch_size=batch_size, lr=lr, pad_id=pad_id, label=task_name,
         progress=progress, warmup_frac=warmup_frac, schedule=schedule, weight_decay=weight_decay,
-        eval_every=eval_every, on_eval=on_eval if eval_every else None)
+        eval_every=eval_every, on_eval=on_eval if eval_every else None,
+        deadline=time.time() + 60 * max_minutes if max_minutes else None)
     if best["state"] is not None:
         with torch.no_grad():
             for p, saved in zip(trainable, best["state"]):
@@ -443,12 +452,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--stop-at", type=float, default=1.0)
     parser.add_argument("--test-n", type=int, default=0)
     parser.add_argument("--init-from", type=Path, default=None, help="adapter dir to continue training from")
+    parser.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget of the training loop")
+    parser.add_argument("--stop-n", type=int, default=48, help="dev examples scored by the stopping rule")
     args = parser.parse_args(argv)
     summary = train_expert(
         args.task, args.out_dir, steps=args.steps, rank=args.rank, alpha=args.alpha, lr=args.lr,
         batch_size=args.batch_size, seed=args.seed, dev_n=args.dev_n, schedule=args.schedule,
         base_dir=args.base_dir, eval_every=args.eval_every, patience=args.patience, stop_at=args.stop_at,
-        test_n=args.test_n, init_from=args.init_from,
+        test_n=args.test_n, init_from=args.init_from, max_minutes=args.max_minutes, stop_n=args.stop_n,
     )
     print(json.dumps(summary, indent=2))
 

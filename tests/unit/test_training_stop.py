@@ -53,3 +53,14 @@ def test_on_eval_true_stops_training() -> None:
 def test_no_hook_means_fixed_steps() -> None:
     model, loss = _run(None, steps=30, eval_every=0)
     assert loss < 4.0
+
+
+def test_deadline_stops_with_one_last_evaluation() -> None:
+    import time
+
+    model = _TinyLM()
+    calls: list[int] = []
+    run_training(model, [([1, 2], [-100, 2])], [model.w], steps=1000, batch_size=1, lr=0.1, pad_id=0, label="t",
+                 progress=lambda _: None, eval_every=500, on_eval=lambda s, l_: calls.append(s) or False,
+                 deadline=time.time() - 1)
+    assert calls == [1]  # past the deadline: stop after the first step, scoring the weights reached
