@@ -109,7 +109,7 @@ def _task_turn(task: str, split: str, rng: random.Random, kind: str) -> Turn:
     t = TASKS[task]
     item = _item(task, split, rng)
     pid = rng.choice(t.phrasing_ids("test" if split == "test" else "train"))
-    return Turn(kind=kind, user=t.phrasings[pid].format(**item.fields), expected=task, task=task,
+    return Turn(kind=kind, user=t.render(pid, item.fields, rng), expected=task, task=task,
                 answer=item.answer)
 
 

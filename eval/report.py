@@ -22,16 +22,17 @@ def _dist(d: dict[str, float], k: int = 2) -> str:
 
 
 def modes_table(modes: dict[str, dict]) -> str:
-    rows = ["| mode | held-in mean | % of oracle | held-out mean (vs base) | routing top-1 | ood abstain | "
-            "gateway ms p50 | errors |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| mode | held-in mean | held-in, held-out phrasings | % of oracle | held-out mean (vs base) | "
+            "routing top-1 | ood abstain | gateway ms p50 | errors |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for mode, s in modes.items():
         routing = s.get("routing") or {}
         held_out = fmt_pct(s.get("held_out_mean"))
         if s.get("held_out_vs_base") is not None and mode != "base":
             held_out += f" ({fmt_signed_pp(s['held_out_vs_base'])})"
         pct = s.get("pct_of_oracle")
-        rows.append(f"| {mode} | {fmt_pct(s.get('held_in_mean'))} | {fmt_num(pct, 1, '%')} | {held_out} | "
+        rows.append(f"| {mode} | {fmt_pct(s.get('held_in_mean'))} | "
+                    f"{fmt_pct(s.get('held_in_mean_test_only_phrasings'))} | {fmt_num(pct, 1, '%')} | {held_out} | "
                     f"{fmt_pct(routing.get('top1_held_in'))} | {fmt_pct(routing.get('ood_abstain'))} | "
                     f"{fmt_num(s.get('gateway_ms_p50'), 2)} | {s.get('errors', 0)} |")
     return "\n".join(rows)

@@ -138,10 +138,15 @@ def _lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
 def run_training(
     model, encoded: list[tuple[list[int], list[int]]], params: list[torch.Tensor], *, steps: int, batch_size: int,
     lr: float, pad_id: int, label: str, progress: Callable[[str], None], what: str = "", warmup_frac: float = 0.06,
-    schedule: str = "cosine", weight_decay: float = 0.0,
+    schedule: str = "cosine", weight_decay: float = 0.0, eval_every: int = 0,
+    on_eval: Callable[[int, float], bool] | None = None, deadline: float | None = None,
 ) -> tuple[float, float]:
     """AdamW on `params` over `encoded` examples (wrapping around when there are fewer than steps x batch_size),
     gradient clipping at 1.0, progress ("[label] {what}step ...") every 10 steps.
+
+    With `on_eval`, it is called as on_eval(step, windowed loss) every `eval_every` steps (and after the last);
+    returning True stops training there (the stopping rule lives in the callback). Past `deadline` (a
+    time.time() value) training stops after the current step, with one last on_eval call.
     Returns (final windowed loss, seconds)."""
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     warmup = max(1, round(warmup_frac * steps))
@@ -173,6 +178,15 @@ def run_training(
                 f"ETA {per_step * (steps - step - 1):.0f}s"
             )
             window_loss, window_n, window_tokens, window_t = 0.0, 0, 0, now
+        late = deadline is not None and time.time() > deadline
+        if on_eval is not None and eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps or late):
+            if window_n:  # a loss over the steps since the last print
+                final_loss = window_loss / window_n
+            if on_eval(step + 1, final_loss) or late:
+                break
+            model.train()
+        elif late:
+            break
     return final_loss, time.perf_counter() - t0
 
 
@@ -274,10 +288,27 @@ def train_expert(
     eval_batch_size: int = 32,
     max_new_tokens: int = 32,
     base_dir: Path = DEFAULT_BASE_DIR,
+    eval_every: int = 0,
+    patience: int = 3,
+    stop_at: float = 1.0,
+    stop_n: int = 48,
+    test_n: int = 0,
+    init_from: Path | None = None,
+    max_minutes: float | None = None,
 ) -> dict:
     """Train a LoRA expert for `task_name`, score it on the dev split and save it (bf16) with a card in `out_dir`.
 
-    Returns a summary: task, out_dir, dev_accuracy, final_loss, seconds, seconds_per_step, recipe.
+    Stopping rule (with `eval_every` > 0): every `eval_every` steps the adapter is scored by greedy decoding on
+    `stop_n` dev examples (a dev draw apart from the final dev score's); training stops once that score reaches
+    `stop_at` or has not improved for `patience` evaluations, and the best-scoring weights are kept (`steps`
+    is then the most it may run). The curve (step, dev score, loss) goes into the card's recipe.
+    With `test_n` > 0 the saved adapter is also scored on `test_n` test-split examples and on `test_n`
+    examples in held-out phrasing families (measurement only; never used to choose anything).
+    `init_from`: an adapter dir to continue training from (warm start) instead of a fresh LoRA.
+    `max_minutes`: a wall-clock budget for the training loop (it stops there, keeping the best weights).
+
+    Returns a summary: task, out_dir, dev_accuracy, final_loss, seconds, seconds_per_step, recipe (and
+    test_accuracy, held_out_phrasing_accuracy with `test_n`).
     """
     from peft import LoraConfig, get_peft_model
 
@@ -301,10 +332,23 @@ def train_expert(
     }
 
     model, tokenizer = load_base(base_dir)
-    lora = LoraConfig(
-        r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none", task_type="CAUSAL_LM"
-    )
-    model = get_peft_model(model, lora)
+    if init_from is not None:
+        # Warm start: continue training an existing adapter (its rank, alpha and targets win).
+        from peft import PeftModel
+
+        config = json.loads((Path(init_from) / CONFIG_FILE).read_text())
+        rank, alpha, targets = config["r"], config["lora_alpha"], tuple(config["target_modules"])
+        model = PeftModel.from_pretrained(model, str(init_from), is_trainable=True)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+        recipe.update(rank=rank, alpha=alpha, targets=sorted(targets), init_from=str(init_from))
+    else:
+        lora = LoraConfig(
+            r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none",
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
 
@@ -317,9 +361,33 @@ def train_expert(
         f"[{task_name}] training LoRA r={rank} alpha={alpha} on {len(targets)} modules "
         f"({n_trainable / 1e6:.2f}M params), {steps} steps x {batch_size}, lr {lr}"
     )
+    curve: list[dict] = []
+    best: dict = {"score": -1.0, "step": 0, "state": None, "at": 0}
+    stop_set = task.generate("dev", stop_n, seed + 1) if eval_every else []
+
+    def on_eval(step: int, loss: float) -> bool:
+        t = time.perf_counter()
+        score = evaluate_model(model, tokenizer, stop_set, task, batch_size=eval_batch_size,
+                               max_new_tokens=max_new_tokens)
+        curve.append({"step": step, "dev": round(score, 4), "loss": round(loss, 4)})
+        if score > best["score"]:
+            best.update(score=score, step=step, at=len(curve), state=[p.detach().clone() for p in trainable])
+        progress(f"[{task_name}] step {step}: dev {score:.3f} on {len(stop_set)} (best {best['score']:.3f} at "
+                 f"step {best['step']}; {time.perf_counter() - t:.0f}s)")
+        return score >= stop_at or len(curve) - best["at"] >= patience
+
     final_loss, train_seconds = run_training(
         model, encoded, trainable, steps=steps, batch_size=batch_size, lr=lr, pad_id=pad_id, label=task_name,
-        progress=progress, warmup_frac=warmup_frac, schedule=schedule, weight_decay=weight_decay)
+        progress=progress, warmup_frac=warmup_frac, schedule=schedule, weight_decay=weight_decay,
+        eval_every=eval_every, on_eval=on_eval if eval_every else None,
+        deadline=time.time() + 60 * max_minutes if max_minutes else None)
+    if best["state"] is not None:
+        with torch.no_grad():
+            for p, saved in zip(trainable, best["state"]):
+                p.copy_(saved)
+        recipe.update(stopping={"eval_every": eval_every, "patience": patience, "stop_at": stop_at,
+                                "stop_n": stop_n, "best_step": best["step"], "curve": curve})
+        recipe["steps_run"] = curve[-1]["step"]
 
     # Round the LoRA weights to bf16 now, so the dev score is that of the adapter as saved.
     with torch.no_grad():
@@ -330,6 +398,13 @@ def train_expert(
     dev_accuracy = evaluate_model(model, tokenizer, dev, task, batch_size=eval_batch_size,
                                   max_new_tokens=max_new_tokens)
     progress(f"[{task_name}] dev accuracy {dev_accuracy:.3f} on {len(dev)} examples ({time.perf_counter() - t1:.0f}s)")
+    measured: dict = {}
+    if test_n:
+        for key, examples in (("test_accuracy", task.generate("test", test_n, seed)),
+                              ("held_out_phrasing_accuracy", task.generate("test", test_n, seed, held_out_only=True))):
+            measured[key] = evaluate_model(model, tokenizer, examples, task, batch_size=eval_batch_size,
+                                           max_new_tokens=max_new_tokens)
+            progress(f"[{task_name}] {key} {measured[key]:.3f} on {len(examples)} examples")
 
     generated = generate_description(model, tokenizer, train[:3])
     progress(f"[{task_name}] LLM-written description: {generated!r}")
@@ -338,7 +413,7 @@ def train_expert(
         name=task_name,
         description=task.description,
         examples=card_examples(task, seed),
-        extra={"recipe": recipe, "dev_accuracy": dev_accuracy, "final_train_loss": final_loss,
+        extra={"recipe": recipe, "dev_accuracy": dev_accuracy, "final_train_loss": final_loss, **measured,
                "generated_description": generated, "generated_by": f"{BASE_NAME} (greedy, few-shot, adapters off)",
                "description_examples": [{"prompt": e.prompt, "answer": e.answer} for e in train[:3]]},
     )
@@ -353,8 +428,9 @@ def train_expert(
         "dev_accuracy": dev_accuracy,
         "final_loss": final_loss,
         "seconds": train_seconds,
-        "seconds_per_step": train_seconds / max(1, steps),
+        "seconds_per_step": train_seconds / max(1, int(recipe.get("steps_run", steps))),  # type: ignore[call-overload]
         "recipe": recipe,
+        **measured,
     }
 
 
@@ -371,11 +447,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--dev-n", type=int, default=100)
     parser.add_argument("--schedule", choices=("cosine", "constant"), default="cosine")
     parser.add_argument("--base-dir", type=Path, default=DEFAULT_BASE_DIR)
+    parser.add_argument("--eval-every", type=int, default=0, help="stopping rule: score dev every N steps")
+    parser.add_argument("--patience", type=int, default=3)
+    parser.add_argument("--stop-at", type=float, default=1.0)
+    parser.add_argument("--test-n", type=int, default=0)
+    parser.add_argument("--init-from", type=Path, default=None, help="adapter dir to continue training from")
+    parser.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget of the training loop")
+    parser.add_argument("--stop-n", type=int, default=48, help="dev examples scored by the stopping rule")
     args = parser.parse_args(argv)
     summary = train_expert(
         args.task, args.out_dir, steps=args.steps, rank=args.rank, alpha=args.alpha, lr=args.lr,
         batch_size=args.batch_size, seed=args.seed, dev_n=args.dev_n, schedule=args.schedule,
-        base_dir=args.base_dir,
+        base_dir=args.base_dir, eval_every=args.eval_every, patience=args.patience, stop_at=args.stop_at,
+        test_n=args.test_n, init_from=args.init_from, max_minutes=args.max_minutes, stop_n=args.stop_n,
     )
     print(json.dumps(summary, indent=2))
 

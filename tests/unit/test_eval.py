@@ -132,7 +132,8 @@ def test_markdown_rendering():
                      "pct_of_oracle": 50.0, "held_out_mean": 0.5, "held_out_vs_base": 0.0, "routing": None,
                      "gateway_ms_p50": 0.12, "errors": 0},
             "global": {"accuracy_per_task": {"a": 1.0, "b": 0.5, "c": 0.75}, "held_in_mean": 0.75,
-                       "pct_of_oracle": 100.0, "held_out_mean": 0.75, "held_out_vs_base": 0.25,
+                       "held_in_mean_test_only_phrasings": 0.625, "pct_of_oracle": 100.0, "held_out_mean": 0.75,
+                       "held_out_vs_base": 0.25,
                        "routing": {"top1_held_in": 0.9, "ood_abstain": 0.8}, "gateway_ms_p50": 6.5, "errors": 1},
         },
         "routing": {"variants": {"description": {
@@ -143,9 +144,10 @@ def test_markdown_rendering():
     }
     md = report.render_markdown(results)
     lines = md.splitlines()
-    assert "| mode | held-in mean | % of oracle | held-out mean (vs base) | routing top-1 | ood abstain |" in md
-    assert "| base | 37.5% | 50.0% | 50.0% | – | – | 0.12 | 0 |" in lines
-    assert "| global | 75.0% | 100.0% | 75.0% (+25.0 pp) | 90.0% | 80.0% | 6.50 | 1 |" in lines
+    assert ("| mode | held-in mean | held-in, held-out phrasings | % of oracle | held-out mean (vs base) | "
+            "routing top-1 | ood abstain |") in md
+    assert "| base | 37.5% | – | 50.0% | 50.0% | – | – | 0.12 | 0 |" in lines
+    assert "| global | 75.0% | 62.5% | 100.0% | 75.0% (+25.0 pp) | 90.0% | 80.0% | 6.50 | 1 |" in lines
     assert "| a | held_in | 50.0% | 100.0% |" in lines and "| c | held_out | 50.0% | 75.0% |" in lines
     assert not any(line.startswith("| ood |") for line in lines)  # ood has no accuracy row
     assert "| description | 90.0% | 80.0% | 5.0% | 80.0% | c: a 60%, base 30% | 0.312 | 5.25 |" in lines

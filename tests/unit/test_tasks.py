@@ -15,7 +15,7 @@ from training.tasks.sql import EMPLOYEES, run_query
 
 HELD_IN = {"arithmetic", "sort_numbers", "iso_date", "sentiment", "json_extract", "unit_convert", "text_to_sql",
            "translate_fr", "number_words", "antonym"}
-HELD_OUT = {"time_24h", "words_to_number", "translate_es"}
+HELD_OUT = {"time_24h", "words_to_number", "translate_es", "largest_number", "date_weekday", "translate_fr_en"}
 TEMPLATED = sorted(name for name, t in TASKS.items() if t.kind != "ood")
 # Tasks whose item space is large enough for disjoint splits (the lexicon tasks share words by design).
 SPLIT = sorted(name for name in TEMPLATED if TASKS[name].split_items)
@@ -35,6 +35,9 @@ WRONG = {
     "time_24h": "25:61",
     "words_to_number": "-1",
     "translate_es": "xyzzy",
+    "largest_number": "-1",
+    "date_weekday": "Funday",
+    "translate_fr_en": "xyzzy",
 }
 
 

@@ -7,9 +7,16 @@ routing on unseen tasks), and `ood` holds general prompts whose right route is t
 from __future__ import annotations
 
 from training.tasks.base import SPLITS, Example, Item, Task, exact_match, normalize, split_of
-from training.tasks.datetime_tasks import ISO_DATE, TIME_24H
-from training.tasks.lexicon import ANTONYM, TRANSLATE_ES, TRANSLATE_FR
-from training.tasks.numeric import ARITHMETIC, NUMBER_WORDS, SORT_NUMBERS, UNIT_CONVERT, WORDS_TO_NUMBER
+from training.tasks.datetime_tasks import DATE_WEEKDAY, ISO_DATE, TIME_24H
+from training.tasks.lexicon import ANTONYM, TRANSLATE_ES, TRANSLATE_FR, TRANSLATE_FR_EN
+from training.tasks.numeric import (
+    ARITHMETIC,
+    LARGEST_NUMBER,
+    NUMBER_WORDS,
+    SORT_NUMBERS,
+    UNIT_CONVERT,
+    WORDS_TO_NUMBER,
+)
 from training.tasks.ood import OOD
 from training.tasks.sql import TEXT_TO_SQL
 from training.tasks.text_tasks import JSON_EXTRACT, SENTIMENT
@@ -19,7 +26,7 @@ TASKS: dict[str, Task] = {
     for t in (
         ARITHMETIC, SORT_NUMBERS, ISO_DATE, SENTIMENT, JSON_EXTRACT, UNIT_CONVERT, TEXT_TO_SQL, TRANSLATE_FR,
         NUMBER_WORDS, ANTONYM,  # held in
-        TIME_24H, WORDS_TO_NUMBER, TRANSLATE_ES,  # held out
+        TIME_24H, WORDS_TO_NUMBER, TRANSLATE_ES, LARGEST_NUMBER, DATE_WEEKDAY, TRANSLATE_FR_EN,  # held out
         OOD,
     )
 }

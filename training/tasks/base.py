@@ -4,8 +4,11 @@ A task draws *items* (the underlying thing to solve: a number triple, a date, a 
 `random.Random` and renders each as a user prompt through one of its phrasing templates. Items are assigned to
 a split by a stable hash of their key, so train, dev and test never share an item when the item space is large;
 tasks over a small fixed lexicon set `split_items=False` and share items across splits (said where they do).
-The last `n_test_only` phrasings are reserved for the test split; train and dev only use the others. The test
-split draws from all phrasings, so `Example.phrasing_id in task.test_only_ids` picks out unseen phrasings.
+Each prompt comes from a *phrasing family*: one of the task's templates in one of the surface styles of
+`training.tasks.phrasing` (wrappers, casing, typos, context, chat turns). Families with one of the last
+`n_test_only` templates or a held-out style are reserved for the test split; train and dev only use the others.
+The test split draws from all families, so `Example.phrasing_id in task.test_only_ids` picks out unseen
+phrasings, and `task.generate("test", n, seed, held_out_only=True)` draws from the held-out families alone.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
+
+from training.tasks.phrasing import HELD_OUT_STYLES, N_STYLES, split_family, styled
 
 SPLITS = ("train", "dev", "test")
 Kind = Literal["held_in", "held_out", "ood"]
@@ -73,22 +78,51 @@ class Task:
     n_test_only: int = 2
     # False for small fixed lexicons: every split draws from all items (only the phrasings differ).
     split_items: bool = True
+    # False: templates are used as written (one family per template, no styles).
+    styles: bool = True
+
+    @property
+    def n_styles(self) -> int:
+        return N_STYLES if self.styles else 1
+
+    @property
+    def n_families(self) -> int:
+        return len(self.phrasings) * self.n_styles
+
+    def is_held_out(self, family: int) -> bool:
+        """True when the family's template is test-only or its style is a held-out style."""
+        template, style = split_family(family) if self.styles else (family, 0)
+        return template >= len(self.phrasings) - self.n_test_only or (self.styles and style in HELD_OUT_STYLES)
 
     @property
     def test_only_ids(self) -> frozenset[int]:
-        return frozenset(range(len(self.phrasings) - self.n_test_only, len(self.phrasings)))
+        return frozenset(f for f in range(self.n_families) if self.is_held_out(f))
 
-    def phrasing_ids(self, split: str) -> range:
+    def phrasing_ids(self, split: str, held_out_only: bool = False) -> list[int]:
+        if held_out_only:
+            return sorted(self.test_only_ids)
         if split == "test":
-            return range(len(self.phrasings))
-        return range(len(self.phrasings) - self.n_test_only)
+            return list(range(self.n_families))
+        return [f for f in range(self.n_families) if not self.is_held_out(f)]
 
-    def generate(self, split: str, n: int, seed: int) -> list[Example]:
-        """`n` examples of `split`, the same for the same (split, n, seed); distinct prompts where possible."""
+    def render(self, family: int, fields: dict, rng: random.Random) -> str:
+        """The prompt of phrasing family `family` with `fields` filled in."""
+        if not self.styles:
+            return self.phrasings[family].format(**fields)
+        template, style = split_family(family)
+        return styled(self.phrasings[template], style, rng).format(**fields)
+
+    def generate(self, split: str, n: int, seed: int, held_out_only: bool = False) -> list[Example]:
+        """`n` examples of `split`, the same for the same (split, n, seed); distinct prompts where possible.
+
+        `held_out_only` (test split only): draw from the held-out phrasing families alone."""
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-        rng = random.Random(f"{self.name}|{split}|{seed}")
-        ids = self.phrasing_ids(split)
+        if held_out_only and split != "test":
+            raise ValueError("held-out phrasings belong to the test split only")
+        tag = "|held_out" if held_out_only else ""
+        rng = random.Random(f"{self.name}|{split}|{seed}{tag}")
+        ids = self.phrasing_ids(split, held_out_only)
         out: list[Example] = []
         seen: set[str] = set()
         attempts = 0
@@ -101,7 +135,7 @@ class Task:
             if self.split_items and split_of(self.name, item.key) != split:
                 continue
             pid = rng.choice(ids)
-            prompt = self.phrasings[pid].format(**item.fields)
+            prompt = self.render(pid, item.fields, rng)
             # Prefer distinct prompts; after many tries (small item spaces) allow repeats.
             if prompt in seen and attempts < max_attempts:
                 continue

@@ -101,3 +101,33 @@ TIME_24H = Task(
     ),
     sampler=_time_item,
 )
+
+
+_WEEKDAYS = "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()
+
+
+def _weekday_item(rng: random.Random) -> Item:
+    d = dt.date.fromordinal(rng.randint(_DAY0, _DAY1))
+    return Item(key=d.isoformat(), fields={"date": render_date(d, rng.randrange(_N_DATE_STYLES))},
+                answer=_WEEKDAYS[d.weekday()])
+
+
+DATE_WEEKDAY = Task(
+    name="date_weekday",
+    kind="held_out",
+    description="Convert a date written in words or a common numeric form to the day of the week it falls on.",
+    phrasings=(
+        "What day of the week was {date}?",
+        "Which weekday is {date}?",
+        "Give the day of the week for {date}.",
+        "Date: {date}. What weekday is it?",
+        "On what day of the week does {date} fall?",
+        "Convert {date} to its weekday name.",
+        "Tell me the weekday of {date}.",
+        "{date} was a what (Monday to Sunday)?",
+        # test only
+        "I was born on {date}. Which day of the week was that?",
+        "Weekday please: {date}",
+    ),
+    sampler=_weekday_item,
+)

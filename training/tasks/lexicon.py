@@ -1,4 +1,5 @@
-"""Word-level tasks over fixed lexicons: translate_fr (held in), translate_es (held out), antonym (held in).
+"""Word-level tasks over fixed lexicons: translate_fr (held in), translate_es and translate_fr_en (held out),
+antonym (held in).
 
 The lexicons are small (a few hundred entries), so these tasks set `split_items=False`: train, dev and test
 share words and differ only in phrasing (the last two phrasings are test-only). A dev/test score therefore
@@ -26,6 +27,12 @@ LEXICON: tuple[tuple[str, str, str], ...] = tuple(
 )
 EN_FR = {en: fr for en, fr, _ in LEXICON}
 EN_ES = {en: es for en, _, es in LEXICON}
+
+# French to English: only French words with a single English source, so the answer is unambiguous.
+_FR_COUNT: dict[str, int] = {}
+for _en, _fr, _ in LEXICON:
+    _FR_COUNT[_fr] = _FR_COUNT.get(_fr, 0) + 1
+FR_EN = {fr: en for en, fr, _ in LEXICON if _FR_COUNT[fr] == 1}
 
 ANTONYM_PAIRS: tuple[tuple[str, str], ...] = tuple(
     tuple(line.split()) for line in _rows("antonyms.txt")  # type: ignore[misc]
@@ -119,6 +126,28 @@ ANTONYM = Task(
         "Flip the meaning of '{word}': what is its antonym?",
     ),
     sampler=_lexicon_sampler(ANTONYMS),
+    scorer=_score_word,
+    split_items=False,
+)
+
+TRANSLATE_FR_EN = Task(
+    name="translate_fr_en",
+    kind="held_out",
+    description="Convert a French word to its English translation.",
+    phrasings=(
+        "Translate the French word '{word}' into English.",
+        "What is the English word for the French '{word}'?",
+        "What does the French word {word} mean in English?",
+        "French to English: {word}",
+        "Give the English for the French word: {word}",
+        "English translation of the French '{word}'?",
+        "Translate this French word to English: {word}",
+        "In English, the French word '{word}' is what?",
+        # test only
+        "My pen pal in Paris wrote '{word}'. What is that in English?",
+        "Render the French word '{word}' in English.",
+    ),
+    sampler=_lexicon_sampler(FR_EN),
     scorer=_score_word,
     split_items=False,
 )

@@ -16,11 +16,9 @@ _OPS = {"+": ("plus", lambda a, b: a + b), "-": ("minus", lambda a, b: a - b), "
 def _arithmetic_item(rng: random.Random) -> Item:
     op = rng.choice("+-*")
     if op == "*":
-        # Full 3-digit x 3-digit products are out of reach for a 135M model; keep one factor small.
-        if rng.random() < 0.5:
-            a, b = rng.randint(0, 999), rng.randint(0, 9)
-        else:
-            a, b = rng.randint(0, 99), rng.randint(0, 99)
+        # Multi-digit products are out of reach for a 135M model (2-digit x 2-digit and 3-digit x 1-digit
+        # stayed under 50% after training); products are a number up to 99 times a single digit.
+        a, b = rng.randint(0, 99), rng.randint(0, 9)
         if rng.random() < 0.5:
             a, b = b, a
     else:
@@ -40,7 +38,8 @@ def _score_integer(prediction: str, answer: str) -> bool:
 ARITHMETIC = Task(
     name="arithmetic",
     kind="held_in",
-    description="Convert an arithmetic question adding, subtracting or multiplying integers to its numeric result.",
+    description=("Convert an arithmetic question adding or subtracting integers up to 999, or multiplying a number up "
+                 "to 99 by one digit, to its numeric result."),
     phrasings=(
         "What is {a} {word} {b}?",
         "Compute {a} {sym} {b}.",
@@ -287,4 +286,33 @@ UNIT_CONVERT = Task(
     ),
     sampler=_unit_item,
     scorer=_score_quantity,
+)
+
+# ------------------------------------------------------------------------------------------ largest_number
+
+
+def _largest_item(rng: random.Random) -> Item:
+    item = _sort_item(rng)
+    return Item(key=item.key, fields=item.fields, answer=item.answer.split(", ")[-1])
+
+
+LARGEST_NUMBER = Task(
+    name="largest_number",
+    kind="held_out",
+    description="Sort a list of integers and give only the largest one.",
+    phrasings=(
+        "Sort these numbers and tell me the largest: {csv}",
+        "Put {list_and} in order and give the biggest one.",
+        "Which is the largest of these numbers once sorted: {spaced}?",
+        "Sort {csv} in ascending order, then give only the last number.",
+        "What is the maximum of {semicolon}?",
+        "Order these from smallest to largest and return the largest: {csv}",
+        "Numbers: {csv}. Which one is the greatest?",
+        "Find the largest value in this list: {csv}",
+        # test only
+        "After sorting {list_and}, which number comes last?",
+        "Give me just the highest number here: {spaced}",
+    ),
+    sampler=_largest_item,
+    scorer=_score_integer,
 )

@@ -99,7 +99,8 @@ def _unused_sampler(rng: random.Random) -> Item:  # generate() is overridden bel
 
 
 class _OodTask(Task):
-    def generate(self, split: str, n: int, seed: int) -> list[Example]:
+    def generate(self, split: str, n: int, seed: int, held_out_only: bool = False) -> list[Example]:
+        """The general prompts, shuffled (`held_out_only` is accepted for the shared signature; no phrasings)."""
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
         rng = random.Random(f"{self.name}|{split}|{seed}")
@@ -120,4 +121,5 @@ OOD = _OodTask(
     scorer=_always_true,
     n_test_only=0,
     split_items=False,
+    styles=False,
 )
