@@ -14,7 +14,7 @@ Faults, one at a time at random moments, each opening a *documented window* in w
 - `replica`: replica B SIGKILLed, restarted. Expected: transport errors on requests sent to B.
 - `vllm`: the vLLM SIGKILLed; A's supervisor restarts it. Expected: 503 backend_unavailable, streams ending with
   backend_stream_broken, and 503 on registrations (the adapter cannot be checked on a backend).
-- `expert`: one registered expert's weights truncated, repaired later. Expected: 503 expert_unavailable or 502
+- `expert`: one registered expert's weights replaced by a truncated copy, repaired later. Expected: 503 expert_unavailable or 502
   adapter_load_failed on requests naming that expert; auto-routed requests never fail.
 An error outside its window is a finding; the goal is 0. Disk use, RSS and open files are sampled throughout.
 """
@@ -551,9 +551,11 @@ def strike(stack: SoakStack, kind: str) -> None:
     elif kind == "expert":
         weights = stack.experts / VICTIM / "adapter_model.safetensors"
         good = weights.read_bytes()
-        weights.write_bytes(good[: len(good) // 3])
+        # Replaced, not rewritten in place: truncating an adapter file vLLM had loaded killed vLLM's worker with
+        # SIGBUS in the soak (vLLM reads adapters through memory maps; see docs/operations.md).
+        _replace(weights, good[: len(good) // 3])
         time.sleep(12)  # the watcher (5 s) quarantines it; requests naming it fail meanwhile
-        weights.write_bytes(good)
+        _replace(weights, good)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:  # wait for the watcher to let it back in on both replicas
             if all(_victim_serves(url, stack.settings) for url in stack.urls):
@@ -561,6 +563,12 @@ def strike(stack: SoakStack, kind: str) -> None:
             time.sleep(1)
     else:
         raise ValueError(f"unknown fault {kind!r}; known: {', '.join(FAULTS)}")
+
+
+def _replace(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(".soak-tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def _victim_serves(url: str, settings: Settings) -> bool:
