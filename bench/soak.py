@@ -14,8 +14,8 @@ Faults, one at a time at random moments, each opening a *documented window* in w
 - `replica`: replica B SIGKILLed, restarted. Expected: transport errors on requests sent to B.
 - `vllm`: the vLLM SIGKILLed; A's supervisor restarts it. Expected: 503 backend_unavailable, streams ending with
   backend_stream_broken, and 503 on registrations (the adapter cannot be checked on a backend).
-- `expert`: one registered expert's weights replaced by a truncated copy, repaired later. Expected: 503 expert_unavailable or 502
-  adapter_load_failed on requests naming that expert; auto-routed requests never fail.
+- `expert`: one registered expert's weights replaced by a truncated copy, repaired later. Expected: 503
+  expert_unavailable or 502 adapter_load_failed on requests naming that expert; auto-routed ones never fail.
 An error outside its window is a finding; the goal is 0. Disk use, RSS and open files are sampled throughout.
 """
 
