@@ -311,8 +311,7 @@ class ExpertPool:
         experts = {}
         for entry in entries:
             try:
-                card = ExpertCard.model_validate({k: entry[k] for k in ("name", "description", "examples", "extra")
-                                                  if k in entry})
+                card = _stored_card(entry)
                 tenant = entry.get("tenant")
                 if tenant is not None and not card.name.startswith(name_prefix(tenant)):
                     raise NameNotAllowed(f"not named {name_prefix(tenant)}...", "name")
@@ -339,8 +338,7 @@ class ExpertPool:
         corrupt) stays registered, quarantined: dropping it would remove it from every replica's pool for good.
         None when its directory is gone or the entry itself is unusable."""
         try:
-            card = ExpertCard.model_validate({k: entry[k] for k in ("name", "description", "examples", "extra")
-                                              if k in entry})
+            card = _stored_card(entry)
             tenant = entry.get("tenant")
             if isinstance(exc, NameNotAllowed):  # an entry no tenant may hold: never kept
                 return None
@@ -418,6 +416,11 @@ class ExpertPool:
         for e in experts.values():
             value ^= self._encoded(e)[1]
         return f"{value:016x}"
+
+
+def _stored_card(entry: dict) -> ExpertCard:
+    """The card fields of a stored pool entry."""
+    return ExpertCard.model_validate({k: entry[k] for k in ("name", "description", "examples", "extra") if k in entry})
 
 
 def _owner(tenant: str | None) -> str:

@@ -96,29 +96,25 @@ class SoakReport:
 # ----------------------------------------------------------------------------------------------- processes
 
 
-def _proc_children(pid: int) -> list[int]:
-    kids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    kids.append(int(entry.name))
-            except (OSError, ValueError, IndexError):
-                pass
-    return kids
-
-
-def _group(pgid: int) -> list[int]:
-    pids = []
+def _processes() -> list[tuple[int, str, int, int]]:
+    """(pid, state, parent pid, process group) of every live process, from /proc/*/stat."""
+    found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                if int(fields[2]) == pgid and fields[0] != "Z":
-                    pids.append(int(entry.name))
+                found.append((int(entry.name), fields[0], int(fields[1]), int(fields[2])))
             except (OSError, ValueError, IndexError):
                 pass
-    return pids
+    return found
+
+
+def _proc_children(pid: int) -> list[int]:
+    return [p for p, _, ppid, _ in _processes() if ppid == pid]
+
+
+def _group(pgid: int) -> list[int]:
+    return [p for p, state, _, group in _processes() if group == pgid and state != "Z"]
 
 
 def _rss_mb(pids: list[int]) -> float:
