@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 from adapters.card import ExpertCard
 from adapters.validate import ModelShape
@@ -88,10 +89,21 @@ def write_test_gates(path: Path, seed: int) -> None:
 class Redis:
     port: int
     proc: ManagedProcess
+    next_db: int = 1
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+    def fresh_url(self) -> str:
+        """A database of its own, emptied: a test's gateways must not adopt a pool another test left in Redis
+        (database 0 is the session gateway's; redis-server has 16)."""
+        db, self.next_db = self.next_db, self.next_db + 1
+        if db > 15:
+            raise RuntimeError("out of Redis databases for tests (redis-server has 16)")
+        with redis.Redis(port=self.port, db=db) as r:
+            r.flushdb()
+        return f"redis://127.0.0.1:{self.port}/{db}"
 
     def restart(self) -> None:
         self.proc.stop()

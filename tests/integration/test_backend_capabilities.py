@@ -29,7 +29,7 @@ def stock_vllm(work, base_model_dir):
 
 @pytest.fixture(scope="module")
 def stock_gateway(work, stock_vllm, redis_server, expert_root):
-    env = {"FLOCK_BACKEND_URLS": stock_vllm, "FLOCK_REDIS_URL": redis_server.url.replace("/0", "/3"),
+    env = {"FLOCK_BACKEND_URLS": stock_vllm, "FLOCK_REDIS_URL": redis_server.fresh_url(),
            "FLOCK_EXPERT_ROOTS": str(expert_root)}
     gw = start_gateway(work, "stock", env)
     with gw.client() as c:

@@ -100,15 +100,10 @@ def test_register_use_and_remove(gateway, expert_root, shape):
 def test_pool_survives_restart(work, gateway, vllm_url, redis_server, expert_root):
     """A second gateway on the same state directory (as after a restart) serves the same pool, read from its
     pool.json: its Redis database is an empty one, so there is no shared registry to adopt the pool from."""
-    import redis
-
     with gateway.client() as c:
         before = c.get("/v1/experts").json()
     assert {e["name"] for e in before["data"]} >= set(TEST_EXPERTS)
-    db = 4  # used by no other test
-    with redis.Redis(port=redis_server.port, db=db) as r:
-        r.flushdb()
-    env = {"FLOCK_BACKEND_URLS": vllm_url, "FLOCK_REDIS_URL": f"redis://127.0.0.1:{redis_server.port}/{db}",
+    env = {"FLOCK_BACKEND_URLS": vllm_url, "FLOCK_REDIS_URL": redis_server.fresh_url(),
            "FLOCK_EXPERT_ROOTS": str(expert_root), "FLOCK_STATE_DIR": str(gateway.state_dir)}
     again = start_gateway(work, "restart", env)
     try:
@@ -119,8 +114,6 @@ def test_pool_survives_restart(work, gateway, vllm_url, redis_server, expert_roo
             assert r.status_code == 200 and r.json()["model"] == "cooking", r.text
     finally:
         stop_gateway(again)
-        with redis.Redis(port=redis_server.port, db=db) as r:
-            r.flushdb()
 
 
 def test_pool_change_during_traffic_loses_no_request(gateway, expert_root, shape):

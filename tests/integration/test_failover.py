@@ -101,7 +101,7 @@ def managed(request, work: Path, redis_server, expert_root: Path) -> Iterator[Ma
     so its pool registry is not shared with the session gateway's."""
     port = free_port()
     env = {"FLOCK_VLLM_PORT": str(port), "FLOCK_VLLM_KVCACHE_GIB": "1", "FLOCK_VLLM_MAX_NUM_SEQS": "16",
-           "FLOCK_REDIS_URL": f"redis://127.0.0.1:{redis_server.port}/6", "FLOCK_EXPERT_ROOTS": str(expert_root)}
+           "FLOCK_REDIS_URL": redis_server.fresh_url(), "FLOCK_EXPERT_ROOTS": str(expert_root)}
     with ThreadPoolExecutor(1) as ex:
         starting = ex.submit(start_gateway, work, "managed", env, timeout_s=600)
         # When this file runs alone, the session vLLM loads at the same time as the managed one.
@@ -141,7 +141,7 @@ def pair(work: Path, redis_server, expert_root: Path, shape, managed: Managed, v
     for seed, name in enumerate(experts, start=40):
         write_random_lora(expert_root / name, shape=shape, base_name=BASE, seed=seed, strength=0.3,
                           card=ExpertCard(name=name, description=f"Failover test expert {name}."))
-    env = {"FLOCK_BACKEND_URLS": ",".join(urls), "FLOCK_REDIS_URL": f"redis://127.0.0.1:{redis_server.port}/7",
+    env = {"FLOCK_BACKEND_URLS": ",".join(urls), "FLOCK_REDIS_URL": redis_server.fresh_url(),
            "FLOCK_EXPERT_ROOTS": str(expert_root)}
     gw = start_gateway(work, "pair", env)
     try:

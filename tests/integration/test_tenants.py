@@ -45,7 +45,7 @@ def replicas(work, vllm_url, redis_server, expert_root, shape):
     legal = write_random_lora(tenants / "beta" / "legal", shape=shape, base_name=BASE, seed=40, strength=0.3,
                               card=ExpertCard(name=name, description=description, examples=examples))
     write_test_gates(legal, 40)  # a candidate of the per-token modes too
-    env = {"FLOCK_BACKEND_URLS": vllm_url, "FLOCK_REDIS_URL": redis_server.url.rsplit("/", 1)[0] + "/7",
+    env = {"FLOCK_BACKEND_URLS": vllm_url, "FLOCK_REDIS_URL": redis_server.fresh_url(),
            "FLOCK_EXPERT_ROOTS": str(expert_root), "FLOCK_TENANT_EXPERTS_DIR": str(tenants),
            "FLOCK_POOL_SYNC_S": "0.5", "FLOCK_MERGE_TEMPERATURE": "0.2",
            "FLOCK_API_KEYS": PLAIN, "FLOCK_ADMIN_KEYS": ADMIN, "FLOCK_TENANT_KEYS": f"acme:{KEY_A},beta:{KEY_B}"}
