@@ -18,7 +18,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from fastapi.responses import Response, StreamingResponse
 
@@ -201,16 +201,35 @@ class Gateway:
                 return await self._forward(endpoint, body, decision, adapter, routing_headers(decision, cache_status),
                                            start, remember, who.tenant if who is not None else None)
             except APIError as exc:
-                # An expert whose files broke since it was registered: quarantined, and a routed request goes to
-                # the next-best expert or the base model (a request that named it gets the error).
-                if (body.model == AUTO and attempt < 3 and exc.code in BROKEN_EXPERT_CODES
-                        and await self.quarantine_broken(decision)):
+                step = await self._recovery(exc, decision, routed=body.model == AUTO, attempt=attempt)
+                if step == "reroute":
                     decision = await reroute()
                     continue
+                if step == "retry":
+                    continue
                 self.metrics.requests.labels(endpoint, decision.mode, "error").inc()
-                exc.headers = {**routing_headers(decision, cache_status), **exc.headers}
-                raise
+                step.headers = {**routing_headers(decision, cache_status), **step.headers}
+                raise step from None
         raise AssertionError("unreachable")
+
+    async def _recovery(self, exc: APIError, decision: RoutingDecision, *, routed: bool, attempt: int
+                        ) -> Literal["reroute", "retry"] | APIError:
+        """What to do after `exc` served `decision`: route again, try the same decision once more, or answer
+        with an error. Only a failed adapter load or composite build is recovered from, three attempts at most:
+        - an expert removed while its adapter was loading (its files may be gone already): a routed request is
+          routed again; one that named it learns it left (503 pool_changed);
+        - an expert whose files broke since it was registered: quarantined; a routed request goes to the
+          next-best expert or the base model, one that named it gets the error;
+        - files that read well by now (a repair raced the load): the same decision once more."""
+        if exc.code not in BROKEN_EXPERT_CODES:
+            return exc
+        left = next((c.name for c in decision.experts if self.pool.get(c.name) is None), None)
+        if routed and attempt < 3:
+            if left is not None or await self.quarantine_broken(decision):
+                return "reroute"
+            if attempt == 1:
+                return "retry"
+        return expert_left(left) if left is not None else exc
 
     async def _forward(self, endpoint: str, body: Generation, decision: RoutingDecision, adapter: Adapter | None,
                        headers: dict[str, str], start: float, remember: Remember | None = None,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +32,8 @@ class FakeVLLM:
     unloaded: list[str] = field(default_factory=list)
     # GET /flock/capabilities answers this (flock's plugin on a CPU vLLM); None: 404, as a stock vLLM does.
     capabilities: dict | None = field(default_factory=lambda: capabilities("cpu"))
+    # Awaited with the adapter's name before a load reads its files: lets a test change the pool mid-load.
+    before_load: Callable[[str], Awaitable[None]] | None = None
 
     def app(self) -> FastAPI:
         app = FastAPI()
@@ -49,6 +51,8 @@ class FakeVLLM:
         @app.post("/v1/load_lora_adapter")
         async def load(request: Request) -> Response:
             body = await request.json()
+            if self.before_load is not None:
+                await self.before_load(body["lora_name"])
             try:  # as vLLM does, read the weights: an unreadable file is refused
                 load_file(str(Path(body["lora_path"]) / "adapter_model.safetensors"))
             except Exception as exc:

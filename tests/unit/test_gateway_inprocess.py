@@ -4,7 +4,9 @@ the SSE relay, auth, /v1/route and the experts API, in seconds."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -454,6 +456,66 @@ async def test_a_broken_expert_is_quarantined_and_routed_around(stack: Stack):
     finally:
         weights.write_bytes(good)
         await stack.client.delete("/v1/experts/geo", headers=admin)
+
+
+async def test_an_expert_removed_while_its_adapter_loads_is_routed_around(stack: Stack):
+    """The expert is removed (files and all) after the decision, while the backend is loading its adapter: the
+    routed request is routed again on the pool as it is now, and a request that named it gets 503 pool_changed,
+    not a 502 adapter_load_failed (found by the soak's registration churn)."""
+    shape = ModelShape.from_model_dir(Settings().resolved_base_model_dir)
+    admin = stack.auth(ADMIN)
+    for auto in (True, False):
+        geo = stack.root / "geo-churn"
+        write_random_lora(geo, shape=shape, base_name=BASE, seed=22, rank=2, targets=("q_proj",),
+                          card=ExpertCard(name="geo-churn", description="Geography: capitals, rivers, mountains.",
+                                          examples=["What is the capital of Peru?", "Which river flows by Cairo?"]))
+        assert (await stack.client.post("/v1/experts", json={"path": str(geo)}, headers=admin)).status_code == 201
+
+        async def remove(name: str, geo: Path = geo) -> None:
+            if name == "geo-churn":
+                assert (await stack.client.delete("/v1/experts/geo-churn", headers=admin)).status_code == 200
+                shutil.rmtree(geo)
+
+        stack.fake.before_load = remove
+        try:
+            if auto:
+                r = await stack.chat("What is the capital of Peru?", routing={"mode": "global"})
+                assert r.status_code == 200, r.text
+                assert "geo-churn" not in [e["name"] for e in r.json()["routing"]["experts"]]
+            else:
+                r = await stack.client.post("/v1/chat/completions", headers=stack.auth(), json={
+                    "model": "geo-churn", "messages": [{"role": "user", "content": "hi"}]})
+                assert r.status_code == 503 and error_of(r)["code"] == "pool_changed", r.text
+        finally:
+            stack.fake.before_load = None
+        assert "geo-churn" not in stack.app.state.gateway.pool.quarantined
+
+
+async def test_a_repair_that_races_the_adapter_load_is_retried(stack: Stack):
+    """The backend reads an expert's files mid-repair (truncated), and by the time the gateway looks they read
+    well: the routed request tries the same decision once more and succeeds; nothing is quarantined."""
+    weights = stack.root / "arith" / "adapter_model.safetensors"
+    good = weights.read_bytes()
+    gateway = stack.app.state.gateway
+    for backend in gateway.backends.backends:  # so that the next request loads arith again
+        backend.loaded.pop("arith", None)
+    raced: list[str] = []
+
+    async def truncate_then_repair(name: str) -> None:
+        if name == "arith" and not raced:
+            raced.append(name)
+            weights.write_bytes(good[: len(good) // 2])  # what this load reads...
+            asyncio.get_running_loop().call_soon(weights.write_bytes, good)  # ...repaired just after
+
+    stack.fake.before_load = truncate_then_repair
+    try:
+        r = await stack.chat("What is 12 times 7?", routing={"mode": "global"})
+    finally:
+        stack.fake.before_load = None
+        weights.write_bytes(good)
+    assert raced and r.status_code == 200, r.text
+    assert r.json()["routing"]["experts"][0]["name"] == "arith"
+    assert stack.fake.loaded[-1] == "arith" and not gateway.pool.quarantined
 
 
 async def test_responses_api_is_routed_like_chat(stack: Stack):
