@@ -4,8 +4,18 @@ Every replica keeps its own validated `ExpertPool` (and its pool.json); Redis ho
 a hash of expert entries and a revision counter bumped with every change. A change made on one replica is
 written to the hash and the counter in one transaction; every replica polls the counter (one GET per
 `interval_s`) and, when it moved, adopts the hash. Per-expert fields mean two replicas registering different
-experts at once lose neither. Redis down: the local pool keeps serving; a registry found empty (a fresh or
-restarted Redis) is re-seeded from the local pool.
+experts at once lose neither.
+
+Redis failing must lose no expert, and bring back no removed one:
+- Redis down: the local pool keeps serving; changes made meanwhile wait in a queue and are published, in order,
+  once Redis answers again (before anything is adopted, which would otherwise undo them).
+- The registry carries an epoch, a random id set by whoever seeds it. A registry with no epoch (a fresh, flushed
+  or restarted Redis) is seeded from the local pool. A replica that followed one epoch and finds another (Redis
+  restarted and another replica seeded it first) merges its own experts in, never overwriting an entry there,
+  before adopting: what each replica held before the reset survives, whichever seeds first. A replica that has
+  followed no epoch yet (just started) adopts the registry as it is.
+- Removals leave a tombstone (a day): a merge after a reset skips names removed since, so an expert removed
+  on one replica is not brought back by another's stale copy.
 """
 
 from __future__ import annotations
@@ -13,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
+import uuid
 from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
@@ -23,8 +35,12 @@ from adapters.pool import Expert, ExpertPool
 log = logging.getLogger(__name__)
 EXPERTS_KEY = "flock:pool:v1:experts"  # hash: expert name -> entry JSON (Expert.to_json)
 REVISION_KEY = "flock:pool:v1:rev"  # incremented with every change of the hash
+EPOCH_KEY = "flock:pool:v1:epoch"  # random id of this registry's life, set by whoever seeds it
+REMOVED_KEY = "flock:pool:v1:removed"  # sorted set: removed expert name -> when (unix s)
+TOMBSTONE_S = 86_400  # how long a removal keeps a merge after a reset from bringing the expert back
 
 OnChange = Callable[[set[str]], Awaitable[None]]  # called with the names removed or changed
+Change = tuple[str, str, str | None]  # ("add", name, entry JSON) or ("remove", name, None)
 
 
 class SharedPool:
@@ -34,6 +50,8 @@ class SharedPool:
         self.interval_s = interval_s
         self._redis = aioredis.from_url(redis_url, socket_timeout=1, socket_connect_timeout=1)
         self._revision: int | None = None  # the registry revision the local pool reflects
+        self._epoch: bytes | str | None = None  # the registry epoch it followed last
+        self._unpublished: list[Change] = []  # local changes Redis did not take (down), oldest first
         self._task: asyncio.Task | None = None
         self._lock = asyncio.Lock()
 
@@ -45,39 +63,60 @@ class SharedPool:
         """Run `add` (a blocking `ExpertPool.add`) and publish the expert it returns."""
         async with self._lock:
             expert = await asyncio.to_thread(add)
-            await self._publish(lambda p: p.hset(EXPERTS_KEY, expert.name, json.dumps(expert.to_json())))
+            await self._publish([("add", expert.name, json.dumps(expert.to_json()))])
         return expert
 
     async def remove(self, remove: Callable[[], Expert]) -> Expert:
         """Run `remove` (a blocking `ExpertPool.remove`) and publish the removal."""
         async with self._lock:
             expert = await asyncio.to_thread(remove)
-            await self._publish(lambda p: p.hdel(EXPERTS_KEY, expert.name))
+            await self._publish([("remove", expert.name, None)])
         return expert
 
-    async def _publish(self, change) -> None:
+    async def _publish(self, changes: list[Change]) -> None:
+        """Write `changes` (after any still waiting) in one transaction; kept for later if Redis is down."""
+        pending = self._unpublished + changes
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
-                change(pipe)
+                now = time.time()
+                for op, name, entry in pending:
+                    if op == "add":
+                        pipe.hset(EXPERTS_KEY, name, entry)
+                        pipe.zrem(REMOVED_KEY, name)
+                    else:
+                        pipe.hdel(EXPERTS_KEY, name)
+                        pipe.zadd(REMOVED_KEY, {name: now})
+                pipe.zremrangebyscore(REMOVED_KEY, 0, now - TOMBSTONE_S)
                 pipe.incr(REVISION_KEY)
                 *_, revision = await pipe.execute()
         except (RedisError, OSError) as exc:
-            log.warning("pool change not shared with other gateway replicas (Redis: %s)", exc)
+            self._unpublished = pending
+            log.warning("pool change not shared with other gateway replicas yet (Redis: %s); %d change(s) "
+                        "wait to be published", exc, len(pending))
             return
+        if self._unpublished:
+            log.info("published %d pool change(s) made while Redis was unreachable", len(self._unpublished))
+        self._unpublished = []
         # Someone else's change in between: leave our revision stale so the next poll adopts theirs too.
         if self._revision is not None and revision == self._revision + 1:
             self._revision = revision
 
     # --- following other replicas ---------------------------------------------------------------------
     async def sync_once(self) -> bool:
-        """Adopt the registry if it moved (seed it if empty); True when the local pool changed."""
+        """Publish what waits, merge into a reset registry, adopt it if it moved; True when the local pool
+        changed."""
         async with self._lock:
             try:
-                raw = await self._redis.get(REVISION_KEY)
-                if raw is None or not await self._redis.exists(EXPERTS_KEY):
-                    await self._seed()
-                    return False
-                revision = int(raw)
+                if self._unpublished:
+                    await self._publish([])
+                    if self._unpublished:
+                        return False  # still unreachable
+                epoch = await self._redis.get(EPOCH_KEY)
+                if epoch is None or (self._epoch is not None and epoch != self._epoch):
+                    self._epoch = await self._merge_local(create_epoch=epoch is None)
+                    self._revision = None  # adopt the merged registry below
+                self._epoch = self._epoch or epoch
+                revision = int(await self._redis.get(REVISION_KEY) or 0)
                 if revision == self._revision:
                     return False
                 entries = [v.decode() if isinstance(v, bytes) else v
@@ -95,15 +134,22 @@ class SharedPool:
             return True
         return False
 
-    async def _seed(self) -> None:
-        entries = {name: json.dumps(entry) for name, entry in self.pool.entries().items()}
+    async def _merge_local(self, *, create_epoch: bool) -> bytes | str:
+        """Add the local experts to the registry (entries there win, tombstoned names are skipped); returns the
+        registry's epoch, set here if `create_epoch` and nobody set it first."""
+        if create_epoch:
+            await self._redis.set(EPOCH_KEY, uuid.uuid4().hex, nx=True)
+        removed = {n.decode() if isinstance(n, bytes) else str(n) for n in await self._redis.zrange(REMOVED_KEY, 0, -1)}
+        entries = {name: json.dumps(entry) for name, entry in self.pool.entries().items() if name not in removed}
         async with self._redis.pipeline(transaction=True) as pipe:
-            if entries:
-                pipe.hset(EXPERTS_KEY, mapping=entries)  # type: ignore[arg-type]  # redis-py types Mapping invariantly
+            pipe.get(EPOCH_KEY)
+            for name, entry in entries.items():
+                pipe.hsetnx(EXPERTS_KEY, name, entry)
             pipe.incr(REVISION_KEY)
-            *_, revision = await pipe.execute()
-        self._revision = revision
-        log.info("pool registry in Redis seeded with %d experts", len(entries))
+            epoch, *added, _ = await pipe.execute()
+        log.info("pool registry in Redis %s: %d of this replica's %d experts added",
+                 "seeded" if create_epoch else "reset by another replica, merged", sum(added), len(entries))
+        return epoch
 
     async def _run(self) -> None:
         while True:
