@@ -40,7 +40,11 @@ REMOVED_KEY = "flock:pool:v1:removed"  # sorted set: removed expert name -> when
 TOMBSTONE_S = 86_400  # how long a removal keeps a merge after a reset from bringing the expert back
 
 OnChange = Callable[[set[str]], Awaitable[None]]  # called with the names removed or changed
-Change = tuple[str, str, str | None]  # ("add", name, entry JSON) or ("remove", name, None)
+Change = tuple[str, str, str]  # ("add" or "remove", name, the expert's entry JSON)
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class SharedPool:
@@ -52,6 +56,7 @@ class SharedPool:
         self._revision: int | None = None  # the registry revision the local pool reflects
         self._epoch: bytes | str | None = None  # the registry epoch it followed last
         self._unpublished: list[Change] = []  # local changes Redis did not take (down), oldest first
+        self._removed: dict[str, tuple[str, float]] = {}  # removed here: name -> (its entry JSON, when)
         self._task: asyncio.Task | None = None
         self._lock = asyncio.Lock()
 
@@ -63,6 +68,7 @@ class SharedPool:
         """Run `add` (a blocking `ExpertPool.add`) and publish the expert it returns."""
         async with self._lock:
             expert = await asyncio.to_thread(add)
+            self._removed.pop(expert.name, None)
             await self._publish([("add", expert.name, json.dumps(expert.to_json()))])
         return expert
 
@@ -70,7 +76,9 @@ class SharedPool:
         """Run `remove` (a blocking `ExpertPool.remove`) and publish the removal."""
         async with self._lock:
             expert = await asyncio.to_thread(remove)
-            await self._publish([("remove", expert.name, None)])
+            entry = json.dumps(expert.to_json())
+            self._removed[expert.name] = (entry, time.time())
+            await self._publish([("remove", expert.name, entry)])
         return expert
 
     async def _publish(self, changes: list[Change]) -> None:
@@ -119,8 +127,7 @@ class SharedPool:
                 revision = int(await self._redis.get(REVISION_KEY) or 0)
                 if revision == self._revision:
                     return False
-                entries = [v.decode() if isinstance(v, bytes) else v
-                           for v in (await self._redis.hgetall(EXPERTS_KEY)).values()]
+                entries = [_text(v) for v in (await self._redis.hgetall(EXPERTS_KEY)).values()]
             except (RedisError, OSError) as exc:
                 log.debug("pool registry unreachable: %s", exc)
                 return False
@@ -135,20 +142,32 @@ class SharedPool:
         return False
 
     async def _merge_local(self, *, create_epoch: bool) -> bytes | str:
-        """Add the local experts to the registry (entries there win, tombstoned names are skipped); returns the
-        registry's epoch, set here if `create_epoch` and nobody set it first."""
+        """Add the local experts to the registry: entries there win, and names removed since are skipped (the
+        registry's tombstones, and this replica's own removals, whose stale copies another replica may have
+        seeded it with are taken out again). Returns the registry's epoch, set here if `create_epoch` and
+        nobody set it first."""
         if create_epoch:
             await self._redis.set(EPOCH_KEY, uuid.uuid4().hex, nx=True)
-        removed = {n.decode() if isinstance(n, bytes) else str(n) for n in await self._redis.zrange(REMOVED_KEY, 0, -1)}
-        entries = {name: json.dumps(entry) for name, entry in self.pool.entries().items() if name not in removed}
+        now = time.time()
+        self._removed = {n: (e, t) for n, (e, t) in self._removed.items() if t > now - TOMBSTONE_S}
+        ours = list(self._removed)
+        tombstones = {_text(n) for n in await self._redis.zrange(REMOVED_KEY, 0, -1)}
+        there = await self._redis.hmget(EXPERTS_KEY, ours) if ours else []
+        entries = {name: json.dumps(entry) for name, entry in self.pool.entries().items()
+                   if name not in tombstones and name not in self._removed}
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.get(EPOCH_KEY)
+            for name, value in zip(ours, there, strict=True):
+                entry, when = self._removed[name]
+                pipe.zadd(REMOVED_KEY, {name: when})
+                if value is not None and _text(value) == entry:
+                    pipe.hdel(EXPERTS_KEY, name)
             for name, entry in entries.items():
                 pipe.hsetnx(EXPERTS_KEY, name, entry)
             pipe.incr(REVISION_KEY)
-            epoch, *added, _ = await pipe.execute()
-        log.info("pool registry in Redis %s: %d of this replica's %d experts added",
-                 "seeded" if create_epoch else "reset by another replica, merged", sum(added), len(entries))
+            epoch, *_ = await pipe.execute()
+        log.info("pool registry in Redis %s with this replica's %d experts and %d recent removals",
+                 "seeded" if create_epoch else "reset by another replica, merged", len(entries), len(ours))
         return epoch
 
     async def _run(self) -> None:
