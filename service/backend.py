@@ -294,6 +294,8 @@ class BackendPool:
                     raise
                 if not stream:
                     lease.release()  # read whole: the backend is done with it
+                if resp.status_code < 500:
+                    backend.failures = 0  # it serves: that outweighs late answers to /health
                 return resp
             except aiohttp.ConnectionTimeoutError as exc:  # before TimeoutError: it is one, but nothing was sent
                 self._unreachable(backend, exc)

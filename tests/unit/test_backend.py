@@ -105,6 +105,23 @@ async def test_slow_health_answers_do_not_eject_quickly():
         assert not b.healthy
 
 
+async def test_answered_requests_outweigh_slow_health_answers():
+    """A busy backend answers /health late but serves real requests: each answered request clears the late
+    health answers counted so far, so it is not ejected while it works (the soak saw a busy vLLM marked down)."""
+    async def health_slow_requests_ok(head: bytes, body: bytes, writer: asyncio.StreamWriter) -> None:
+        if head.startswith(b"GET /health"):
+            await asyncio.sleep(5)
+        else:
+            writer.write(answer(200, b'{"ok":true}'))
+
+    async with server(health_slow_requests_ok) as (url, _), pool_of(url, health_timeout_s=0.05) as pool:
+        b = pool.backends[0]
+        for _ in range(3 * EJECT_AFTER_TIMEOUTS):
+            await pool.check(b)
+            assert b.healthy
+            await pool.send("/v1/completions", {"prompt": "hi"}, None, stream=False)
+
+
 async def test_recovery_clears_loaded_adapters():
     async with server(ok) as (url, _), pool_of(url) as pool:
         b = pool.backends[0]
