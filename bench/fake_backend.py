@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 
 from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
+
+from adapters.engine.capabilities import capabilities
 
 app = FastAPI()
 _ANSWER = json.dumps({
@@ -19,6 +21,13 @@ _ANSWER = json.dumps({
 @app.get("/health")
 async def health() -> dict:
     return {}
+
+
+@app.get("/flock/capabilities")
+async def caps() -> Response:
+    # As flock's plugin on a CPU vLLM answers: the gateway then sends the per-token modes here too, which is
+    # what `flock bench --composites` needs (their composites are built by the gateway; nothing is generated).
+    return JSONResponse(capabilities("cpu"))
 
 
 @app.post("/v1/chat/completions")

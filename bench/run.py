@@ -555,6 +555,16 @@ async def decode_only(settings: Settings, gateway: str, expert: str, prompt: str
 
 
 def main(args, settings: Settings) -> int:
+    if getattr(args, "composites", None):
+        from bench import composites
+
+        with tempfile.TemporaryDirectory(prefix="flock-bench-") as tmp:
+            result = asyncio.run(composites.run(settings, Path(settings.library_dir), Path(tmp), args.composites))
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "composites.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2) if args.json else composites.table(result))
+        return 0 if result["rss_flat"] and result["disk_flat"] else 1
     if getattr(args, "many_experts", None):
         from bench import many_experts
 

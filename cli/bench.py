@@ -29,6 +29,9 @@ def register(sub) -> None:
                    help="with --many-experts: also time a cold start at N (every card embedded; slow on 2 cores)")
     p.add_argument("--placement", action="store_true",
                    help="with --many-experts: only the placement comparison (rendezvous vs scorer)")
+    p.add_argument("--composites", type=int, metavar="N",
+                   help="N routed requests with random modes, alpha and top_k against an instant fake backend: "
+                        "gateway RSS and composites on disk over time (bench/composites.py)")
     p.set_defaults(func=run)
 
 
