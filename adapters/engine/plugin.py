@@ -21,6 +21,7 @@ says why, vLLM's own wrapper stays, and GET /flock/capabilities reports gated: f
 from __future__ import annotations
 
 import logging
+import types
 
 import torch
 
@@ -284,6 +285,32 @@ def install_gpu_gate(platform_cls: type, version: str) -> bool:
     return True
 
 
+class BytesSafeOpen:
+    """`safetensors.safe_open`'s reading interface over the file's bytes, for vLLM's LoRA loader.
+
+    safe_open memory-maps the file: an adapter rewritten in place while vLLM loads it (truncated meanwhile) kills
+    the worker with SIGBUS, and every request in the batch with it (seen twice in the 20-minute soak). Read
+    first, a truncated file is a parse error: that load is refused, the engine lives. Adapters are a few MB."""
+
+    def __init__(self, path: str, framework: str = "pt", device: str = "cpu"):
+        from safetensors.torch import load
+
+        with open(path, "rb") as f:
+            self._tensors = load(f.read())
+
+    def __enter__(self) -> BytesSafeOpen:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+
 def register() -> None:
     """Re-entrant: vLLM calls it in the API server, the engine core and every worker."""
     global _patched
@@ -302,6 +329,9 @@ def register() -> None:
                          ("bgmv_expand_slice", bgmv_expand_slice)):
             if hasattr(module, name):
                 setattr(module, name, fn)
+    from vllm.lora import lora_model
+
+    lora_model.safetensors = types.SimpleNamespace(safe_open=BytesSafeOpen)  # the module's only use of it
     wrapper = punica_cpu.PunicaWrapperCPU
     settings = EngineSettings()
     # lora_whole_layer off keeps vLLM's slice-by-slice path (through the ops above): for A/B benchmarks.
@@ -313,4 +343,5 @@ def register() -> None:
     if current_platform.is_cuda():
         install_gpu_gate(type(current_platform), vllm.__version__)
     _patched = True
-    log.info("flock vLLM plugin: CPU LoRA ops replaced (per-slot matmuls; no-adapter tokens get no delta)")
+    log.info("flock vLLM plugin: CPU LoRA ops replaced (per-slot matmuls; no-adapter tokens get no delta); "
+             "adapters read without memory maps")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -76,6 +78,42 @@ def test_register_patches_vllm_modules():
     ours.register()
     ours.register()  # re-entrant
     assert punica_cpu.bgmv_shrink is ours.bgmv_shrink and _ops.bgmv_expand is ours.bgmv_expand
+
+
+TRUNCATE_WHILE_VLLM_READS = """
+import sys
+from adapters.engine import plugin
+plugin.register()
+from vllm.lora import lora_model
+path = sys.argv[1]
+with lora_model.safetensors.safe_open(path, framework="pt") as f:  # what vLLM's LoRA loader calls
+    open(path, "r+b").truncate(100)  # the adapter rewritten in place meanwhile
+    for key in f.keys():
+        f.get_tensor(key)
+try:
+    lora_model.safetensors.safe_open(path, framework="pt")  # now truncated: a clear error, no signal
+except Exception:
+    sys.exit(3)
+"""
+
+
+def test_vllm_reads_adapters_without_memory_maps(tmp_path):
+    """vLLM's LoRA loader memory-maps adapters: an adapter truncated while it loads killed vLLM's worker with
+    SIGBUS in the soak (tests/unit/test_atomic_writes.py shows the signal with safetensors' own reader). With
+    the plugin the loader reads the bytes: the truncation does not touch the load under way, and a truncated
+    file is an exception. In a child, so that a SIGBUS fails this test rather than killing pytest."""
+    import signal
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    path = tmp_path / "adapter_model.safetensors"
+    save_file({f"t{i}": torch.randn(256, 256) for i in range(8)}, str(path))
+    child = subprocess.run([sys.executable, "-c", TRUNCATE_WHILE_VLLM_READS, str(path)], capture_output=True,
+                           text=True, cwd=Path(__file__).resolve().parents[2], timeout=300)
+    assert child.returncode != -signal.SIGBUS, "vLLM's loader memory-maps adapters"
+    assert child.returncode == 3, child.stderr[-2000:]
 
 
 def test_padded_rank_is_skipped_and_reloads_are_seen():
