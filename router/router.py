@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +32,7 @@ from router.embed import MicroBatcher
 from router.index import ExpertIndex, calibrate_threshold, expert_vectors, own_scores
 from router.methods import MethodConfig, RoutingMethod, method_class, method_names
 from router.query import Query
-from router.spelling import Speller, vocabulary_words
+from router.spelling import Speller, vocabulary_words, word_uses
 
 StageObserver = Callable[[str, float], None]
 EMBED_CHUNK = 256  # card texts embedded per call when a pool's cards are embedded
@@ -85,6 +85,7 @@ class Router:
         # are never repaired.
         self.spelling = spelling
         self._known_words = vocabulary_words(getattr(embedder.embedder, "tokenizer", None)) if spelling else frozenset()
+        self._card_words: dict[str, Counter[str]] = {}  # card key -> its word counts (router/spelling.py)
         configs = method_configs or {}
         self.methods: dict[str, RoutingMethod] = {n: method_class(n)(configs.get(n)) for n in method_names()}
         # Scope.key -> the index of that visible set ('*': everything, `index`; '': shared only; a tenant: shared
@@ -168,8 +169,7 @@ class Router:
             threshold = calibrate_threshold(in_best, ood_best)
         speller = None
         if self.spelling:  # this set's card words only: another tenant's cards repair none of its queries
-            speller = Speller.from_cards((t for e in chosen for t in (e.card.description, *e.card.examples)),
-                                         self._known_words)
+            speller = Speller.from_uses(self._words_of(chosen, [cards[i].key for i in rows]), self._known_words)
         if version is None:  # named by its own content (servable experts only: a quarantine changes it too), so
             # equal visible sets share cached decisions and others never do
             version = f"{self.pool.version_of(chosen)}.{self.expert_vector}"
@@ -183,6 +183,16 @@ class Router:
             gates={e.name: gates[e.name] for e in chosen},
             speller=speller,
         )
+
+    def _words_of(self, experts: list[Expert], keys: list[str]) -> Counter[str]:
+        """The word counts of these experts' cards, each card's counted once per content (by card key)."""
+        uses: Counter[str] = Counter()
+        for e, key in zip(experts, keys):
+            words = self._card_words.get(key)
+            if words is None:
+                words = self._card_words[key] = word_uses((e.card.description, *e.card.examples))
+            uses.update(words)
+        return uses
 
     def view(self, scope: Scope) -> ExpertIndex:
         """The index `scope` is routed on."""
@@ -233,6 +243,8 @@ class Router:
             await asyncio.to_thread(self._store.keep_only, set(keys))
         for key in set(self._cards_by_key) - set(keys):
             del self._cards_by_key[key]
+        for key in set(self._card_words) - set(keys):
+            del self._card_words[key]
         return [self._cards_by_key[k] for k in keys]
 
     def _card(self, key: str, v: CardVectors) -> _Card:

@@ -58,7 +58,11 @@ class Speller:
 
     @classmethod
     def from_cards(cls, texts: Iterable[str], known: frozenset[str] = frozenset()) -> Speller:
-        uses = Counter(w for t in texts for w in WORD.findall(t.lower()) if len(w) >= MIN_LETTERS)
+        return cls.from_uses(word_uses(texts), known)
+
+    @classmethod
+    def from_uses(cls, uses: Counter[str], known: frozenset[str] = frozenset()) -> Speller:
+        """From the cards' word counts (`word_uses`, summed over the cards)."""
         return cls({w: n for w, n in uses.items() if n >= MIN_CARD_USES or w in known}, known)
 
     def word(self, word: str) -> str:
@@ -76,6 +80,12 @@ class Speller:
         if not self.targets:
             return text
         return WORD.sub(lambda m: self.word(m.group(0)), text)
+
+
+def word_uses(texts: Iterable[str]) -> Counter[str]:
+    """How often each word of 4 letters or more occurs in `texts`, lower-cased (kept per card by the router, so a
+    pool change counts only the cards that came in)."""
+    return Counter(w for t in texts for w in WORD.findall(t.lower()) if len(w) >= MIN_LETTERS)
 
 
 def vocabulary_words(tokenizer: object) -> frozenset[str]:

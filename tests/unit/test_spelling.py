@@ -91,3 +91,21 @@ async def test_a_rebuilt_index_repairs_with_its_own_visible_sets_card_words(tmp_
 def test_an_index_without_a_speller_embeds_the_text_as_written():
     index = ExpertIndex(names=[], vectors=np.zeros((0, 4), dtype=np.float32))
     assert index.texts((("atnonym",),)) == (("atnonym",),)
+
+
+async def test_a_pool_change_counts_the_words_of_the_new_cards_only(tmp_path):
+    pool = make_pool(tmp_path)
+    pool.add(lora(tmp_path / "shared" / "cooking", "cooking", 1, ["boil an egg"] * 3))
+    router = Router(pool, HashEmbedder(), None, fixed_threshold=0.0)  # type: ignore[arg-type]
+    await router.rebuild_index()
+    before = dict(router._card_words)
+    assert len(before) == 1
+    pool.add(lora(tmp_path / "shared" / "maths", "maths", 2, ["multiply these numbers"] * 3))
+    await router.rebuild_index()
+    assert len(router._card_words) == 2
+    (key, counted), = before.items()
+    assert router._card_words[key] is counted  # kept, not counted again
+    assert router.index.speller.correct("mulitply boiil") == "multiply boil"  # type: ignore[union-attr]
+    pool.remove("cooking")
+    await router.rebuild_index()
+    assert key not in router._card_words and router.index.speller.correct("boiil") == "boiil"  # type: ignore[union-attr]
