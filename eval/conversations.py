@@ -169,15 +169,23 @@ def conversation_summary(records: list[dict]) -> dict:
     }
 
 
+# The keep weights served before 2026-12-03 (fitted with L2 0.1 on dev conversations without typo repair, before
+# the task suite's 90 phrasing families): measured beside the served ones.
+PREVIOUS_KEEP: tuple[tuple[float, float, float, float], float] = ((8.8, -7.43, 8.98, 7.89), -3.2)
+
+
 # --- measuring ------------------------------------------------------------------------------------------
 def mechanisms(served: ConversationConfig) -> dict[str, ConversationConfig]:
     """The mechanisms measured side by side: today's single-turn routing, the history blended into the query
-    embedding, keeping the previous turn's expert unless the last message clears a switch margin, and the
-    served one (that, plus the follow-up test for turns that name no task)."""
+    embedding, keeping the previous turn's expert unless the last message clears a switch margin, that plus
+    the follow-up test with the weights served before, and the served one (the follow-up test for turns that
+    name no task)."""
     return {
         "last message only": ConversationConfig(mechanism="last"),
         f"blend (w={served.blend_weight:g})": ConversationConfig(mechanism="blend", blend_weight=served.blend_weight),
         "sticky, margin only": replace(served, keep_weights=(0.0, 0.0, 0.0, 0.0), keep_bias=1.0),
+        "sticky + follow-up test, weights before (L2 0.1)": replace(served, keep_weights=PREVIOUS_KEEP[0],
+                                                                   keep_bias=PREVIOUS_KEEP[1]),
         "sticky + follow-up test (served)": served,
     }
 
@@ -264,7 +272,7 @@ def _logistic(x: np.ndarray, y: np.ndarray, l2: float = 0.1, steps: int = 50) ->
 
 
 async def fit_follow_up_test(router, n: int = 300, seed: int = CONVERSATION_SEED,
-                             base: ConversationConfig | None = None, l2: float = 0.1,
+                             base: ConversationConfig | None = None, l2: float = 1.0,
                              use: tuple[bool, bool, bool, bool] = (True, True, True, True)) -> ConversationConfig:
     """The keep weights of the sticky mechanism, fitted on `n` dev conversations: at every turn the switch
     rules leave open (after a turn routed to an expert, the turn's own best is not that expert or is below the
@@ -274,8 +282,9 @@ async def fit_follow_up_test(router, n: int = 300, seed: int = CONVERSATION_SEED
     base = base or router.conversation
     conversations = build_conversations(n, "dev", seed)
     texts = sorted({t.user for c in conversations for t in c.turns})
-    vecs = dict(zip(texts, await router.embedder.embed_many(texts)))
     index, anchors = router.index, router.anchors
+    # Embedded as the router embeds them: typos repaired (router/spelling.py).
+    vecs = dict(zip(texts, await router.embedder.embed_many([index.texts(((t,),))[0][0] for t in texts])))
     xs, ys = [], []
     always = replace(base, keep_weights=(0.0, 0.0, 0.0, 0.0), keep_bias=1.0)
     for c in conversations:

@@ -83,8 +83,9 @@ def conversations_table(mechanisms: dict[str, dict]) -> str:
 def long_prompts_table(long: dict) -> str:
     tail = long.get("served_tail_chars")
     cols = ["whole text (head 256 word pieces)", f"tail {tail}", f"tail {tail} + last sentence"]
-    rows = ["| layout | context chars | " + " | ".join(cols) + " | served route ms p50 / p95 | whole text embed ms |",
-            "|---|---|" + "---|" * len(cols) + "---|---|"]
+    rows = ["| layout | context chars | " + " | ".join(cols) + " | served (Router.route, typos repaired) | "
+            "served route ms p50 / p95 | whole text embed ms |",
+            "|---|---|" + "---|" * len(cols) + "---|---|---|"]
     for layout, by_size in long.get("by_layout", {}).items():
         for size, row in by_size.items():
             cells = []
@@ -92,6 +93,7 @@ def long_prompts_table(long: dict) -> str:
                 v = row.get(c) or {}
                 cells.append(f"{fmt_pct(v.get('top1_held_in'))} / {fmt_pct(v.get('ood_abstain'))}")
             served = row.get("served") or {}
+            cells.append(f"{fmt_pct(served.get('top1_held_in'))} / {fmt_pct(served.get('ood_abstain'))}")
             rows.append(f"| {layout} | {size} | " + " | ".join(cells) +
                         f" | {fmt_num(served.get('route_ms_p50'), 1)} / {fmt_num(served.get('route_ms_p95'), 1)} | "
                         f"{fmt_num(served.get('whole_text_embed_ms_p50'), 1)} |")

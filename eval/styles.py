@@ -8,7 +8,12 @@ prompts (dev-split items, train/dev phrasings, the calibration prompts of router
 Calibrations, all on the served index's expert vectors and the same query embeddings; every fitted one is
 fitted on the wrapped dev prompts, never on test:
 
-* `global threshold (served)`: today's threshold (cards' examples vs general prompts);
+* `Router.route, one prompt at a time (served)`: the served path itself;
+* `global threshold + typo repair (served, batch-embedded)`: the same decision rule on the prompts embedded
+  in batches: typos repaired to the cards' words (router/spelling.py), then the threshold calibrated on the
+  cards' examples vs general prompts;
+* `global threshold, no typo repair (before)`: the same threshold on the prompts as written;
+* `dev threshold + typo repair`: typos repaired, one threshold refitted on dev;
 * `global threshold (dev)`: one threshold refitted on dev;
 * `per-expert thresholds (dev)`: a threshold per expert, on the queries it is the best expert of;
 * `threshold + top-2 margin (dev)`: abstain also when the best two experts are within a margin;
@@ -165,6 +170,9 @@ async def evaluate_styles(router, n_per_task: int = 20) -> dict:
     sets = {split: styled_set(split, n_per_task) for split in ("dev", "test")}
     emb = {split: await router.embedder.embed_many([p for p, _, _ in s]) for split, s in sets.items()}
     scores = {split: emb[split] @ index.vectors.T for split in sets}
+    speller = index.speller
+    repaired = {split: [speller.correct(p) if speller is not None else p for p, _, _ in s] for split, s in sets.items()}
+    fixed = {split: (await router.embedder.embed_many(repaired[split])) @ index.vectors.T for split in sets}
     expected = {split: [pos.get(e) if e is not None else None for _, e, _ in s] for split, s in sets.items()}
     # kNN points: the cards' examples (their expert) and the calibration general prompts (the base model).
     examples = [(x, pos[e.name]) for e in router.pool.experts() if e.name in pos for x in e.card.examples]
@@ -176,11 +184,25 @@ async def evaluate_styles(router, n_per_task: int = 20) -> dict:
     dev_pos = two[[y is not None and t == y for t, y in zip(top, dev_y)], 0]
     dev_neg = two[[y is None for y in dev_y], 0]
     global_dev = float(calibrate_threshold(dev_pos, dev_neg))
+    top_f, two_f = _best(fixed["dev"])
+    fixed_dev = float(calibrate_threshold(two_f[[y is not None and t == y for t, y in zip(top_f, dev_y)], 0],
+                                          two_f[[y is None for y in dev_y], 0]))
     per_expert = fit_per_expert(dev_s, dev_y, global_dev)
     margin = fit_margin(dev_s, dev_y, global_dev)
     w, b = fit_softmax(dev_s, dev_y)
+    # The served path itself, one prompt at a time through Router.route (the int8 embedder quantises activations
+    # per batch, so a prompt embedded alone scores a little differently from the same prompt in a batch).
+    routed: dict[str, list[int | None]] = {split: [] for split in sets}
+    for split, items in sets.items():
+        for p, _, _ in items:
+            experts = (await router.route(p)).decision.experts
+            routed[split].append(pos.get(experts[0].name) if experts else None)
     methods: dict[str, Callable[[str], list[int | None]]] = {
-        "global threshold (served)": lambda s: predict_threshold(scores[s], index.threshold),
+        "Router.route, one prompt at a time (served)": lambda s: routed[s],
+        "global threshold + typo repair (served, batch-embedded)": lambda s: predict_threshold(fixed[s],
+                                                                                              index.threshold),
+        "global threshold, no typo repair (before)": lambda s: predict_threshold(scores[s], index.threshold),
+        "dev threshold + typo repair": lambda s: predict_threshold(fixed[s], fixed_dev),
         "global threshold (dev)": lambda s: predict_threshold(scores[s], global_dev),
         "per-expert thresholds (dev)": lambda s: predict_threshold(scores[s], per_expert),
         "threshold + top-2 margin (dev)": lambda s: predict_threshold(scores[s], global_dev, margin),
@@ -191,7 +213,8 @@ async def evaluate_styles(router, n_per_task: int = 20) -> dict:
                                                      knn_predict(emb[s], points[:len(examples)],
                                                                  point_labels[:len(examples)]))],
     }
-    out: dict = {"n_per_task": n_per_task, "fitted": {"global_dev": global_dev, "margin": margin,
+    out: dict = {"n_per_task": n_per_task, "fitted": {"global_dev": global_dev, "repaired_dev": fixed_dev,
+                                                      "margin": margin,
                                                       "per_expert": dict(zip(names, per_expert.tolist()))},
                  "methods": {}}
     for name, predict in methods.items():
@@ -204,9 +227,10 @@ async def evaluate_styles(router, n_per_task: int = 20) -> dict:
             row[split] = {"top1_held_in": float(np.mean(task)), "ood_abstain": float(np.mean(ood))}
         out["methods"][name] = row
     by_wrapper = {}
-    served = methods["global threshold (served)"]("test")
+    served = routed["test"]
     for wname in TEST_WRAPPERS:
         idx = [i for i, (_, e, wr) in enumerate(sets["test"]) if wr == wname and e is not None]
         by_wrapper[wname] = float(np.mean([served[i] == expected["test"][i] for i in idx])) if idx else None
     out["served_top1_by_test_wrapper"] = by_wrapper
+    out["repaired"] = {split: sum(p != r for (p, _, _), r in zip(sets[split], repaired[split])) for split in sets}
     return out

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from router.spelling import Speller
+
 DEFAULT_THRESHOLD = 0.3  # used when the pool's cards carry no examples to calibrate on
 EXPERT_VECTORS = ("centroid", "description")
 
@@ -39,6 +41,13 @@ class ExpertIndex:
     pool_version: str = ""
     ranks: dict[str, int] = field(default_factory=dict)
     gates: dict[str, frozenset[str]] = field(default_factory=dict)  # local gate kinds each expert has stored
+    speller: Speller | None = None  # typo repair to these experts' card words (router/spelling.py); None: off
+
+    def texts(self, turns: tuple[tuple[str, ...], ...]) -> tuple[tuple[str, ...], ...]:
+        """What is embedded of each turn's texts under this index: its typos repaired (router/spelling.py)."""
+        if self.speller is None:
+            return turns
+        return tuple(tuple(self.speller.correct(t) for t in turn) for turn in turns)
 
     def scores(self, query: np.ndarray) -> np.ndarray:
         """Cosine similarity of a unit query vector with every expert."""

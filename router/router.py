@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +32,7 @@ from router.embed import MicroBatcher
 from router.index import ExpertIndex, calibrate_threshold, expert_vectors, own_scores
 from router.methods import MethodConfig, RoutingMethod, method_class, method_names
 from router.query import Query
+from router.spelling import Speller, vocabulary_words, word_uses
 
 StageObserver = Callable[[str, float], None]
 EMBED_CHUNK = 256  # card texts embedded per call when a pool's cards are embedded
@@ -40,8 +41,8 @@ EMBED_CHUNK = 256  # card texts embedded per call when a pool's cards are embedd
 @dataclass
 class RouteResult:
     decision: RoutingDecision
-    # seconds per stage: cache, embed, conversation (chats with earlier user turns), score; cache and embed
-    # overlap on a local miss
+    # seconds per stage: spelling (typo repair), cache, embed, conversation (chats with earlier user turns),
+    # score; cache and embed overlap on a local miss
     stages: dict[str, float]
     cache: str  # hit, miss, bypass (Redis down) or off (no cache configured)
 
@@ -71,6 +72,7 @@ class Router:
         conversation: ConversationConfig | None = None,
         vector_cache_entries: int = 4096,
         vector_dir: Path | None = None,
+        spelling: bool = True,
     ):
         self.pool = pool
         self.embedder = embedder
@@ -79,6 +81,11 @@ class Router:
         self.fixed_threshold = fixed_threshold
         self.expert_vector = expert_vector
         self.conversation = conversation or ConversationConfig()
+        # Typo repair to the card words of each visible set (router/spelling.py); the embedder's whole words
+        # are never repaired.
+        self.spelling = spelling
+        self._known_words = vocabulary_words(getattr(embedder.embedder, "tokenizer", None)) if spelling else frozenset()
+        self._card_words: dict[str, Counter[str]] = {}  # card key -> its word counts (router/spelling.py)
         configs = method_configs or {}
         self.methods: dict[str, RoutingMethod] = {n: method_class(n)(configs.get(n)) for n in method_names()}
         # Scope.key -> the index of that visible set ('*': everything, `index`; '': shared only; a tenant: shared
@@ -160,6 +167,9 @@ class Router:
             if in_best is None:  # a tenant's set: its examples against its own set's experts only
                 in_best = subset_in_domain_best([cards[i] for i in rows], vecs)
             threshold = calibrate_threshold(in_best, ood_best)
+        speller = None
+        if self.spelling:  # this set's card words only: another tenant's cards repair none of its queries
+            speller = Speller.from_uses(self._words_of(chosen, [cards[i].key for i in rows]), self._known_words)
         if version is None:  # named by its own content (servable experts only: a quarantine changes it too), so
             # equal visible sets share cached decisions and others never do
             version = f"{self.pool.version_of(chosen)}.{self.expert_vector}"
@@ -171,7 +181,18 @@ class Router:
             pool_version=version,
             ranks={e.name: e.rank for e in chosen},
             gates={e.name: gates[e.name] for e in chosen},
+            speller=speller,
         )
+
+    def _words_of(self, experts: list[Expert], keys: list[str]) -> Counter[str]:
+        """The word counts of these experts' cards, each card's counted once per content (by card key)."""
+        uses: Counter[str] = Counter()
+        for e, key in zip(experts, keys):
+            words = self._card_words.get(key)
+            if words is None:
+                words = self._card_words[key] = word_uses((e.card.description, *e.card.examples))
+            uses.update(words)
+        return uses
 
     def view(self, scope: Scope) -> ExpertIndex:
         """The index `scope` is routed on."""
@@ -222,6 +243,8 @@ class Router:
             await asyncio.to_thread(self._store.keep_only, set(keys))
         for key in set(self._cards_by_key) - set(keys):
             del self._cards_by_key[key]
+        for key in set(self._card_words) - set(keys):
+            del self._card_words[key]
         return [self._cards_by_key[k] for k in keys]
 
     def _card(self, key: str, v: CardVectors) -> _Card:
@@ -317,6 +340,10 @@ class Router:
         turns = Query.of(query).turns()
         if self.conversation.mechanism == "last":  # earlier turns are neither embedded nor part of the key
             turns = turns[-1:]
+        if index.speller is not None:  # typos repaired: what is embedded, and what keys the decision
+            t0 = time.perf_counter()
+            turns = index.texts(turns)
+            stages["spelling"] = time.perf_counter() - t0
         conversation = self.conversation if len(turns) > 1 else None
         cache_params = method.cache_params(params)
         if conversation is not None:  # the decision depends on the earlier turns and on how they are weighed
@@ -372,6 +399,7 @@ class Router:
         turns = Query.of(query).turns()
         if self.conversation.mechanism == "last":
             turns = turns[-1:]
+        turns = index.texts(turns)
         vectors, own = await self._embed(turns, index, {})
         scores = own[-1]
         if len(turns) > 1 and self.anchors is not None:
