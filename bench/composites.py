@@ -67,8 +67,8 @@ def random_body(rng: random.Random) -> dict:
 
 def flat(samples: list[Sample], budget_mib: float) -> dict:
     """The verdict: RSS and disk are flat when their peak over the second half of the run is no more than
-    MARGIN times their peak over the first half. Disk may pass its budget by what was used in the last
-    `protect_s` (30 s): composites that recent are not evicted, since a request may be loading them."""
+    MARGIN times their peak over the first half. Disk may pass its budget by the composites requests in flight
+    use (pinned: adapters/composite_cache.py)."""
     half = max(len(samples) // 2, 1)
     first, second = samples[:half], samples[half:] or samples[:half]
     out: dict = {"disk_budget_mib": budget_mib}

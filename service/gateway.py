@@ -17,7 +17,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Literal
 
 from fastapi.responses import Response, StreamingResponse
@@ -198,8 +198,15 @@ class Gateway:
             try:
                 decision, adapter = await self.resolver.resolve_or_reroute(
                     decision, reroute if body.model == AUTO else None, key_id)
-                return await self._forward(endpoint, body, decision, adapter, routing_headers(decision, cache_status),
-                                           start, remember, who.tenant if who is not None else None)
+                release = functools.partial(self.resolver.release, adapter)
+                try:
+                    response = await self._forward(endpoint, body, decision, adapter,
+                                                   routing_headers(decision, cache_status), start, remember,
+                                                   who.tenant if who is not None else None)
+                except BaseException:
+                    release()
+                    raise
+                return released_when_sent(response, release)
             except APIError as exc:
                 step = await self._recovery(exc, decision, routed=body.model == AUTO, attempt=attempt)
                 if step == "reroute":
@@ -323,6 +330,25 @@ class Gateway:
             usage.get("prompt_tokens", usage.get("input_tokens", 0)))
         self.metrics.tokens.labels(expert, "completion", tenant).inc(
             usage.get("completion_tokens", usage.get("output_tokens", 0)))
+
+
+def released_when_sent(response: Response, release: Callable[[], None]) -> Response:
+    """`response`, with `release` called once it is sent: at once for a whole answer, when a stream ends (to
+    the end, broken or abandoned by its client) for a streamed one."""
+    if not isinstance(response, StreamingResponse):
+        release()
+        return response
+    chunks = response.body_iterator
+
+    async def relayed() -> AsyncIterator:
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            release()
+
+    response.body_iterator = relayed()
+    return response
 
 
 def routing_headers(decision: RoutingDecision, cache_status: str) -> dict[str, str]:

@@ -88,6 +88,11 @@ class Resolver:
         cid, path = await self._ensure(lambda: self.composites.ensure(parts_version(resolved), resolved, take))
         return Adapter(name=cid, path=path, kind="merge")
 
+    def release(self, adapter: Adapter | None) -> None:
+        """The request served by `adapter` is done: a composite it pinned (in `resolve`) may be evicted again."""
+        if adapter is not None and adapter.kind != "expert":
+            self.cache.release(adapter.name)
+
     async def resolve_or_reroute(self, decision: RoutingDecision,
                                  reroute: Callable[[], Awaitable[RoutingDecision]] | None, key_id: str = "anonymous"
                                  ) -> tuple[RoutingDecision, Adapter | None]:

@@ -359,8 +359,8 @@ async def test_out_of_range_numbers_are_400s(stack: Stack, extra):
 async def test_composites_stay_within_their_disk_budget_and_leave_the_backends(stack: Stack):
     gateway = stack.app.state.gateway
     cache = gateway.resolver.cache
-    limit, protect = cache.limit_bytes, cache.protect_s
-    cache.limit_bytes, cache.protect_s = 1, 0.0  # room for one composite at a time
+    limit = cache.limit_bytes
+    cache.limit_bytes = 1  # room for one composite at a time
     gateway.composites.clear()  # the two composites below are new
     cache._entries.clear()
     cache.bytes = 0
@@ -381,8 +381,17 @@ async def test_composites_stay_within_their_disk_budget_and_leave_the_backends(s
         # Asked for again, the evicted composite is built again and served.
         r = await stack.chat("What is 12 times 7?", routing={"mode": "arrow", "top_k": 2})
         assert r.status_code == 200 and stack.fake.requests[-1]["model"] == first
+        # A streamed request pins its composite until its stream has been sent, then releases it (httpx's ASGI
+        # transport runs the app to the end before answering, so only the release can be seen here).
+        async with stack.client.stream("POST", "/v1/chat/completions", headers=stack.auth(), json={
+                "model": "auto", "stream": True, "max_tokens": 4, "routing": {"mode": "arrow", "top_k": 1},
+                "messages": [{"role": "user", "content": "What is 12 times 7?"}]}) as streamed:
+            assert streamed.status_code == 200
+            async for _ in streamed.aiter_bytes():
+                pass
+        assert {cid: e.pins for cid, e in cache._entries.items()} == {second: 0}
     finally:
-        cache.limit_bytes, cache.protect_s = limit, protect
+        cache.limit_bytes = limit
 
 
 async def test_new_composites_per_key_are_capped(stack: Stack):
