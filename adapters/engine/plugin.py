@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import types
+from collections import OrderedDict
 
 import torch
 
@@ -285,18 +286,44 @@ def install_gpu_gate(platform_cls: type, version: str) -> bool:
     return True
 
 
+LAST_GOOD_BYTES = 512 << 20  # adapters kept in case their file breaks while vLLM still serves them
+_last_good: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+
+
+def _remember(path: str, tensors: dict[str, torch.Tensor]) -> None:
+    _last_good.pop(path, None)
+    _last_good[path] = tensors
+    total = sum(t.nbytes for ts in _last_good.values() for t in ts.values())
+    while total > LAST_GOOD_BYTES and len(_last_good) > 1:
+        _, dropped = _last_good.popitem(last=False)
+        total -= sum(t.nbytes for t in dropped.values())
+
+
 class BytesSafeOpen:
     """`safetensors.safe_open`'s reading interface over the file's bytes, for vLLM's LoRA loader.
 
     safe_open memory-maps the file: an adapter rewritten in place while vLLM loads it (truncated meanwhile) kills
     the worker with SIGBUS, and every request in the batch with it (seen twice in the 20-minute soak). Read
-    first, a truncated file is a parse error: that load is refused, the engine lives. Adapters are a few MB."""
+    first, a truncated file is a parse error. That is not enough: vLLM also re-reads an adapter inside a model
+    step when it has left its CPU LoRA cache, and an exception there ends the engine (seen in the soak after
+    this reader came in). So the last tensors read well from each path are kept (LAST_GOOD_BYTES at most, least
+    recently read out first), and a path that no longer reads well gives those: what vLLM would still hold had
+    it not evicted the adapter. The gateway quarantines such an expert on its own check. Adapters are a few MB."""
 
     def __init__(self, path: str, framework: str = "pt", device: str = "cpu"):
         from safetensors.torch import load
 
-        with open(path, "rb") as f:
-            self._tensors = load(f.read())
+        try:
+            with open(path, "rb") as f:
+                self._tensors = load(f.read())
+        except Exception as exc:
+            if path not in _last_good:
+                raise
+            log.warning("adapter file %s unreadable (%s): serving the version read before", path, exc)
+            self._tensors = _last_good[path]
+            _last_good.move_to_end(path)
+            return
+        _remember(path, self._tensors)
 
     def __enter__(self) -> BytesSafeOpen:
         return self

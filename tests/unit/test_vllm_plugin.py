@@ -90,18 +90,15 @@ with lora_model.safetensors.safe_open(path, framework="pt") as f:  # what vLLM's
     open(path, "r+b").truncate(100)  # the adapter rewritten in place meanwhile
     for key in f.keys():
         f.get_tensor(key)
-try:
-    lora_model.safetensors.safe_open(path, framework="pt")  # now truncated: a clear error, no signal
-except Exception:
-    sys.exit(3)
+print("read", len(f.keys()))
 """
 
 
 def test_vllm_reads_adapters_without_memory_maps(tmp_path):
     """vLLM's LoRA loader memory-maps adapters: an adapter truncated while it loads killed vLLM's worker with
     SIGBUS in the soak (tests/unit/test_atomic_writes.py shows the signal with safetensors' own reader). With
-    the plugin the loader reads the bytes: the truncation does not touch the load under way, and a truncated
-    file is an exception. In a child, so that a SIGBUS fails this test rather than killing pytest."""
+    the plugin the loader reads the bytes: the truncation does not touch the load under way (a file that is
+    truncated before the read: the next test). In a child, so that a SIGBUS fails this test, not pytest."""
     import signal
     import subprocess
     import sys
@@ -113,7 +110,38 @@ def test_vllm_reads_adapters_without_memory_maps(tmp_path):
     child = subprocess.run([sys.executable, "-c", TRUNCATE_WHILE_VLLM_READS, str(path)], capture_output=True,
                            text=True, cwd=Path(__file__).resolve().parents[2], timeout=300)
     assert child.returncode != -signal.SIGBUS, "vLLM's loader memory-maps adapters"
-    assert child.returncode == 3, child.stderr[-2000:]
+    assert child.returncode == 0 and "read 8" in child.stdout, child.stderr[-2000:]
+
+
+def test_an_adapter_whose_file_breaks_is_served_as_last_read(tmp_path, monkeypatch, caplog):
+    """vLLM re-reads an adapter inside a model step when it left its CPU cache; an exception there ends the
+    engine (the soak: a truncated expert file took vLLM down). A path read well before gives its last good
+    tensors; one never read well still raises (a registration of a broken file is refused); memory is
+    bounded."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    monkeypatch.setattr(ours, "_last_good", type(ours._last_good)())
+    good, fresh = tmp_path / "good.safetensors", tmp_path / "fresh.safetensors"
+    weights = {"a": torch.randn(64, 64), "b": torch.randn(64, 8)}
+    save_file(weights, str(good))
+    save_file(weights, str(fresh))
+    first = dict(ours.BytesSafeOpen(str(good))._tensors)
+    for broken in (good, fresh):
+        broken.write_bytes(broken.read_bytes()[:100])  # truncated, as by an in-place rewrite
+    with caplog.at_level("WARNING"):
+        again = ours.BytesSafeOpen(str(good))
+    assert again.keys() == ["a", "b"] and all(torch.equal(again.get_tensor(k), first[k]) for k in first)
+    assert "serving the version read before" in caplog.text
+    with pytest.raises(SafetensorError):
+        ours.BytesSafeOpen(str(fresh))
+
+    monkeypatch.setattr(ours, "LAST_GOOD_BYTES", 20_000)  # room for one of these adapters (18 KB)
+    for i in range(3):
+        path = tmp_path / f"w{i}.safetensors"
+        save_file(weights, str(path))
+        ours.BytesSafeOpen(str(path))
+    assert list(ours._last_good) == [str(tmp_path / "w2.safetensors")]
 
 
 def test_padded_rank_is_skipped_and_reloads_are_seen():
