@@ -222,12 +222,17 @@ class Gateway:
     async def _recovery(self, exc: APIError, decision: RoutingDecision, *, routed: bool, attempt: int
                         ) -> Literal["reroute", "retry"] | APIError:
         """What to do after `exc` served `decision`: route again, try the same decision once more, or answer
-        with an error. Only a failed adapter load or composite build is recovered from, three attempts at most:
+        with an error. Only a failed adapter load or composite build, or a pool change, is recovered from, three
+        attempts at most:
         - an expert removed while its adapter was loading (its files may be gone already): a routed request is
           routed again; one that named it learns it left (503 pool_changed);
         - an expert whose files broke since it was registered: quarantined; a routed request goes to the
           next-best expert or the base model, one that named it gets the error;
-        - files that read well by now (a repair raced the load): the same decision once more."""
+        - files that read well by now (a repair raced the load): the same decision once more;
+        - an expert that left the pool again after the resolver's own re-route (the router's index was still
+          being rebuilt after a change on another replica): a routed request is routed again."""
+        if exc.code == "pool_changed":
+            return "reroute" if routed and attempt < 3 else exc
         if exc.code not in BROKEN_EXPERT_CODES:
             return exc
         left = next((c.name for c in decision.experts if self.pool.get(c.name) is None), None)

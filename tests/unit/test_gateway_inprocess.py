@@ -21,6 +21,7 @@ from adapters.engine.capabilities import capabilities
 from adapters.gates import compute_arrow_gates
 from adapters.validate import ModelShape
 from service.app import create_app
+from service.resolve import expert_left
 from service.settings import Settings
 from tests.unit.fake_vllm import FakeVLLM, serve_fake_vllm
 from training.synthetic import write_random_lora
@@ -525,6 +526,28 @@ async def test_a_repair_that_races_the_adapter_load_is_retried(stack: Stack):
     assert raced and r.status_code == 200, r.text
     assert r.json()["routing"]["experts"][0]["name"] == "arith"
     assert stack.fake.loaded[-1] == "arith" and not gateway.pool.quarantined
+
+
+async def test_a_routed_request_is_routed_again_while_the_pool_keeps_changing(stack: Stack, monkeypatch):
+    """The resolver routes again once when an expert left the pool; a second departure (another replica's change
+    arriving while the index is rebuilt, seen in the soak as an auto-routed 503 pool_changed) is routed again
+    by the gateway, up to its attempts. A request naming an expert that left still gets the 503."""
+    resolver = stack.app.state.gateway.resolver
+    resolve, left = resolver.resolve, []
+
+    async def departing(decision, key_id="anonymous"):
+        if len(left) < 2 and decision.experts:
+            left.append(decision.experts[0].name)
+            raise expert_left(decision.experts[0].name)
+        return await resolve(decision, key_id)
+
+    monkeypatch.setattr(resolver, "resolve", departing)
+    r = await stack.chat("What is 12 times 7?", routing={"mode": "global"})
+    assert r.status_code == 200 and len(left) == 2, r.text
+    left.clear()
+    r = await stack.client.post("/v1/chat/completions", headers=stack.auth(), json={
+        "model": "arith", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 503 and error_of(r)["code"] == "pool_changed"
 
 
 async def test_responses_api_is_routed_like_chat(stack: Stack):
