@@ -83,6 +83,8 @@ class SoakReport:
     unexplained: int  # errors outside every documented window: the goal is 0
     unexplained_examples: list[dict]
     explained: int
+    unexplained_by: dict[str, int]  # "kind status code" -> count, over every unexplained error
+    unexplained_by_minute: dict[int, int]  # minute of the run -> count: where they cluster
     resources: dict[str, dict[str, float]]  # series name -> first, last, max
     pool_intact: bool
     samples: list[Sample] = field(default_factory=list, repr=False)
@@ -533,8 +535,10 @@ def _soak(stack: SoakStack, seconds: float, clients: int, fault_kinds: tuple[str
         unexplained=len(unexplained),
         unexplained_examples=[{**asdict(o), "t0": round(o.t0 - start, 2), "t1": round(o.t1 - start, 2)}
                               for o in unexplained[:20]],
-        explained=n_explained, resources=summarise(samples), pool_intact=pool_intact(stack, traffic.experts),
-        samples=samples)
+        explained=n_explained,
+        unexplained_by=dict(Counter(f"{o.kind} {o.status} {o.code}" for o in unexplained).most_common()),
+        unexplained_by_minute=dict(sorted(Counter(int((o.t0 - start) // 60) for o in unexplained).items())),
+        resources=summarise(samples), pool_intact=pool_intact(stack, traffic.experts), samples=samples)
 
 
 def strike(stack: SoakStack, kind: str) -> None:
