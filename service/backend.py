@@ -287,6 +287,13 @@ class BackendPool:
                         backend.loaded.pop(adapter.name, None)
                         await self.ensure_adapter(backend, adapter)
                         resp = await self._send_once(lease, path, body, stream)
+                        if resp.status_code == 404 and b"does not exist" in await resp.read():
+                            # Lost again at once (a restart under way): the gateway chose this adapter, so a
+                            # 404 would make no sense to the client; a failed load can be routed around.
+                            await resp.aclose()
+                            backend.loaded.pop(adapter.name, None)
+                            raise APIError(502, f"backend lost adapter {adapter.name!r} again after loading it",
+                                           code="adapter_load_failed", type_="server_error")
                     if stream and resp.status_code == 200:
                         await resp.read_ahead()
                 except BaseException:

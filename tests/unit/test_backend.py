@@ -260,6 +260,24 @@ async def test_adapter_lost_by_the_backend_is_loaded_again_once():
         assert calls == ["/v1/completions", "/v1/load_lora_adapter", "/v1/completions"]
 
 
+async def test_adapter_lost_again_after_its_reload_is_a_failed_load_not_a_404():
+    """The soak's one unexplained error after its fixes: an auto-routed request answered 404 by vLLM mid-restart.
+    The gateway chose that adapter; after one reload, a backend that still does not have it is a failed load
+    (502 adapter_load_failed, which a routed request recovers from), never a 404 passed to the client."""
+    async def vllm(head: bytes, body: bytes, writer: asyncio.StreamWriter) -> None:
+        if head.split(b" ")[1] == b"/v1/completions":
+            writer.write(answer(404, b'{"error":{"message":"The model `x` does not exist."}}'))
+        else:
+            writer.write(answer(200, b'{"ok":true}'))
+
+    async with server(vllm) as (url, _), pool_of(url) as pool:
+        pool.backends[0].loaded["x"] = Path("/x")
+        with pytest.raises(APIError) as err:
+            await pool.send("/v1/completions", {"model": "x"}, Adapter("x", Path("/x")), stream=False)
+        assert err.value.status == 502 and err.value.code == "adapter_load_failed"
+        assert pool.backends[0].inflight == 0 and "x" not in pool.backends[0].loaded
+
+
 async def test_adapter_load_refused_is_a_502():
     async def refuses(head: bytes, body: bytes, writer: asyncio.StreamWriter) -> None:
         writer.write(answer(400, b'{"message":"bad adapter"}'))
