@@ -534,6 +534,23 @@ def chart(result: dict, path: Path) -> bool:
     return True
 
 
+def peer_main(args, settings: Settings) -> int:
+    """`flock bench --peer litellm`: exit code 2 with a clear message when LiteLLM's virtualenv or wrk is missing."""
+    from bench import peer
+
+    try:
+        result = peer.run(settings, args.peer_venv or peer.DEFAULT_VENV, quick=args.quick, seconds=args.peer_seconds,
+                          litellm_workers=tuple(int(n) for n in str(args.peer_workers).split(",")))
+    except peer.PeerMissing as exc:
+        print(f"flock bench --peer litellm: {exc}", file=sys.stderr)
+        return 2
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "peer_litellm.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2) if args.json else peer.table(result))
+    return 0
+
+
 @dataclass
 class RunningStack:
     """A gateway that is already serving (`flock bench --decode-only --gateway URL`)."""
@@ -555,6 +572,8 @@ async def decode_only(settings: Settings, gateway: str, expert: str, prompt: str
 
 
 def main(args, settings: Settings) -> int:
+    if getattr(args, "peer", None):
+        return peer_main(args, settings)
     if getattr(args, "many_experts", None):
         from bench import many_experts
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from service.settings import Settings
 
@@ -29,6 +30,16 @@ def register(sub) -> None:
                    help="with --many-experts: also time a cold start at N (every card embedded; slow on 2 cores)")
     p.add_argument("--placement", action="store_true",
                    help="with --many-experts: only the placement comparison (rendezvous vs scorer)")
+    p.add_argument("--peer", choices=["litellm"],
+                   help="only the gateway beside a peer: flock (routing cache hit) and a LiteLLM proxy in front of the "
+                        "same instant fake backend, driven by wrk at increasing concurrency (bench/peer.py; set up "
+                        "with `make peer-litellm`)")
+    p.add_argument("--peer-venv", type=Path,
+                   help="with --peer litellm: the virtualenv holding LiteLLM (default <repo>/.venv-litellm)")
+    p.add_argument("--peer-seconds", type=float, help="with --peer: seconds per wrk run (default 5; 2 with --quick)")
+    p.add_argument("--peer-workers", default="1,2",
+                   help="with --peer litellm: LiteLLM proxies to run, by worker processes, comma-separated; the goal "
+                        "ratios take the best of them (default %(default)s)")
     p.set_defaults(func=run)
 
 
