@@ -15,6 +15,7 @@ so the report can show that the generator was not what limited either gateway.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import statistics
@@ -152,28 +153,39 @@ def group_cpu_s(pgids: list[int]) -> float:
     return total / tick
 
 
-def run_wrk(wrk: str, script: Path, url: str, target: str, concurrency: int, seconds: float,
+def run_wrk(wrk: str, script: Path, url: str | list[str], target: str, concurrency: int, seconds: float,
             pgids: list[int] | None = None) -> Point:
     """wrk with one thread (a C event loop; one is plenty below 64 connections) for `seconds`, its CPU time read
-    from the kernel's accounting of the child; the target's CPU from its process groups (`pgids`)."""
+    from the kernel's accounting of the child; the target's CPU from its process groups (`pgids`). Several URLs
+    (gateway processes side by side): one wrk each, at the same time, sharing the connections; the point sums
+    their rates and takes the worst of their percentiles."""
+    urls = [url] if isinstance(url, str) else url
     cpu0 = group_cpu_s(pgids) if pgids else 0.0
-    argv = [wrk, "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "-T10s", "-s", str(script), url]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out = proc.stdout.read() if proc.stdout else ""
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    procs = [subprocess.Popen([wrk, "-t1", f"-c{max(1, concurrency // len(urls))}", f"-d{max(1, round(seconds))}s",
+                               "-T10s", "-s", str(script), u], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for u in urls]
+    summaries, wrk_cpu_s = [], 0.0
+    for proc in procs:
+        out = proc.stdout.read() if proc.stdout else ""
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            raise RuntimeError(f"wrk failed ({proc.returncode}): {out[-2000:]}")
+        summaries.append(parse_wrk(out))
+        wrk_cpu_s += usage.ru_utime + usage.ru_stime
     wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"wrk failed ({proc.returncode}): {out[-2000:]}")
     cpu = group_cpu_s(pgids) - cpu0 if pgids else float("nan")
-    s = parse_wrk(out)
-    secs = max(s["duration_us"], 1) / 1e6
-    return Point(target=target, concurrency=concurrency, rps=s["requests"] / secs, p50_ms=s["p50_us"] / 1e3,
-                 p90_ms=s["p90_us"] / 1e3, p99_ms=s["p99_us"] / 1e3, max_ms=s["max_us"] / 1e3,
-                 requests=s["requests"], errors=s["errors"] or int(s["requests"] == 0),
-                 wrk_cpu=(usage.ru_utime + usage.ru_stime) / wall,
-                 cpu_ms_per_request=cpu * 1e3 / max(1, s["requests"]))
+    requests = sum(s["requests"] for s in summaries)
+
+    def worst(key: str) -> float:
+        return max(s[key] for s in summaries) / 1e3
+
+    return Point(target=target, concurrency=concurrency,
+                 rps=sum(s["requests"] / (max(s["duration_us"], 1) / 1e6) for s in summaries),
+                 p50_ms=worst("p50_us"), p90_ms=worst("p90_us"), p99_ms=worst("p99_us"), max_ms=worst("max_us"),
+                 requests=requests, errors=sum(s["errors"] for s in summaries) or int(requests == 0),
+                 wrk_cpu=wrk_cpu_s / wall, cpu_ms_per_request=cpu * 1e3 / max(1, requests))
 
 
 # --- the figures ----------------------------------------------------------------------------------------
@@ -207,8 +219,8 @@ def ratio(a: float, b: float) -> float | None:
 
 
 def summarize(points: list[Point]) -> dict:
-    """The two goal ratios, flock against the best LiteLLM configuration measured (the highest sustained rate;
-    the lowest p50 added latency at concurrency 1), and every target's figures."""
+    """The two goal ratios, the best flock configuration measured against the best LiteLLM one (the highest
+    sustained rate; the lowest p50 added latency at concurrency 1), and every target's figures."""
     targets = list(dict.fromkeys(p.target for p in points if p.target != "direct"))
     by_target = {}
     for t in targets:
@@ -216,17 +228,22 @@ def summarize(points: list[Point]) -> dict:
         by_target[t] = {"sustained_rps": sustained_rps(points, t), "peak_rps": peak_rps(points, t),
                         "added_ms_p50_c1": added(points, t).get(1, (float("nan"), 0.0))[0],
                         "cpu_ms_per_request_median": statistics.median(p.cpu_ms_per_request for p in mine)}
-    peers = [t for t in targets if t.startswith("litellm")]
-    flock = by_target.get("flock", {"sustained_rps": 0.0, "peak_rps": 0.0, "added_ms_p50_c1": float("nan")})
-    best_rps = max((by_target[t]["sustained_rps"] for t in peers), default=0.0)
-    best_peak = max((by_target[t]["peak_rps"] for t in peers), default=0.0)
-    best_added = min((by_target[t]["added_ms_p50_c1"] for t in peers), default=float("nan"))
+
+    def best(prefix: str, key: str, pick=max, default: float = 0.0) -> float:
+        values = [by_target[t][key] for t in targets if t.startswith(prefix) and not math.isnan(by_target[t][key])]
+        return pick(values, default=default)
+
+    nan = float("nan")
+    flock = {"sustained_rps": best("flock", "sustained_rps"), "peak_rps": best("flock", "peak_rps"),
+             "added_ms_p50_c1": best("flock", "added_ms_p50_c1", min, nan)}
+    best_rps, best_peak = best("litellm", "sustained_rps"), best("litellm", "peak_rps")
+    best_added = best("litellm", "added_ms_p50_c1", min, nan)
     direct = [p for p in points if p.target == "direct"]
     return {
         "gateway_vs_litellm_rps_ratio": ratio(flock["sustained_rps"], best_rps),
         "gateway_vs_litellm_added_ratio": ratio(flock["added_ms_p50_c1"], best_added),
         # The highest rates whatever the latency: a ratio still defined when LiteLLM never meets the p99 limit.
-        "gateway_vs_litellm_peak_rps_ratio": ratio(by_target.get("flock", {}).get("peak_rps", 0.0), best_peak),
+        "gateway_vs_litellm_peak_rps_ratio": ratio(flock["peak_rps"], best_peak),
         "flock_sustained_rps": flock["sustained_rps"],
         "litellm_sustained_rps": best_rps,
         "flock_added_ms_p50_c1": flock["added_ms_p50_c1"],
@@ -257,10 +274,17 @@ def table(result: dict) -> str:
 
 
 # --- the run --------------------------------------------------------------------------------------------
+def flock_target(processes: int) -> str:
+    return "flock" if processes == 1 else f"flock-{processes}p"
+
+
 def run(settings: Settings, venv: Path, *, quick: bool = False, seconds: float | None = None,
-        litellm_workers: tuple[int, ...] = (1, 2)) -> dict:
-    """Start the fake backend, redis-server, `flock serve` (8 synthetic experts) and one LiteLLM proxy per worker
-    count; then for each concurrency run wrk against every target in turn (the order rotates per level)."""
+        litellm_workers: tuple[int, ...] = (1, 2), flock_processes: tuple[int, ...] = (1, 2)) -> dict:
+    """Start the fake backend, redis-server, `flock serve` (8 synthetic experts; as many replicas as the largest of
+    `flock_processes`, sharing the Redis) and one LiteLLM proxy per worker count; then for each concurrency run wrk
+    against every target in turn (the order rotates per level). flock has one event loop per process; "flock-2p"
+    is two `flock serve` processes side by side (what replicas behind a load balancer give on this host), each
+    driven by its own wrk with half the connections, against LiteLLM's own `--num_workers`."""
     from bench.run import machine, write_experts
     from bench.stack import gateway_env
     from service.processes import ManagedProcess, free_port, redis_command, wait_http, wait_redis
@@ -273,7 +297,7 @@ def run(settings: Settings, venv: Path, *, quick: bool = False, seconds: float |
         work = Path(tmp)
         say("writing 8 synthetic experts for flock's pool")
         library = write_experts(settings, work / "experts")
-        fake_port, gw_port, redis_port = free_port(), free_port(), free_port()
+        fake_port, redis_port = free_port(), free_port()
         fake = f"http://127.0.0.1:{fake_port}"
         (work / "litellm.yaml").write_text(litellm_config(fake))
         (work / "litellm-log.json").write_text(json.dumps(LITELLM_LOG_CONFIG))
@@ -282,48 +306,60 @@ def run(settings: Settings, venv: Path, *, quick: bool = False, seconds: float |
                                                       "--port", str(fake_port), "--log-level", "warning",
                                                       "--no-access-log"], log_file=work / "fake.log"),
             "redis": ManagedProcess("redis-server", redis_command(redis_port, work)),
-            "flock": ManagedProcess("gateway", [sys.executable, "-m", "cli", "serve"],
-                                    gateway_env(settings, library=library, backend=fake,
-                                                redis_url=f"redis://127.0.0.1:{redis_port}/0",
-                                                state_dir=work / "state", port=gw_port),
-                                    log_file=work / "flock.log"),
         }
-        urls = {"direct": fake, "flock": f"http://127.0.0.1:{gw_port}"}
-        models = {"direct": DIRECT_MODEL, "flock": "auto"}
+        gateways = [f"flock-{i}" for i in range(max(flock_processes))]
+        gw_urls = []
+        for name in gateways:
+            port = free_port()
+            procs[name] = ManagedProcess(name, [sys.executable, "-m", "cli", "serve"],
+                                         gateway_env(settings, library=library, backend=fake,
+                                                     redis_url=f"redis://127.0.0.1:{redis_port}/0",
+                                                     state_dir=work / name, port=port), log_file=work / f"{name}.log")
+            gw_urls.append(f"http://127.0.0.1:{port}")
+        urls: dict[str, list[str]] = {"direct": [fake]}
+        models = {"direct": DIRECT_MODEL}
+        for n in flock_processes:
+            urls[flock_target(n)], models[flock_target(n)] = gw_urls[:n], "auto"
         for n in litellm_workers:
             t, port = litellm_target(n), free_port()
             procs[t] = ManagedProcess(f"LiteLLM ({n} workers)", [
                 str(litellm), "--config", str(work / "litellm.yaml"), "--host", "127.0.0.1", "--port", str(port),
                 "--num_workers", str(n), "--telemetry", "False", "--log_config", str(work / "litellm-log.json")],
                 {**os.environ, **LITELLM_ENV}, log_file=work / f"{t}.log")
-            urls[t], models[t] = f"http://127.0.0.1:{port}", DIRECT_MODEL
+            urls[t], models[t] = [f"http://127.0.0.1:{port}"], DIRECT_MODEL
         targets = list(urls)
+        peers = [t for t in targets if t.startswith("litellm")]
         points: list[Point] = []
         try:
             procs["direct"].start()
             procs["redis"].start()
             wait_redis(redis_port)
             wait_http(f"{fake}/health", 60, procs["direct"])
-            for t in targets[1:]:
-                procs[t].start()
-            wait_http(f"{urls['flock']}/ready", 180, procs["flock"], "flock serve")
-            for t in targets[2:]:
-                wait_http(f"{urls[t]}/health/liveliness", 180, procs[t], procs[t].name)
+            for name in gateways + peers:
+                procs[name].start()
+            for name, url in zip(gateways, gw_urls):
+                wait_http(f"{url}/ready", 180, procs[name], "flock serve")
+            for t in peers:
+                wait_http(f"{urls[t][0]}/health/liveliness", 180, procs[t], procs[t].name)
             check_targets(urls, models)
             # Each process was started in its own session, so its pid is its process group's id (workers included);
             # flock's CPU includes redis-server's, where its routing cache lives.
-            pgids = {t: [pid_of(procs[t])] for t in targets}
-            pgids["flock"].append(pid_of(procs["redis"]))
+            pgids = {t: [pid_of(procs[t])] for t in ["direct", *peers]}
+            for n in flock_processes:
+                pgids[flock_target(n)] = [pid_of(procs[g]) for g in gateways[:n]] + [pid_of(procs["redis"])]
             scripts = {}
             for t in targets:
                 scripts[t] = work / f"{t}.lua"
                 scripts[t].write_text(wrk_script(request_body(models[t])))
                 # Warm-up, not counted: 8 connections reach every worker, whose first requests import lazily.
-                run_wrk(wrk, scripts[t], f"{urls[t]}/v1/chat/completions", t, 8, 3)
+                run_wrk(wrk, scripts[t], [f"{u}/v1/chat/completions" for u in urls[t]], t, 8, 3)
             for i, c in enumerate(levels):
                 k = i % len(targets)
                 for t in targets[k:] + targets[:k]:
-                    p = run_wrk(wrk, scripts[t], f"{urls[t]}/v1/chat/completions", t, c, seconds, pgids[t])
+                    if c < len(urls[t]):  # fewer connections than processes: not measured
+                        continue
+                    p = run_wrk(wrk, scripts[t], [f"{u}/v1/chat/completions" for u in urls[t]], t, c, seconds,
+                                pgids[t])
                     points.append(p)
                     say(f"  c={c:<3} {t:<11} {p.rps:7.0f} req/s  p50 {p.p50_ms:7.2f} ms  p99 {p.p99_ms:7.2f} ms  "
                         f"errors {p.errors}  CPU {p.cpu_ms_per_request:5.2f} ms/req  wrk CPU {p.wrk_cpu:.2f}")
@@ -335,7 +371,8 @@ def run(settings: Settings, venv: Path, *, quick: bool = False, seconds: float |
             "workload": {"concurrency": list(levels), "seconds_per_run": seconds,
                          "generator": "wrk -t1 (keep-alive connections, closed loop)",
                          "body": "chat completion, max_tokens 1; flock: model auto, one prompt (routing cache hit)",
-                         "litellm": PEER_VERSION, "litellm_workers": list(litellm_workers), "flock_workers": 1,
+                         "litellm": PEER_VERSION, "litellm_workers": list(litellm_workers),
+                         "flock_processes": list(flock_processes),
                          "litellm_env": LITELLM_ENV, "litellm_access_log": False},
             "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "quick": quick}
 
@@ -346,14 +383,15 @@ def pid_of(proc) -> int:
     return int(proc.proc.pid)
 
 
-def check_targets(urls: dict[str, str], models: dict[str, str]) -> None:
-    """Each target answers the bench's request with 200, and flock's decision comes from the routing cache."""
+def check_targets(urls: dict[str, list[str]], models: dict[str, str]) -> None:
+    """Each target answers the bench's request with 200, and flock's decisions come from the routing cache."""
     with httpx.Client(timeout=30) as client:
-        for t, url in urls.items():
-            for _ in range(2):  # the first flock request may fill the cache
-                r = client.post(f"{url}/v1/chat/completions", content=request_body(models[t]),
-                                headers={"content-type": "application/json"})
-            if r.status_code != 200:
-                raise RuntimeError(f"{t} answered {r.status_code}: {r.text[:500]}")
-            if t == "flock" and r.headers.get("x-flock-cache") != "hit":
-                raise RuntimeError(f"flock's routing was not a cache hit: {dict(r.headers)}")
+        for t, target_urls in urls.items():
+            for url in target_urls:
+                for _ in range(2):  # the first flock request may fill the cache
+                    r = client.post(f"{url}/v1/chat/completions", content=request_body(models[t]),
+                                    headers={"content-type": "application/json"})
+                if r.status_code != 200:
+                    raise RuntimeError(f"{t} ({url}) answered {r.status_code}: {r.text[:500]}")
+                if t.startswith("flock") and r.headers.get("x-flock-cache") != "hit":
+                    raise RuntimeError(f"flock's routing was not a cache hit ({url}): {dict(r.headers)}")

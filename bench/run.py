@@ -534,13 +534,18 @@ def chart(result: dict, path: Path) -> bool:
     return True
 
 
+def _ints(csv: str) -> tuple[int, ...]:
+    return tuple(int(n) for n in str(csv).split(",") if n.strip())
+
+
 def peer_main(args, settings: Settings) -> int:
     """`flock bench --peer litellm`: exit code 2 with a clear message when LiteLLM's virtualenv or wrk is missing."""
     from bench import peer
 
     try:
         result = peer.run(settings, args.peer_venv or peer.DEFAULT_VENV, quick=args.quick, seconds=args.peer_seconds,
-                          litellm_workers=tuple(int(n) for n in str(args.peer_workers).split(",")))
+                          litellm_workers=_ints(args.peer_workers),
+                          flock_processes=_ints(args.peer_flock_processes))
     except peer.PeerMissing as exc:
         print(f"flock bench --peer litellm: {exc}", file=sys.stderr)
         return 2

@@ -40,6 +40,9 @@ def register(sub) -> None:
     p.add_argument("--peer-workers", default="1,2",
                    help="with --peer litellm: LiteLLM proxies to run, by worker processes, comma-separated; the goal "
                         "ratios take the best of them (default %(default)s)")
+    p.add_argument("--peer-flock-processes", default="1,2",
+                   help="with --peer litellm: flock gateway processes to run side by side, comma-separated "
+                        "(default %(default)s)")
     p.set_defaults(func=run)
 
 

@@ -54,6 +54,8 @@ def test_run_wrk_turns_the_summary_into_a_point(tmp_path):
     p = peer.run_wrk(str(fake), tmp_path / "s.lua", "http://x", "flock", 4, 2, [os.getpgid(0)])
     assert (p.rps, p.p50_ms, p.p99_ms, p.errors) == (250.0, 1.5, 9.0, 0)
     assert p.cpu_ms_per_request >= 0
+    both = peer.run_wrk(str(fake), tmp_path / "s.lua", ["http://x", "http://y"], "flock-2p", 4, 2)
+    assert (both.rps, both.requests, both.p99_ms, both.concurrency) == (500.0, 1000, 9.0, 4)  # rates add up
     empty = tmp_path / "wrk0"
     empty.write_text('#!/bin/sh\necho \'FLOCK_WRK {"requests": 0, "duration_us": 0, "p50_us": 0, "p90_us": 0, '
                      '"p99_us": 0, "max_us": 0, "errors": 0}\'\n')
@@ -88,6 +90,17 @@ def test_summary_sets_flock_against_the_best_litellm_configuration():
     assert set(s["by_target"]) == {"flock", "litellm-1w", "litellm-2w"}
     table = peer.table({**s, "points": [p.__dict__ for p in points]})
     assert "| `gateway_vs_litellm_rps_ratio` | 13.333 | >= 1.5 |" in table
+
+
+def test_summary_takes_the_better_of_one_and_two_flock_processes():
+    points = [point("direct", 1, 5000, 0.1, 2), point("direct", 4, 6000, 0.3, 5),
+              point("flock", 1, 800, 1.1, 5), point("flock", 4, 1000, 3, 20),
+              point("flock-2p", 4, 1500, 2, 15),  # two processes: not measured at concurrency 1
+              point("litellm-1w", 1, 100, 10.1, 18), point("litellm-1w", 4, 110, 40, 60)]
+    s = peer.summarize(points)
+    assert s["flock_sustained_rps"] == 1500 and s["gateway_vs_litellm_rps_ratio"] == 15
+    assert s["flock_added_ms_p50_c1"] == pytest.approx(1.0)  # the one process measured at concurrency 1
+    assert s["by_target"]["flock-2p"]["sustained_rps"] == 1500
 
 
 def test_ratio_is_undefined_when_litellm_never_meets_the_limit():
