@@ -31,9 +31,9 @@ def register(sub) -> None:
     p.add_argument("--placement", action="store_true",
                    help="with --many-experts: only the placement comparison (rendezvous vs scorer)")
     p.add_argument("--peer", choices=["litellm"],
-                   help="only the gateway beside a peer: flock (routing cache hit) and a LiteLLM proxy in front of the "
+                   help="the gateway beside a peer: flock (routing cache hit) and a LiteLLM proxy in front of the "
                         "same instant fake backend, driven by wrk at increasing concurrency (bench/peer.py; set up "
-                        "with `make peer-litellm`)")
+                        "with `make peer-litellm`); alone, or added to --many-experts's JSON")
     p.add_argument("--peer-venv", type=Path,
                    help="with --peer litellm: the virtualenv holding LiteLLM (default <repo>/.venv-litellm)")
     p.add_argument("--peer-seconds", type=float, help="with --peer: seconds per wrk run (default 5; 2 with --quick)")

@@ -127,6 +127,34 @@ def test_missing_litellm_venv_says_how_to_make_it(tmp_path, capsys):
     assert code == 2 and "make peer-litellm" in err and str(tmp_path / "none" / "bin" / "litellm") in err
 
 
+def test_many_experts_with_the_peer_stops_before_starting_when_the_peer_is_missing(tmp_path, monkeypatch, capsys):
+    from bench import many_experts
+
+    async def never(*args, **kwargs):
+        raise AssertionError("the many-experts run started although the peer is missing")
+
+    monkeypatch.setattr(many_experts, "run", never)
+    code = main(["bench", "--many-experts", "10", "--peer", "litellm", "--peer-venv", str(tmp_path)])
+    assert code == 2 and "make peer-litellm" in capsys.readouterr().err
+
+
+def test_many_experts_with_the_peer_carries_the_goal_ratios(monkeypatch, capsys):
+    from bench import many_experts
+    from bench import run as bench_run
+
+    async def fake_many(*args, **kwargs):
+        return {"register_ms_p50_at_1000": 700.0}
+
+    beside = {"gateway_vs_litellm_rps_ratio": 12.0, "gateway_vs_litellm_added_ratio": 0.1, "points": []}
+    monkeypatch.setattr(many_experts, "run", fake_many)
+    monkeypatch.setattr(bench_run, "peer_missing", lambda args: None)
+    monkeypatch.setattr(peer, "run", lambda *args, **kwargs: beside)
+    assert main(["bench", "--many-experts", "10", "--peer", "litellm", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["gateway_vs_litellm_rps_ratio"] == 12.0 and out["gateway_vs_litellm_added_ratio"] == 0.1
+    assert out["register_ms_p50_at_1000"] == 700.0 and out["peer_litellm"] == beside
+
+
 def test_missing_wrk_says_how_to_get_it(monkeypatch):
     monkeypatch.setattr(peer.shutil, "which", lambda name: None)
     with pytest.raises(peer.PeerMissing, match="apt-get install wrk"):
