@@ -297,7 +297,15 @@ def run(settings: Settings, venv: Path, *, quick: bool = False, seconds: float |
         work = Path(tmp)
         say("writing 8 synthetic experts for flock's pool")
         library = write_experts(settings, work / "experts")
-        fake_port, redis_port = free_port(), free_port()
+        taken: set[int] = set()
+
+        def port() -> int:  # free_port() can hand out a port twice before anything binds it
+            while (p := free_port()) in taken:
+                pass
+            taken.add(p)
+            return p
+
+        fake_port, redis_port = port(), port()
         fake = f"http://127.0.0.1:{fake_port}"
         (work / "litellm.yaml").write_text(litellm_config(fake))
         (work / "litellm-log.json").write_text(json.dumps(LITELLM_LOG_CONFIG))
@@ -310,23 +318,24 @@ def run(settings: Settings, venv: Path, *, quick: bool = False, seconds: float |
         gateways = [f"flock-{i}" for i in range(max(flock_processes))]
         gw_urls = []
         for name in gateways:
-            port = free_port()
+            gw_port = port()
             procs[name] = ManagedProcess(name, [sys.executable, "-m", "cli", "serve"],
                                          gateway_env(settings, library=library, backend=fake,
                                                      redis_url=f"redis://127.0.0.1:{redis_port}/0",
-                                                     state_dir=work / name, port=port), log_file=work / f"{name}.log")
-            gw_urls.append(f"http://127.0.0.1:{port}")
+                                                     state_dir=work / name, port=gw_port),
+                                         log_file=work / f"{name}.log")
+            gw_urls.append(f"http://127.0.0.1:{gw_port}")
         urls: dict[str, list[str]] = {"direct": [fake]}
         models = {"direct": DIRECT_MODEL}
         for n in flock_processes:
             urls[flock_target(n)], models[flock_target(n)] = gw_urls[:n], "auto"
         for n in litellm_workers:
-            t, port = litellm_target(n), free_port()
+            t, peer_port = litellm_target(n), port()
             procs[t] = ManagedProcess(f"LiteLLM ({n} workers)", [
-                str(litellm), "--config", str(work / "litellm.yaml"), "--host", "127.0.0.1", "--port", str(port),
+                str(litellm), "--config", str(work / "litellm.yaml"), "--host", "127.0.0.1", "--port", str(peer_port),
                 "--num_workers", str(n), "--telemetry", "False", "--log_config", str(work / "litellm-log.json")],
                 {**os.environ, **LITELLM_ENV}, log_file=work / f"{t}.log")
-            urls[t], models[t] = [f"http://127.0.0.1:{port}"], DIRECT_MODEL
+            urls[t], models[t] = [f"http://127.0.0.1:{peer_port}"], DIRECT_MODEL
         targets = list(urls)
         peers = [t for t in targets if t.startswith("litellm")]
         points: list[Point] = []
@@ -342,11 +351,15 @@ def run(settings: Settings, venv: Path, *, quick: bool = False, seconds: float |
             for t in peers:
                 wait_http(f"{urls[t][0]}/health/liveliness", 180, procs[t], procs[t].name)
             check_targets(urls, models)
+            for name in gateways + peers:  # each answered on its own port (none lost its port to another)
+                if not procs[name].alive:
+                    raise RuntimeError(f"{name} exited; see {procs[name].log_file}")
             # Each process was started in its own session, so its pid is its process group's id (workers included);
             # flock's CPU includes redis-server's, where its routing cache lives.
             pgids = {t: [pid_of(procs[t])] for t in ["direct", *peers]}
             for n in flock_processes:
                 pgids[flock_target(n)] = [pid_of(procs[g]) for g in gateways[:n]] + [pid_of(procs["redis"])]
+            say(f"process groups whose CPU is counted: {pgids}")
             scripts = {}
             for t in targets:
                 scripts[t] = work / f"{t}.lua"
