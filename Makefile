@@ -1,5 +1,5 @@
 # Two commands: `make run` serves flock, `make test` runs the tests. Both set everything up first (idempotent).
-.PHONY: setup run test unit lint bench clean
+.PHONY: setup run test unit lint bench peer-litellm clean
 
 setup:
 	@bash scripts/setup.sh
@@ -21,6 +21,11 @@ lint:
 
 bench: setup
 	.venv/bin/flock bench
+
+# The peer for `flock bench --peer litellm`: LiteLLM's proxy in its own .venv-litellm (its pins conflict with
+# flock's) and the wrk load generator. Idempotent; not part of setup, since only that bench needs it.
+peer-litellm:
+	@bash scripts/peer_litellm.sh
 
 clean:
 	rm -rf .venv

@@ -534,6 +534,45 @@ def chart(result: dict, path: Path) -> bool:
     return True
 
 
+def _ints(csv: str) -> tuple[int, ...]:
+    return tuple(int(n) for n in str(csv).split(",") if n.strip())
+
+
+def peer_missing(args) -> str | None:
+    """With --peer litellm: why the peer part cannot run (LiteLLM's virtualenv or wrk missing), else None.
+    Checked before anything starts, so a long --many-experts run does not end in it."""
+    from bench import peer
+
+    try:
+        peer.litellm_executable(args.peer_venv or peer.DEFAULT_VENV)
+        peer.wrk_executable()
+    except peer.PeerMissing as exc:
+        return f"flock bench --peer litellm: {exc}"
+    return None
+
+
+def peer_run(args, settings: Settings) -> dict:
+    from bench import peer
+
+    return peer.run(settings, args.peer_venv or peer.DEFAULT_VENV, quick=args.quick, seconds=args.peer_seconds,
+                    litellm_workers=_ints(args.peer_workers), flock_processes=_ints(args.peer_flock_processes))
+
+
+def peer_main(args, settings: Settings) -> int:
+    """`flock bench --peer litellm` alone: exit code 2 with a clear message when the peer is missing."""
+    from bench import peer
+
+    if (missing := peer_missing(args)) is not None:
+        print(missing, file=sys.stderr)
+        return 2
+    result = peer_run(args, settings)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "peer_litellm.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2) if args.json else peer.table(result))
+    return 0
+
+
 @dataclass
 class RunningStack:
     """A gateway that is already serving (`flock bench --decode-only --gateway URL`)."""
@@ -565,12 +604,21 @@ def main(args, settings: Settings) -> int:
             (Path(args.out) / "composites.json").write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result, indent=2) if args.json else composites.table(result))
         return 0 if result["rss_flat"] and result["disk_flat"] else 1
+    if getattr(args, "peer", None) and not getattr(args, "many_experts", None):
+        return peer_main(args, settings)
     if getattr(args, "many_experts", None):
-        from bench import many_experts
+        from bench import many_experts, peer
 
+        if args.peer and (missing := peer_missing(args)) is not None:
+            print(missing, file=sys.stderr)
+            return 2
         result = asyncio.run(many_experts.run(settings, args.many_experts, backend=args.backend, quick=args.quick,
                                               scale=args.scale, serve=not args.no_serve, cold=args.cold_start,
                                               placement_only=args.placement))
+        if args.peer:  # the issue's keys all in one JSON: the goal ratios on top, the peer run's figures inside
+            beside = peer_run(args, settings)
+            result.update({key: beside[key] for key, _, _ in peer.GOALS})
+            result["peer_litellm"] = beside
         if args.out:
             Path(args.out).mkdir(parents=True, exist_ok=True)
             (Path(args.out) / "many_experts.json").write_text(json.dumps(result, indent=2) + "\n")

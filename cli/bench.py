@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from service.settings import Settings
 
@@ -32,6 +33,19 @@ def register(sub) -> None:
     p.add_argument("--composites", type=int, metavar="N",
                    help="N routed requests with random modes, alpha and top_k against an instant fake backend: "
                         "gateway RSS and composites on disk over time (bench/composites.py)")
+    p.add_argument("--peer", choices=["litellm"],
+                   help="the gateway beside a peer: flock (routing cache hit) and a LiteLLM proxy in front of the "
+                        "same instant fake backend, driven by wrk at increasing concurrency (bench/peer.py; set up "
+                        "with `make peer-litellm`); alone, or added to --many-experts's JSON")
+    p.add_argument("--peer-venv", type=Path,
+                   help="with --peer litellm: the virtualenv holding LiteLLM (default <repo>/.venv-litellm)")
+    p.add_argument("--peer-seconds", type=float, help="with --peer: seconds per wrk run (default 5; 2 with --quick)")
+    p.add_argument("--peer-workers", default="1,2",
+                   help="with --peer litellm: LiteLLM proxies to run, by worker processes, comma-separated; the goal "
+                        "ratios take the best of them (default %(default)s)")
+    p.add_argument("--peer-flock-processes", default="1,2",
+                   help="with --peer litellm: flock gateway processes to run side by side, comma-separated "
+                        "(default %(default)s)")
     p.set_defaults(func=run)
 
 
