@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 VENV=${FLOCK_PEER_LITELLM_VENV:-.venv-litellm}
 PIN="litellm[proxy]==1.80.0"
 say() { printf '\033[1m[peer-litellm]\033[0m %s\n' "$*"; }
+source scripts/apt_missing.sh
 
 if [[ "$(cat "$VENV/.flock-peer" 2>/dev/null)" != "$PIN" ]]; then
   say "creating $VENV with $PIN (about a minute)"
@@ -17,12 +18,5 @@ else
   say "$VENV is up to date ($PIN)"
 fi
 
-if ! command -v wrk >/dev/null 2>&1; then
-  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
-    say "installing wrk (apt-get), the bench's load generator"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null
-  else
-    say "WARNING: wrk is missing and this is not root: install it (apt-get install wrk, brew install wrk)"
-  fi
-fi
+apt_missing wrk wrk ", the bench's load generator" "install it (apt-get install wrk, brew install wrk)"
 say "ready: flock bench --peer litellm"

@@ -7,6 +7,7 @@ VENV=.venv
 PY=$VENV/bin/python
 start=$(date +%s)
 say() { printf '\033[1m[setup %3ss]\033[0m %s\n' "$(( $(date +%s) - start ))" "$*"; }
+source scripts/apt_missing.sh
 
 if [[ ! -x $PY ]]; then
   say "creating virtualenv $VENV"
@@ -36,23 +37,9 @@ else
   say "dependencies up to date"
 fi
 
-if ! command -v redis-server >/dev/null 2>&1; then
-  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
-    say "installing redis-server (apt-get)"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
-  else
-    say "WARNING: redis-server is missing and this is not root: install it, or set FLOCK_REDIS_URL"
-  fi
-fi
-
-if ! command -v chromium >/dev/null 2>&1; then
-  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
-    say "installing chromium (apt-get), for the browser test of the routing console"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
-  else
-    say "WARNING: chromium is missing and this is not root: the console's browser test will not run"
-  fi
-fi
+apt_missing redis-server redis-server "" "install it, or set FLOCK_REDIS_URL"
+apt_missing chromium chromium ", for the browser test of the routing console" \
+  "the console's browser test will not run"
 
 if ! command -v g++ >/dev/null 2>&1 && [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
   say "installing g++ (apt-get), for the per-token LoRA kernel"
