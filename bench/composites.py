@@ -19,6 +19,8 @@ from pathlib import Path
 
 import httpx
 
+from adapters.composite_cache import dir_bytes
+from bench.many_experts import metric_samples, rss_mib
 from bench.stack import gateway_env, say
 from service.processes import ManagedProcess, free_port, redis_command, wait_http, wait_redis
 from service.settings import Settings
@@ -40,20 +42,12 @@ class Sample:
     evicted: float
 
 
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def tree_mib(path: Path) -> float:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20 if path.exists() else 0.0
+    return dir_bytes(path) / 2**20 if path.exists() else 0.0
 
 
 def counter(metrics: str, name: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
-               if line.startswith(name) and not line.startswith("#"))
+    return sum(metric_samples(metrics, name).values())
 
 
 def random_body(rng: random.Random) -> dict:
