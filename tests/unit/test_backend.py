@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -276,6 +277,42 @@ async def test_adapter_lost_again_after_its_reload_is_a_failed_load_not_a_404():
             await pool.send("/v1/completions", {"model": "x"}, Adapter("x", Path("/x")), stream=False)
         assert err.value.status == 502 and err.value.code == "adapter_load_failed"
         assert pool.backends[0].inflight == 0 and "x" not in pool.backends[0].loaded
+
+
+def vllm_holding(name: str, path: str, calls: list[str]) -> Respond:
+    """A vLLM that already holds adapter `name` loaded from `path` (as another gateway replica left it)."""
+    async def vllm(head: bytes, body: bytes, writer: asyncio.StreamWriter) -> None:
+        route = head.split(b" ")[1].decode()
+        calls.append(route)
+        if route == "/v1/load_lora_adapter" and calls.count(route) == 1:
+            writer.write(answer(400, f'{{"message":"The lora adapter \'{name}\' has already been loaded."}}'
+                                .encode()))
+        elif route == "/v1/models":
+            writer.write(answer(200, json.dumps({"data": [{"id": "base", "root": "/base"},
+                                                          {"id": name, "root": path}]}).encode()))
+        else:
+            writer.write(answer(200, b'{"ok":true}'))
+    return vllm
+
+
+async def test_an_adapter_another_replica_loaded_from_the_same_path_is_kept():
+    """The soak's last unexplained errors: two replicas sharing a vLLM that had just restarted each found the
+    other's load 'already loaded' and unloaded it, failing the other's request in flight (a 502 after its
+    reload). The same path is the same adapter: used as it is."""
+    calls: list[str] = []
+    async with server(vllm_holding("x", "/x", calls)) as (url, _), pool_of(url) as pool:
+        resp = await pool.send("/v1/completions", {"model": "x"}, Adapter("x", Path("/x")), stream=False)
+        assert resp.status_code == 200 and pool.backends[0].loaded["x"] == Path("/x")
+        assert calls == ["/v1/load_lora_adapter", "/v1/models", "/v1/completions"]
+
+
+async def test_an_adapter_held_from_another_path_is_loaded_again():
+    calls: list[str] = []
+    async with server(vllm_holding("x", "/old/x", calls)) as (url, _), pool_of(url) as pool:
+        resp = await pool.send("/v1/completions", {"model": "x"}, Adapter("x", Path("/x")), stream=False)
+        assert resp.status_code == 200 and pool.backends[0].loaded["x"] == Path("/x")
+        assert calls == ["/v1/load_lora_adapter", "/v1/models", "/v1/unload_lora_adapter",
+                         "/v1/load_lora_adapter", "/v1/completions"]
 
 
 async def test_adapter_load_refused_is_a_502():
