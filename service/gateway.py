@@ -126,13 +126,22 @@ class Gateway:
         the caller may see: a routed decision is made among those experts, and a name outside it is 'not
         found', exactly as a name that does not exist."""
         if model == AUTO:
-            try:
-                result = await self.router.route(query, params, scope)
-            except KeyError as exc:
-                raise APIError(400, str(exc.args[0]), param="routing.mode", code="invalid_routing_mode") from None
-            self.metrics.observe_stages(result.stages)
-            if result.cache != "off":
-                self.metrics.cache.labels(result.cache).inc()
+            for attempt in range(1, 4):
+                try:
+                    result = await self.router.route(query, params, scope)
+                except KeyError as exc:
+                    raise APIError(400, str(exc.args[0]), param="routing.mode",
+                                   code="invalid_routing_mode") from None
+                self.metrics.observe_stages(result.stages)
+                if result.cache != "off":
+                    self.metrics.cache.labels(result.cache).inc()
+                left = next((c.name for c in result.decision.experts if self.pool.get(c.name) is None), None)
+                if left is None:
+                    break
+                # Removed a moment ago, its index not rebuilt yet: route again on the current pool.
+                if attempt == 3:
+                    raise expert_left(left)
+                await self.router.ensure_current()
             for choice in result.decision.experts:  # by construction; checked, as a leak would be a breach
                 if self.pool.visible(choice.name, scope) is None:
                     log.error("routing chose %s outside the caller's scope %r; refused", choice.name, scope.key)

@@ -501,6 +501,29 @@ async def test_an_expert_removed_while_its_adapter_loads_is_routed_around(stack:
         assert "geo-churn" not in stack.app.state.gateway.pool.quarantined
 
 
+async def test_a_request_routed_before_the_index_catches_up_with_a_removal_is_routed_again(stack: Stack):
+    """An expert removed (here, or on another replica) a moment before the index is rebuilt can still be chosen
+    by a request arriving in between (the 20-minute soak's auto-routed 503 pool_changed): routed again on the
+    pool as it is now."""
+    shape = ModelShape.from_model_dir(Settings().resolved_base_model_dir)
+    geo = stack.root / "geo-gone"
+    write_random_lora(geo, shape=shape, base_name=BASE, seed=23, rank=2, targets=("q_proj",),
+                      card=ExpertCard(name="geo-gone", description="Geography: capitals, rivers, mountains.",
+                                      examples=["What is the capital of Peru?", "Which river flows by Cairo?"]))
+    admin = stack.auth(ADMIN)
+    assert (await stack.client.post("/v1/experts", json={"path": str(geo)}, headers=admin)).status_code == 201
+    gateway = stack.app.state.gateway
+    decided = await gateway.router.route("What is the capital of Peru?")
+    assert [e.name for e in decided.decision.experts] == ["geo-gone"]  # what the stale index will choose
+    gateway.pool.remove("geo-gone")  # the pool changed; its index is rebuilt only after this request
+    try:
+        r = await stack.chat("What is the capital of Peru?", routing={"mode": "global"})
+        assert r.status_code == 200, r.text
+        assert "geo-gone" not in [e["name"] for e in r.json()["routing"]["experts"]]
+    finally:
+        await gateway.pool_changed(removed=["geo-gone"])
+
+
 async def test_a_repair_that_races_the_adapter_load_is_retried(stack: Stack):
     """The backend reads an expert's files mid-repair (truncated), and by the time the gateway looks they read
     well: the routed request tries the same decision once more and succeeds; nothing is quarantined."""
