@@ -131,13 +131,13 @@ class _Bounded(io.RawIOBase):
     """The decompressed stream, cut off past `limit` bytes: tarfile itself reads headers (a GNU long name, a pax
     header) of whatever size they claim into memory before any member reaches the writer."""
 
-    def __init__(self, source: IO[bytes], limit: int):
+    def __init__(self, source: IO[bytes] | gzip.GzipFile, limit: int):
         self.source, self.limit, self.read_bytes = source, limit, 0
 
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def]
+    def readinto(self, buffer) -> int:
         data = self.source.read(len(buffer))
         self.read_bytes += len(data)
         if self.read_bytes > self.limit:

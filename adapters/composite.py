@@ -48,7 +48,7 @@ def merge_loras(adapter_dirs: Sequence[Path], weights: Sequence[float]) -> tuple
         for tensors, config, rank, weight in zip(loaded, configs, ranks, weights):
             a = tensors.get(f"{module}.lora_A.weight")
             b = tensors.get(f"{module}.lora_B.weight")
-            if a is None:
+            if a is None or b is None:  # validation makes an A without its B impossible
                 a_blocks.append(torch.zeros(rank, ref_a.shape[1]))
                 b_blocks.append(torch.zeros(ref_b.shape[0], rank))
                 continue

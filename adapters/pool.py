@@ -291,7 +291,7 @@ class ExpertPool:
         fresh: list[dict] = []
         for raw in entries:
             entry = json.loads(raw) if isinstance(raw, str) else raw
-            current = self._experts.get(entry.get("name"))
+            current = self._experts.get(entry.get("name") or "")
             if current is not None and (raw if isinstance(raw, str) else json.dumps(raw)) == self._encoded(current)[0]:
                 unchanged[current.name] = current
             else:

@@ -136,7 +136,8 @@ async def overhead(stack: LocalStack, concurrency: int, rounds: int) -> dict:
 async def short_overhead(stack: LocalStack, n: int) -> dict:
     """1-token completions, routed through the gateway vs straight to vLLM, alternating: the generation is
     short, so the side-by-side difference resolves a few milliseconds. A nonce per side, as in overhead()."""
-    gw, direct = [], []
+    gw: list[float] = []
+    direct: list[float] = []
     async with httpx.AsyncClient(timeout=600) as client:
         for i in range(n):
             pair = [("gw", f"{stack.gateway}/v1/chat/completions", "auto"),
@@ -209,7 +210,7 @@ async def decode_throughput(stack: LocalStack, batches: tuple[int, ...], *, expe
     same prompt in every request of a batch keeps the routed ones on one composite. The modes take turns
     within each round and each figure is the median of `rounds`, so drift on a noisy machine hits all alike."""
     out: dict = {}
-    bodies = {"base": {"model": stack.settings.base_model_name}, "expert": {"model": expert},
+    bodies: dict[str, dict] = {"base": {"model": stack.settings.base_model_name}, "expert": {"model": expert},
               "merge": {"model": "auto", "routing": {"mode": "merge"}},
               "glider": {"model": "auto", "routing": {"mode": "glider"}}}
     async with httpx.AsyncClient(timeout=600) as client:

@@ -309,4 +309,4 @@ async def fit_follow_up_test(router, n: int = 300, seed: int = CONVERSATION_SEED
     w_used, b = _logistic(np.array(xs, dtype=np.float64)[:, mask], np.array(ys), l2)
     w = np.zeros(len(mask))
     w[mask] = w_used
-    return replace(base, keep_weights=tuple(round(float(x), 2) for x in w), keep_bias=round(b, 2))  # type: ignore[arg-type]
+    return replace(base, keep_weights=tuple(round(float(x), 2) for x in w), keep_bias=round(b, 2))

@@ -131,6 +131,7 @@ async def run(args, settings: Settings) -> dict:
         results["config"]["glider_llm"] = llm_url
 
         if not args.routing_only:
+            assert gateway_url is not None  # given, or the stack started above
             say(f"generation through {gateway_url}: modes {', '.join(modes)}")
             records, served, skipped = await generation.run_generation(
                 gateway_url, examples, modes, base_model=settings.base_model_name, concurrency=args.concurrency,

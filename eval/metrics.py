@@ -22,7 +22,7 @@ def mean(values: Iterable[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def p50(values: Iterable[float]) -> float | None:
+def p50(values: Iterable[float | None]) -> float | None:
     values = [float(v) for v in values if v is not None and not math.isnan(float(v))]
     return float(np.percentile(np.asarray(values), 50)) if values else None
 

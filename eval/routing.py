@@ -28,6 +28,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -402,6 +403,7 @@ async def evaluate_routing(router, examples: list[EvalExample], held_in, held_ou
             continue
         recs = []
         vecs = instr_vecs if v.query_side == "glider" else query_vecs
+        assert vecs is not None  # more than one variant, and instructions for the glider one
         for i, ex in enumerate(examples):
             t0 = time.perf_counter()
             decision = router.decide(vecs[i], method, params, v.index)
@@ -409,12 +411,13 @@ async def evaluate_routing(router, examples: list[EvalExample], held_in, held_ou
             experts = [c.model_dump() for c in decision.experts]
             # Embedding a query (or instruction) costs what the service's embed stage cost for this query.
             latency = embed_ms[i] + score_ms
-            extra = {"score": experts[0]["score"] if experts else None}
+            fields: dict[str, Any] = {"score": experts[0]["score"] if experts else None}
             if v.query_side == "glider":
+                assert instructions is not None
                 llm_ms = instructions[i]["llm_ms"]
                 latency = latency + (llm_ms or 0.0)
-                extra.update(instruction=instructions[i]["instruction"], llm_ms=llm_ms)
-            recs.append(_record(ex, top_expert(experts), latency, **extra))
+                fields.update(instruction=instructions[i]["instruction"], llm_ms=llm_ms)
+            recs.append(_record(ex, top_expert(experts), latency, **fields))
         records[name] = recs
         say(f"routing: {name} {len(recs)}/{len(examples)}")
 
@@ -422,7 +425,7 @@ async def evaluate_routing(router, examples: list[EvalExample], held_in, held_ou
     for name, v in variants.items():
         s = routing_summary(records[name], held_in, held_out)
         s.update(threshold=v.index.threshold, note=v.note, details=v.details)
-        if name == "glider":
+        if name == "glider" and glider is not None:
             s["llm_ms_p50"] = float(np.median([x["llm_ms"] for x in instructions if x["llm_ms"] is not None])) \
                 if instructions and any(x["llm_ms"] is not None for x in instructions) else None
             s["llm_calls"] = glider.llm_calls

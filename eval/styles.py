@@ -77,7 +77,7 @@ def styled_set(split: str, n_per_task: int, seed: int = STYLE_SEED) -> list[tupl
     """(prompt, expected expert or None, wrapper) for every held-in task and general prompts."""
     wrappers = TEST_WRAPPERS if split == "test" else DEV_WRAPPERS
     rng = random.Random(f"styles|{split}|{seed}")
-    out = []
+    out: list[tuple[str, str | None, str]] = []
     for task in HELD_IN:
         for ex in TASKS[task].generate(split, n_per_task, seed):
             name = rng.choice(list(wrappers))

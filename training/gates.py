@@ -29,6 +29,9 @@ from training.tasks import Example, get_task
 class SigmoidGatedLoRA(nn.Module):
     """y = W u + sigmoid(v·u) · s B A u with W, A, B frozen and v trainable (zeros at the start)."""
 
+    A: torch.Tensor  # buffers, declared for the type checker
+    B: torch.Tensor
+
     def __init__(self, base: nn.Linear, A: torch.Tensor, B: torch.Tensor, scale: float):
         super().__init__()
         self.base = base

@@ -136,7 +136,7 @@ def _lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
 
 
 def run_training(
-    model, encoded: list[tuple[list[int], list[int]]], params: list[torch.Tensor], *, steps: int, batch_size: int,
+    model, encoded: list[tuple[list[int], list[int]]], params: Sequence[torch.Tensor], *, steps: int, batch_size: int,
     lr: float, pad_id: int, label: str, progress: Callable[[str], None], what: str = "", warmup_frac: float = 0.06,
     schedule: str = "cosine", weight_decay: float = 0.0, eval_every: int = 0,
     on_eval: Callable[[int, float], bool] | None = None, deadline: float | None = None,

@@ -61,6 +61,13 @@ class MixtureOfLoRALinear(nn.Module):
     None in arrow mode).
     """
 
+    A: torch.Tensor  # buffers, declared for the type checker (nn.Module's __getattr__ says Tensor | Module)
+    B_cat: torch.Tensor
+    scales: torch.Tensor
+    available: torch.Tensor
+    prototypes: torch.Tensor
+    gates: torch.Tensor | None
+
     def __init__(self, base: nn.Linear, A: torch.Tensor, B: torch.Tensor, scales: torch.Tensor,
                  available: torch.Tensor, prototypes: torch.Tensor, gates: torch.Tensor | None,
                  state: RoutingState):
@@ -226,8 +233,9 @@ def build_mixture_model(
     mixture = MixtureModel(base_model, state, experts)
     if global_scores is not None:
         mixture.set_routing(global_scores=global_scores)
-        if mixture.state.global_scores.shape[-1] != len(experts):
-            raise ValueError(f"global_scores has {mixture.state.global_scores.shape[-1]} entries for "
+        scores = torch.as_tensor(global_scores)
+        if scores.shape[-1] != len(experts):
+            raise ValueError(f"global_scores has {scores.shape[-1]} entries for "
                              f"{len(experts)} experts")
     modules = sorted(set().union(*(e.factors for e in experts)))
     for module in modules:
