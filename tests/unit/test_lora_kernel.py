@@ -4,8 +4,15 @@ lora_linear.apply as vLLM's wrapper calls it."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+from torch.utils import cpp_extension
 
 from adapters.engine import lora_linear, sgmv
 
@@ -97,3 +104,35 @@ def test_float32_stays_on_the_torch_paths(kernel_calls):
     run(torch.randn(4, WIDTH), torch.tensor([0, 1, 2, 0]), tuple(t.float() for t in a), tuple(t.float() for t in b),
         1.0, torch.zeros(4, sum(OUTS)))
     assert kernel_calls == []
+
+
+def test_a_build_lock_left_by_a_killed_process_does_not_block_loading(tmp_path):
+    """torch's loader waits forever on its build lock file, which a vLLM killed mid-start leaves behind (a
+    20-minute soak's vLLM hung at its first LoRA step after a restart): a built kernel loads without it."""
+    assert sgmv.kernel() is not None, "adapters/engine/sgmv.cpp did not build on this machine"
+    built = sgmv.build_dir()
+    copy = tmp_path / built.parent.name / built.name
+    shutil.copytree(built, copy)
+    (copy / "lock").touch()  # the stale lock
+    code = "from adapters.engine import sgmv; import sys; sys.exit(0 if sgmv.kernel() is not None else 1)"
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "PYTHONPATH": str(Path.cwd())}
+    done = subprocess.run([sys.executable, "-c", code], env=env, timeout=120, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_build_removes_the_lock_a_killed_build_left(tmp_path, monkeypatch):
+    """With nothing built, the build runs under an OS lock (released when its holder dies) after taking away
+    torch's stale lock file, so that torch's loader does not wait on it."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    folder = sgmv.build_dir()
+    folder.mkdir(parents=True)
+    (folder / "lock").touch()
+    seen = []
+
+    def load(name, sources, extra_cflags, build_directory, verbose):
+        seen.append((name, Path(build_directory), (folder / "lock").exists()))
+        return "built"
+
+    monkeypatch.setattr(cpp_extension, "load", load)
+    assert sgmv.kernel.__wrapped__() == "built"
+    assert seen == [(sgmv.module_name(), folder, False)]
