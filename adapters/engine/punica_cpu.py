@@ -25,7 +25,7 @@ from adapters.engine import lora_linear
 from adapters.engine.slots import set_module_slot
 
 
-class PunicaWrapperFlockCPU(PunicaWrapperCPU):  # type: ignore[misc]
+class PunicaWrapperFlockCPU(PunicaWrapperCPU):
     """PunicaWrapperCPU whose linear layers take the whole-layer path, with per-slot data prepared at set time."""
 
     def __init__(self, max_num_batched_tokens: int, max_batches: int, device: torch.device | str, **kwargs: Any):
@@ -63,7 +63,7 @@ class PunicaWrapperFlockCPU(PunicaWrapperCPU):  # type: ignore[misc]
 
     def add_lora_linear(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: tuple[torch.Tensor, ...],
                         lora_b_stacked: tuple[torch.Tensor, ...], scale: float, output_slices: tuple[int, ...], *,
-                        buffer: torch.Tensor | None = None, **kwargs: Any) -> None:
+                        buffer: tuple[torch.Tensor, ...] | None = None, **kwargs: Any) -> None:
         if (buffer is None and kwargs.get("add_inputs", True) and self.plan is not None
                 and lora_linear.apply(y, x, self.plan, self.layer(lora_a_stacked, lora_b_stacked).for_dtype(y.dtype),
                                       scale)):
