@@ -66,10 +66,13 @@ def no_weights_here(lora_id: int):
 @pytest.fixture
 def engine(monkeypatch):
     """vLLM's manager (its real activate_adapter, wrapped by the plugin) over one layer and flock's wrapper."""
+    return make_engine(monkeypatch, PunicaWrapperFlockCPU(64, 8, "cpu"))
+
+
+def make_engine(monkeypatch, wrapper):
     monkeypatch.setattr(model_manager.LoRAModelManager, "activate_adapter",
                         model_manager.LoRAModelManager.activate_adapter)  # restored after the test
     plugin.install_slot_hook()  # (a no-op where register() ran in this process already)
-    wrapper = PunicaWrapperFlockCPU(64, 8, "cpu")
     layer = MergedLayer(wrapper)
     manager = object.__new__(model_manager.LoRAModelManager)
     manager.__dict__.update(_active_adapters={}, _registered_adapters={}, lora_index_to_id=[None] * SLOTS,
@@ -175,3 +178,20 @@ def test_a_layer_met_in_a_step_before_any_set(engine):
     activate(engine, plain(1, 3))
     assert engine.wrapper.layers[id(a)] is layer and set(layer.plain) == {0}
     check_plain_rows(engine, [0, -1, 0], {0})
+
+
+def test_with_vllms_own_wrapper_the_hook_updates_the_buffers(monkeypatch):
+    """FLOCK_LORA_WHOLE_LAYER off: vLLM's CPU wrapper, which prepares nothing itself; the plugin's hook updates
+    the buffers' data for flock's ops."""
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    engine = make_engine(monkeypatch, PunicaWrapperCPU(64, 8, "cpu"))
+    a0 = engine.layer.lora_a_stacked[0]
+    assert [activate(engine, ad) for ad in (plain(1, 3), plain(2, 3))] == [0, 1]
+    slots = [0, 1, -1, 1]
+    x = torch.randn(len(slots), D_IN)
+    assert torch.allclose(ops_delta(engine, x, slots)[1::2], plain_delta(engine, x[1::2], 1)[:, :OUTS[0]], atol=1e-4)
+    deactivate(engine, 2)
+    assert activate(engine, plain(3, 8)) == 1
+    assert buffer_slots(a0, "a").ranks == [3, 8, 0]
+    assert torch.allclose(ops_delta(engine, x, slots)[1::2], plain_delta(engine, x[1::2], 1)[:, :OUTS[0]], atol=1e-4)
