@@ -7,8 +7,8 @@ adapter. Here a layer is one shrink matmul and one expand matmul for all its sli
 
 - each slot's A blocks of every slice are concatenated into one (in, Σr) matrix and its B blocks laid out
   block-diagonally into one (Σr, Σout) matrix, trimmed to the rank the adapter really uses (vLLM pads every
-  adapter to --max-lora-rank with zeros). Cached per version of vLLM's stacked buffers, which loading or
-  evicting an adapter bumps;
+  adapter to --max-lora-rank with zeros). Prepared when vLLM sets an adapter into a slot (LayerSlots.set_slot,
+  called from the punica wrapper's slot_set), never looked up again per step;
 - the expand's product is rounded to the activation dtype before it is added, as vLLM's ops do (not one
   fused addmm): the outputs stay those of the slice-by-slice path, which the agreement tests measured;
 - a batch on one adapter multiplies by that slot's matrices; a batch mixing adapters multiplies by every
@@ -31,6 +31,7 @@ the candidates each token keeps. The measurements behind each threshold are in d
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ import torch
 
 from adapters.engine.gating import LN_EPS, gate_weights
 from adapters.engine.sgmv import kernel as _kernel
-from adapters.engine.slots import slot_gates, slot_ranks
+from adapters.engine.slots import SlotGate, buffer_slots
 
 
 @dataclass
@@ -58,7 +59,8 @@ class GatedSlot:
     outputs: torch.Tensor  # (Σ blocks, 2) int32: the output columns [c0, c1) of each block row of b
 
     @classmethod
-    def build(cls, gates, a3, b3, slot: int, outs: list[int], dtype: torch.dtype) -> GatedSlot:
+    def build(cls, gates: list[SlotGate], a3: list[torch.Tensor], b3: list[torch.Tensor], slot: int,
+              outs: tuple[int, ...], dtype: torch.dtype) -> GatedSlot:
         first = gates[0]
         blocks = torch.zeros(sum(g.gate_start for g in gates), sum(outs), dtype=dtype)
         outputs = torch.zeros(blocks.shape[0], 2, dtype=torch.int32)
@@ -190,7 +192,9 @@ GATED_KERNEL_MAX_TOKENS = 256
 
 @dataclass
 class StepPlan:
-    """What one batch's token -> slot mapping needs, computed once per step and shared by every layer."""
+    """What one batch's token -> slot mapping needs, shared by every layer of the step. Per batch, not per slot:
+    the punica wrapper makes one in update_metadata, vLLM's per-step seam (called whenever the batch's mapping or
+    the slot layout changes, and only then are the indices rewritten), so no step looks it up by its tensor."""
 
     indices: torch.Tensor
     slots: frozenset[int]  # distinct adapter slots in the batch (no -1)
@@ -198,6 +202,12 @@ class StepPlan:
     masks: dict[tuple, torch.Tensor] = field(default_factory=dict)  # (layout, dtype, scale) -> (tokens, C) mask
     rows: dict[int, torch.Tensor] = field(default_factory=dict)  # slot -> its tokens' row numbers
     groups: dict[tuple, Groups | None] = field(default_factory=dict)  # (slots, dtype) -> groups, None: masked
+
+    @classmethod
+    def of(cls, indices: torch.Tensor) -> StepPlan:
+        """The plan of a batch whose token i uses slot indices[i] (-1: no adapter)."""
+        values = set(indices.tolist())
+        return cls(indices=indices, slots=frozenset(v for v in values if v >= 0), uniform=len(values) == 1)
 
     @functools.cached_property
     def slots_long(self) -> torch.Tensor:
@@ -230,81 +240,102 @@ class StepPlan:
         return self.groups[key]
 
 
-_layers: dict[tuple, LayerWeights] = {}
-_plan: StepPlan | None = None
-_plan_key: tuple | None = None
+@dataclass
+class PlainSlot:
+    """A plain adapter's matrices on one layer."""
+
+    a: torch.Tensor  # (in, Σr): every slice's A, transposed and concatenated
+    b: torch.Tensor  # (Σr, Σout): every slice's B, block-diagonal
+    ranks: tuple[int, ...]  # the rank it uses on each slice
 
 
-def _version_key(tensors) -> tuple:
-    return tuple((t.data_ptr(), t._version, tuple(t.shape)) for t in tensors)
+class LayerSlots:
+    """One LoRA linear layer's adapters, slot by slot, prepared when vLLM sets an adapter into a slot.
 
+    The punica wrapper (adapters/engine/punica_cpu.py) holds one per layer. `set_slot` reads one slot back from
+    vLLM's stacked buffers (after slots.set_module_slot updated their ranks and gate headers) and rebuilds the
+    layer's all-slot matrices, in the buffers' dtype: vLLM's LoRA dtype, which is the activations' dtype too. A
+    step in another dtype (unit tests do that) gets converted copies, made on its first use after a set."""
 
-def layer_weights(a_stacked, b_stacked, dtype: torch.dtype) -> LayerWeights:
-    key = (_version_key(a_stacked), _version_key(b_stacked), dtype)
-    found = _layers.get(key)
-    if found is not None:
+    def __init__(self, a_stacked: tuple[torch.Tensor, ...], b_stacked: tuple[torch.Tensor, ...]):
+        self.a_stacked, self.b_stacked = a_stacked, b_stacked  # held: the wrapper finds a layer by this tuple
+        self.a3 = [t.squeeze(1) if t.dim() == 4 else t for t in a_stacked]  # (slots, rank, in)
+        self.b3 = [t.squeeze(1) if t.dim() == 4 else t for t in b_stacked]  # (slots, out, rank)
+        self.outs = tuple(b.shape[1] for b in self.b3)
+        self.dtype = self.a3[0].dtype
+        self.plain: dict[int, PlainSlot] = {}
+        self.gated: dict[int, GatedSlot] = {}
+        self.unsupported: set[int] = set()  # gated slots whose slices disagree (left to the slice-by-slice path)
+        for slot in range(self.a3[0].shape[0]):
+            self._read(slot)
+        self._rebuild()
+
+    def set_slot(self, index: int) -> None:
+        """Slot `index` was just written (an adapter set into it, or reset): read it again."""
+        self._read(index)
+        self._rebuild()
+
+    def for_dtype(self, dtype: torch.dtype) -> LayerWeights:
+        """The layer's matrices for activations of `dtype`."""
+        if dtype == self.dtype:
+            return self.weights
+        found = self._converted.get(dtype)
+        if found is None:
+            plain = {s: PlainSlot(p.a.to(dtype), p.b.to(dtype), p.ranks) for s, p in self.plain.items()}
+            gated = {s: dataclasses.replace(g, b=g.b.to(dtype)) for s, g in self.gated.items()}
+            found = self._converted[dtype] = self._weights(plain, gated, dtype)
         return found
-    a3 = [t.squeeze(1) if t.dim() == 4 else t for t in a_stacked]  # (slots, rank, in)
-    b3 = [t.squeeze(1) if t.dim() == 4 else t for t in b_stacked]  # (slots, out, rank)
-    outs = [b.shape[1] for b in b3]
-    per_slice = [slot_gates(a) for a in a3]
-    gated, unsupported = {}, set()
-    for slot in set().union(*per_slice):
-        gates = [found.get(slot) for found in per_slice]
-        if any(g is None for g in gates) or len({(g.kind, g.n, g.top_k) for g in gates}) != 1:
-            unsupported.add(slot)
-        else:
-            gated[slot] = GatedSlot.build(gates, a3, b3, slot, outs, dtype)
-    ranks = [slot_ranks(a, 1) for a in a3]
-    a_by_slot, b_by_slot = {}, {}
-    for slot in range(a3[0].shape[0]):
-        used = [r[slot] for r in ranks]
-        if slot in gated or slot in unsupported or not any(used):
-            continue
-        a_by_slot[slot] = torch.cat([a[slot, :r] for a, r in zip(a3, used)]).T.contiguous().to(dtype)
-        blocks = torch.zeros(sum(used), sum(outs), dtype=dtype)
+
+    def _read(self, slot: int) -> None:
+        self.plain.pop(slot, None)
+        self.gated.pop(slot, None)
+        self.unsupported.discard(slot)
+        a_data = [buffer_slots(a, "a") for a in self.a_stacked]
+        gates = [d.gates.get(slot) for d in a_data]
+        if any(g is not None for g in gates):
+            found = [g for g in gates if g is not None]
+            if len(found) != len(gates) or len({(g.kind, g.n, g.top_k) for g in found}) != 1:
+                self.unsupported.add(slot)
+            else:
+                self.gated[slot] = GatedSlot.build(found, self.a3, self.b3, slot, self.outs, self.dtype)
+            return
+        used = [d.ranks[slot] for d in a_data]
+        if not any(used):
+            return
+        blocks = torch.zeros(sum(used), sum(self.outs), dtype=self.dtype)
         row = col = 0
-        for b, r, out in zip(b3, used, outs):
+        for b, r, out in zip(self.b3, used, self.outs):
             blocks[row:row + r, col:col + out] = b[slot, :, :r].T
             row, col = row + r, col + out
-        b_by_slot[slot] = blocks
-    slots = sorted(a_by_slot)
-    width = a3[0].shape[2]
-    found = LayerWeights(
-        a=a_by_slot, b=b_by_slot,
-        a_all=torch.cat([a_by_slot[s] for s in slots], dim=1) if slots else torch.zeros(width, 0, dtype=dtype),
-        b_all=torch.cat([b_by_slot[s] for s in slots]) if slots else torch.zeros(0, sum(outs), dtype=dtype),
-        column_slot=torch.repeat_interleave(torch.tensor(slots, dtype=torch.long),
-                                            torch.tensor([a_by_slot[s].shape[1] for s in slots], dtype=torch.long)),
-        layout=tuple((s, a_by_slot[s].shape[1]) for s in slots), gated=gated, unsupported=frozenset(unsupported),
-        ranks={s: tuple(r[s] for r in ranks) for s in slots}, outs=tuple(outs))
-    if len(_layers) > 4096:  # stale versions of every layer after many adapter loads
-        _layers.clear()
-    _layers[key] = found
-    return found
+        self.plain[slot] = PlainSlot(a=torch.cat([a[slot, :r] for a, r in zip(self.a3, used)]).T.contiguous(),
+                                     b=blocks, ranks=tuple(used))
+
+    def _rebuild(self) -> None:
+        self.weights = self._weights(self.plain, self.gated, self.dtype)
+        self._converted: dict[torch.dtype, LayerWeights] = {}
+
+    def _weights(self, plain: dict[int, PlainSlot], gated: dict[int, GatedSlot], dtype: torch.dtype) -> LayerWeights:
+        slots = sorted(plain)
+        width = self.a3[0].shape[2]
+        return LayerWeights(
+            a={s: plain[s].a for s in slots}, b={s: plain[s].b for s in slots},
+            a_all=torch.cat([plain[s].a for s in slots], dim=1) if slots else torch.zeros(width, 0, dtype=dtype),
+            b_all=torch.cat([plain[s].b for s in slots]) if slots else torch.zeros(0, sum(self.outs), dtype=dtype),
+            column_slot=torch.repeat_interleave(torch.tensor(slots, dtype=torch.long),
+                                                torch.tensor([plain[s].a.shape[1] for s in slots], dtype=torch.long)),
+            layout=tuple((s, plain[s].a.shape[1]) for s in slots), gated=dict(gated),
+            unsupported=frozenset(self.unsupported), ranks={s: plain[s].ranks for s in slots}, outs=self.outs)
 
 
-def step_plan(indices: torch.Tensor) -> StepPlan:
-    """The plan for this batch. vLLM rewrites its index buffer in place every step (bumping its version)."""
-    global _plan, _plan_key
-    key = (indices.data_ptr(), indices._version, indices.shape[0])
-    if key != _plan_key or _plan is None:
-        values = set(indices.tolist())
-        slots = frozenset(v for v in values if v >= 0)
-        _plan, _plan_key = StepPlan(indices=indices, slots=slots, uniform=len(values) == 1), key
-    return _plan
-
-
-def apply(y: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, a_stacked, b_stacked, scale: float) -> bool:
-    """y += LoRA(x) for every token, all slices at once. False when this path does not apply (the caller then
-    takes vLLM's slice-by-slice path): shapes it does not expect, or a gated composite it cannot read."""
+def apply(y: torch.Tensor, x: torch.Tensor, plan: StepPlan, weights: LayerWeights, scale: float) -> bool:
+    """y += LoRA(x) for every token, all slices at once: `plan` this step's token -> slot mapping, `weights` the
+    layer's (LayerSlots.for_dtype(y.dtype)). False when this path does not apply (the caller then takes vLLM's
+    slice-by-slice path): shapes it does not expect, or a gated composite it cannot read."""
     x2 = x.reshape(-1, x.shape[-1])
-    if indices.shape[0] != x2.shape[0] or y.dim() != 2 or y.shape[0] != x2.shape[0]:
+    if plan.indices.shape[0] != x2.shape[0] or y.dim() != 2 or y.shape[0] != x2.shape[0]:
         return False
-    plan = step_plan(indices)
     if not plan.slots:
         return True  # no adapter in the batch
-    weights = layer_weights(a_stacked, b_stacked, y.dtype)
     if plan.slots & weights.unsupported or weights.b_all.shape[1] != y.shape[1]:
         return False
     gated = [slot for slot in plan.slots if slot in weights.gated]
@@ -369,8 +400,3 @@ def _takes_kernel(x: torch.Tensor, y: torch.Tensor, max_tokens: int) -> bool:
     return (x.shape[0] <= max_tokens and x.dtype == y.dtype == torch.bfloat16
             and x.is_contiguous() and y.is_contiguous() and _kernel() is not None)
 
-
-def clear_caches() -> None:
-    global _plan, _plan_key
-    _layers.clear()
-    _plan, _plan_key = None, None

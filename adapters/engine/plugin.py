@@ -9,13 +9,16 @@ Pinned to vLLM 0.32.0. On the CPU it replaces the CPU LoRA path's pure-torch pun
 - per-token gating: an adapter slot holding a gated composite (adapters/gated_composite.py, recognised by its
   header row) gets its candidates' blocks weighted per token, between the shrink and the expand, by the
   Arrow / PHATGOOSE / GLIDER gate of adapters/engine/gating.py. Other slots in the same batch are untouched.
+It also makes the CPU platform choose adapters/engine/punica_cpu.py's PunicaWrapperFlockCPU (vLLM's CPU wrapper,
+subclassed: the whole-layer LoRA path of adapters/engine/lora_linear.py).
+
+Per-slot data (each slot's rank, gate headers, a layer's matrices) is prepared when vLLM sets an adapter into a
+slot: LoRAModelManager.activate_adapter, wrapped (install_slot_hook), then calls slot_was_set.
 
 On CUDA it makes the platform choose adapters/engine/punica_gated.py's PunicaWrapperGated (vLLM's GPU wrapper,
-subclassed: gated slots through flock's Triton kernel, plain adapters through vLLM's) and tells that wrapper
-when an adapter has been set into a slot (vLLM's LoRAModelManager.activate_adapter, wrapped). Only on a vLLM
-version that path was tested with (GPU_TESTED_VLLM), and only in eager mode on one tensor-parallel rank
-(gate_blocker); otherwise an error or warning
-says why, vLLM's own wrapper stays, and GET /flock/capabilities reports gated: false.
+subclassed: gated slots through flock's Triton kernel, plain adapters through vLLM's). Only on a vLLM version that
+path was tested with (GPU_TESTED_VLLM), and only in eager mode on one tensor-parallel rank (gate_blocker);
+otherwise an error or warning says why, vLLM's own wrapper stays, and GET /flock/capabilities reports gated: false.
 """
 
 from __future__ import annotations
@@ -23,14 +26,15 @@ from __future__ import annotations
 import logging
 import types
 from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
-from adapters.engine import lora_linear
 from adapters.engine import slots as slot_data
 from adapters.engine.gating import gate_weights
 from adapters.engine.settings import EngineSettings
-from adapters.engine.slots import SlotGate, slot_gates, used_rank
+from adapters.engine.slots import SlotGate, buffer_slots
 
 log = logging.getLogger(__name__)
 PINNED_VLLM = "0.32.0"
@@ -38,6 +42,7 @@ PINNED_VLLM = "0.32.0"
 # interpreter: tests/unit/test_cuda_gated.py). Another version must not get gated composites on CUDA.
 GPU_TESTED_VLLM = ("0.32.0",)
 GATED_WRAPPER = "adapters.engine.punica_gated.PunicaWrapperGated"
+CPU_WRAPPER = "adapters.engine.punica_cpu.PunicaWrapperFlockCPU"
 _patched = False
 
 
@@ -98,22 +103,16 @@ def _gate_tokens(x: torch.Tensor, outputs: torch.Tensor, indices: torch.Tensor, 
     return outputs
 
 
-def clear_caches() -> None:
-    """Forget per-slot data cached by buffer version. vLLM never needs this (its stacked buffers live as long as
-    the engine and every adapter load bumps their version); tests that free and re-allocate buffers do."""
-    slot_data.clear_caches()
-    lora_linear.clear_caches()
-
-
 def bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling: float = 1.0):
+    data = buffer_slots(lora_a_weights, "a")  # prepared when the slots were set (adapters/engine/slots.py)
     a = lora_a_weights.squeeze(1) if lora_a_weights.dim() == 4 else lora_a_weights  # (slots, rank, in)
     slots = set(lora_indices_tensor.tolist())  # a Python set: cheaper than torch.unique for a batch's tokens
-    rank = used_rank(a, 1, slots)
+    rank = data.used_rank(slots)
     if rank == 0:  # no adapter of this batch has weights here, e.g. the LM head's LoRA wrapper: nothing to do
         output_tensor[:, : a.shape[1]] = 0
         return
     outputs = _per_slot(inputs, a[:, :rank], lora_indices_tensor, output_tensor.dtype, slots)
-    gates = {slot: gate for slot, gate in slot_gates(a).items() if slot in slots}
+    gates = {slot: gate for slot, gate in data.gates.items() if slot in slots}
     if gates:
         outputs = _gate_tokens(inputs, outputs, lora_indices_tensor, gates)
     output_tensor[:, :rank] = scaling * outputs
@@ -123,9 +122,10 @@ def bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scal
 def _expand(inputs: torch.Tensor, lora_b_weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype
             ) -> torch.Tensor | None:
     """(tokens, out), or None when no adapter of the batch has weights here (its delta is zero)."""
+    data = buffer_slots(lora_b_weights, "b")
     b = lora_b_weights.squeeze(1) if lora_b_weights.dim() == 4 else lora_b_weights  # (slots, out, rank)
     slots = set(indices.tolist())
-    rank = used_rank(b, 2, slots)
+    rank = data.used_rank(slots)
     if rank == 0:
         return None
     return _per_slot(inputs[:, :rank], b[:, :, :rank], indices, dtype, slots)
@@ -162,20 +162,6 @@ def bgmv_expand_slice(
         output_tensor[:, slice_offset : slice_offset + slice_size] += outputs
     else:
         output_tensor[:, slice_offset : slice_offset + slice_size] = outputs
-
-
-def _whole_layer(original):
-    """PunicaWrapperCPU.add_lora_linear taking adapters/engine/lora_linear.py's one-shrink-one-expand path, and the
-    original slice-by-slice path (through the ops above) where that does not apply."""
-    def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None,
-                        **kwargs):
-        if buffer is None and kwargs.get("add_inputs", True) and lora_linear.apply(
-                y, x, self.token_lora_indices, lora_a_stacked, lora_b_stacked, scale):
-            return None
-        return original(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs)
-
-    add_lora_linear.flock = True
-    return add_lora_linear
 
 
 def _limit_spin(busy_ms: float) -> None:
@@ -242,6 +228,53 @@ def _engine_blocker() -> str | None:
                         bool(lora is not None and lora.fully_sharded_loras))
 
 
+def install_cpu_wrapper(platform_cls: type) -> None:
+    """Make `platform_cls` (vLLM's CPU platform) choose adapters/engine/punica_cpu.py's PunicaWrapperFlockCPU:
+    vLLM's CPU wrapper with the whole-layer LoRA path. Re-entrant."""
+    if getattr(platform_cls.get_punica_wrapper, "flock", False):
+        return
+
+    def get_punica_wrapper(cls) -> str:
+        return CPU_WRAPPER
+
+    get_punica_wrapper.flock = True  # type: ignore[attr-defined]
+    platform_cls.get_punica_wrapper = classmethod(get_punica_wrapper)  # type: ignore[method-assign]
+
+
+def slot_was_set(index: int, modules: dict[str, Any], wrappers: Iterable[Any]) -> None:
+    """vLLM just wrote slot `index` of every LoRA module: prepare the slot's per-slot data. A punica wrapper with
+    a `slot_set` (flock's CPU and CUDA wrappers) prepares the modules it serves, its own tables with them; the
+    buffers of any other module (vLLM's own wrapper: FLOCK_LORA_WHOLE_LAYER off) are updated here, for the ops."""
+    preparing = {id(w): w for w in wrappers if hasattr(w, "slot_set")}
+    for wrapper in preparing.values():
+        wrapper.slot_set(index, modules)
+    for module in modules.values():
+        if id(getattr(module, "punica_wrapper", None)) not in preparing:
+            slot_data.set_module_slot(module, index)
+
+
+def install_slot_hook() -> None:
+    """Wrap vLLM's LoRAModelManager.activate_adapter, the one place vLLM writes adapters into slots (every LoRA
+    layer's set_lora, or reset_lora where the adapter has no weights), to prepare the slot's per-slot data right
+    after: the engine never looks for it again per step. Re-entrant. Checked on PINNED_VLLM only: on another
+    version register() logs an error, since a slot written some other way would keep stale ranks and gates."""
+    from vllm.lora import model_manager
+
+    manager = model_manager.LoRAModelManager
+    if getattr(manager.activate_adapter, "flock", False):
+        return
+    activate = manager.activate_adapter
+
+    def activate_adapter(self, lora_id: int) -> bool:
+        done = activate(self, lora_id)
+        if done:  # the slot's weights are written
+            slot_was_set(self.lora_index_to_id.index(lora_id), self.modules, self.punica_wrapper_mapping.values())
+        return done
+
+    activate_adapter.flock = True  # type: ignore[attr-defined]
+    manager.activate_adapter = activate_adapter  # type: ignore[method-assign]
+
+
 def install_gpu_gate(platform_cls: type, version: str) -> bool:
     """Make `platform_cls` (vLLM's CUDA platform) choose the gated punica wrapper, and have vLLM's LoRA model
     manager tell it about every adapter it sets into a slot. False, with an error logged, on a vLLM version the
@@ -252,8 +285,6 @@ def install_gpu_gate(platform_cls: type, version: str) -> bool:
                   "serves no per-token routing mode (GET /flock/capabilities: gated false)",
                   ", ".join(GPU_TESTED_VLLM), version)
         return False
-    from vllm.lora import model_manager
-
     if not getattr(platform_cls.get_punica_wrapper, "flock", False):
         original = platform_cls.get_punica_wrapper  # bound to platform_cls
 
@@ -267,21 +298,7 @@ def install_gpu_gate(platform_cls: type, version: str) -> bool:
 
         get_punica_wrapper.flock = True  # type: ignore[attr-defined]
         platform_cls.get_punica_wrapper = classmethod(get_punica_wrapper)  # type: ignore[method-assign]
-    manager = model_manager.LoRAModelManager
-    if not getattr(manager.activate_adapter, "flock", False):
-        activate = manager.activate_adapter
-
-        def activate_adapter(self, lora_id: int) -> bool:
-            done = activate(self, lora_id)
-            if done:  # the slot's weights are written: its gate tables are prepared now, not on every step
-                index = self.lora_index_to_id.index(lora_id)
-                for wrapper in {id(w): w for w in self.punica_wrapper_mapping.values()}.values():
-                    if hasattr(wrapper, "slot_set"):
-                        wrapper.slot_set(index, self.modules)
-            return done
-
-        activate_adapter.flock = True  # type: ignore[attr-defined]
-        manager.activate_adapter = activate_adapter  # type: ignore[method-assign]
+    install_slot_hook()
     log.info("flock vLLM plugin: gated slots on CUDA go through %s (in eager mode)", GATED_WRAPPER)
     return True
 
@@ -346,7 +363,9 @@ def register() -> None:
     import vllm
 
     if vllm.__version__ != PINNED_VLLM:
-        log.warning("flock's vLLM plugin is tested with vLLM %s, not %s", PINNED_VLLM, vllm.__version__)
+        log.error("flock's vLLM plugin is tested with vLLM %s, not %s: it prepares per-slot LoRA data when "
+                  "LoRAModelManager.activate_adapter sets an adapter into a slot, and a vLLM that writes slots "
+                  "elsewhere would be served stale ranks and gates", PINNED_VLLM, vllm.__version__)
     from vllm.lora.ops.torch_ops import lora_ops
     from vllm.lora.punica_wrapper import punica_cpu
 
@@ -359,14 +378,14 @@ def register() -> None:
     from vllm.lora import lora_model
 
     lora_model.safetensors = types.SimpleNamespace(safe_open=BytesSafeOpen)  # the module's only use of it
-    wrapper = punica_cpu.PunicaWrapperCPU
     settings = EngineSettings()
-    # lora_whole_layer off keeps vLLM's slice-by-slice path (through the ops above): for A/B benchmarks.
-    if settings.lora_whole_layer and not getattr(wrapper.add_lora_linear, "flock", False):
-        wrapper.add_lora_linear = _whole_layer(wrapper.add_lora_linear)
     _limit_spin(settings.vllm_spin_ms)
+    install_slot_hook()
     from vllm.platforms import current_platform
 
+    if current_platform.is_cpu() and settings.lora_whole_layer:
+        # lora_whole_layer off keeps vLLM's wrapper and slice-by-slice path (through the ops above): for A/B runs.
+        install_cpu_wrapper(type(current_platform))
     if current_platform.is_cuda():
         install_gpu_gate(type(current_platform), vllm.__version__)
     _patched = True

