@@ -73,6 +73,9 @@ def redis_command(port: int, workdir: Path) -> list[str]:
             "--dir", str(workdir), "--protected-mode", "yes"]
 
 
+CHILD_STOP_S = 10.0  # how long flock serve waits for redis-server or vLLM to stop before killing it
+
+
 @dataclass
 class ManagedProcess:
     """A child in its own process group (vLLM forks workers), restarted by `flock serve` if it dies."""
@@ -94,7 +97,9 @@ class ManagedProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def stop(self, timeout_s: float = 15.0) -> None:
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """SIGTERM to the process group, SIGKILL after `timeout_s`. Longer than a gateway takes to stop its own
+        children (CHILD_STOP_S after uvicorn's 5 s): a gateway killed first would leave its vLLM running."""
         if self.proc is None:
             return
         if self.proc.poll() is None:

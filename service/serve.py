@@ -12,7 +12,7 @@ import uvicorn
 
 from service import models
 from service.app import create_app
-from service.processes import ManagedProcess, redis_command, vllm_command, wait_http, wait_redis
+from service.processes import CHILD_STOP_S, ManagedProcess, redis_command, vllm_command, wait_http, wait_redis
 from service.settings import Settings
 
 log = logging.getLogger("flock.serve")
@@ -84,7 +84,7 @@ def serve(settings: Settings) -> None:
             runner.run(_run(config, managed))
     finally:
         for p in reversed(managed):
-            p.stop()
+            p.stop(CHILD_STOP_S)  # a hung vLLM is killed, within the time its own supervisor waits for us
 
 
 async def _run(config: uvicorn.Config, managed: list[ManagedProcess]) -> None:
