@@ -8,7 +8,8 @@ adapter. Here a layer is one shrink matmul and one expand matmul for all its sli
 - each slot's A blocks of every slice are concatenated into one (in, Σr) matrix and its B blocks laid out
   block-diagonally into one (Σr, Σout) matrix, trimmed to the rank the adapter really uses (vLLM pads every
   adapter to --max-lora-rank with zeros). Cached per version of vLLM's stacked buffers, which loading or
-  evicting an adapter bumps;
+  evicting an adapter bumps; after vLLM sets an adapter into a slot (logged by the plugin: slot_written), only
+  that slot is read again, not every slot of every layer;
 - the expand's product is rounded to the activation dtype before it is added, as vLLM's ops do (not one
   fused addmm): the outputs stay those of the slice-by-slice path, which the agreement tests measured;
 - a batch on one adapter multiplies by that slot's matrices; a batch mixing adapters multiplies by every
@@ -39,7 +40,7 @@ import torch
 
 from adapters.engine.gating import LN_EPS, gate_weights
 from adapters.engine.sgmv import kernel as _kernel
-from adapters.engine.slots import slot_gates, slot_ranks
+from adapters.engine.slots import slot_gate, slot_rank
 
 
 @dataclass
@@ -96,33 +97,79 @@ class LayerWeights:
 
     a: dict[int, torch.Tensor]  # slot -> (in, Σr): every slice's A, transposed and concatenated
     b: dict[int, torch.Tensor]  # slot -> (Σr, Σout): every slice's B, block-diagonal
-    a_all: torch.Tensor  # (in, C): the columns of every slot in `a`
-    b_all: torch.Tensor  # (C, Σout)
-    column_slot: torch.Tensor  # (C,): the slot each column belongs to
-    layout: tuple  # ((slot, columns), ...): layers with the same layout share a step's mask
     gated: dict[int, GatedSlot]  # slots holding a gated composite
     unsupported: frozenset[int]  # gated slots whose slices disagree (left to the slice-by-slice path)
     ranks: dict[int, tuple[int, ...]] = field(default_factory=dict)  # slot -> the rank it uses on each slice
     outs: tuple[int, ...] = ()  # each slice's output width
+    width: int = 0  # input width
+    dtype: torch.dtype = torch.bfloat16
     stacks: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    # The all-slot matrices are made when a batch first needs them (the masked path), not on every slot change.
+    @functools.cached_property
+    def a_all(self) -> torch.Tensor:
+        """(in, C): the columns of every slot in `a`."""
+        slots = sorted(self.a)
+        return (torch.cat([self.a[s] for s in slots], dim=1) if slots
+                else torch.zeros(self.width, 0, dtype=self.dtype))
+
+    @functools.cached_property
+    def b_all(self) -> torch.Tensor:
+        """(C, Σout)."""
+        slots = sorted(self.b)
+        return torch.cat([self.b[s] for s in slots]) if slots else torch.zeros(0, sum(self.outs), dtype=self.dtype)
+
+    @functools.cached_property
+    def column_slot(self) -> torch.Tensor:
+        """(C,): the slot each column of a_all belongs to."""
+        slots = sorted(self.a)
+        return torch.repeat_interleave(torch.tensor(slots, dtype=torch.long),
+                                       torch.tensor([self.a[s].shape[1] for s in slots], dtype=torch.long))
+
+    @functools.cached_property
+    def layout(self) -> tuple:
+        """((slot, columns), ...): layers with the same layout share a step's mask."""
+        return tuple((s, self.a[s].shape[1]) for s in sorted(self.a))
+
+    def _kernel_shape(self) -> tuple[int, int]:
+        return max(self.a, default=-1) + 1, max((w.shape[1] for w in self.a.values()), default=0)
+
+    def _kernel_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, cols: torch.Tensor) -> None:
+        w = self.a[slot]
+        a[slot, :w.shape[1]] = w.T
+        b[slot, :w.shape[1]] = self.b[slot]
+        bounds = [0, *itertools.accumulate(self.outs)]
+        row = 0
+        for i, used in enumerate(self.ranks[slot]):
+            cols[slot, row:row + used, 0], cols[slot, row:row + used, 1] = bounds[i], bounds[i + 1]
+            row += used
 
     @functools.cached_property
     def kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """For adapters/engine/sgmv.cpp: (slots, R, in) shrink rows, (slots, R, Σout) expand rows and each rank row's
         output columns [c0, c1) (int32; c0 == c1 for padding). Gated and weightless slots are all padding."""
-        n, rank = max(self.a, default=-1) + 1, max((w.shape[1] for w in self.a.values()), default=0)
-        a = self.a_all.new_zeros(n, rank, self.a_all.shape[0])
-        b = self.b_all.new_zeros(n, rank, self.b_all.shape[1])
+        n, rank = self._kernel_shape()
+        a = torch.zeros(n, rank, self.width, dtype=self.dtype)
+        b = torch.zeros(n, rank, sum(self.outs), dtype=self.dtype)
         cols = torch.zeros(n, rank, 2, dtype=torch.int32)
-        bounds = [0, *itertools.accumulate(self.outs)]
-        for slot, w in self.a.items():
-            a[slot, :w.shape[1]] = w.T
-            b[slot, :w.shape[1]] = self.b[slot]
-            row = 0
-            for i, used in enumerate(self.ranks[slot]):
-                cols[slot, row:row + used, 0], cols[slot, row:row + used, 1] = bounds[i], bounds[i + 1]
-                row += used
+        for slot in self.a:
+            self._kernel_slot(slot, a, b, cols)
         return a, b, cols
+
+    def kernel_weights_from(self, last: LayerWeights, dirty: set[int]) -> None:
+        """Take `last`'s kernel matrices with only the `dirty` slots rewritten, where `last` has them in the same
+        shape (else they are made whole when first needed)."""
+        found = last.__dict__.get("kernel_weights")
+        n, rank = self._kernel_shape()
+        if found is None or tuple(found[0].shape[:2]) != (n, rank):
+            return
+        a, b, cols = (t.clone() for t in found)
+        for slot in dirty:
+            if slot < n:
+                a[slot], b[slot], cols[slot] = 0, 0, 0
+                if slot in self.a:
+                    self._kernel_slot(slot, a, b, cols)
+        self.__dict__["kernel_weights"] = (a, b, cols)
 
     @functools.cached_property
     def packed_all(self) -> tuple:
@@ -231,12 +278,104 @@ class StepPlan:
 
 
 _layers: dict[tuple, LayerWeights] = {}
+_latest: dict[tuple, tuple[tuple[int, ...], LayerWeights]] = {}  # buffers -> (their versions, weights) last built
 _plan: StepPlan | None = None
 _plan_key: tuple | None = None
+
+# Writes into the stacked buffers that vLLM's LoRAModelManager.activate_adapter made (the plugin wraps it and calls
+# slot_written): buffer address -> [(version before, version after, slot), ...]. A layer whose buffers changed only
+# by logged writes since its weights were last built rebuilds those slots alone; any other write (or none logged)
+# means a full rebuild. Without it, every adapter set into a slot re-read all slots of every layer: ~41 MB per slot
+# for SmolLM2-135M at --max-lora-rank 64, 165 ms at 8 slots and 280 ms at 16 on one core, on each slot change.
+_writes: dict[int, list[tuple[int, int, int]]] = {}
+WRITE_LOG = 64  # writes kept per buffer: a layer is rebuilt at its next forward, after a few writes at most
+
+
+def stacked_tensors(modules) -> list[torch.Tensor]:
+    """The stacked A and B buffers of vLLM's LoRA modules (each slice's tensor; a module may have one tensor)."""
+    out: list[torch.Tensor] = []
+    for module in modules:
+        for name in ("lora_a_stacked", "lora_b_stacked"):
+            found = getattr(module, name, None)
+            found = [found] if isinstance(found, torch.Tensor) else found or ()
+            out += [t for t in found if isinstance(t, torch.Tensor)]
+    return out
+
+
+def versions(tensors: list[torch.Tensor]) -> dict[int, int]:
+    return {t.data_ptr(): t._version for t in tensors}
+
+
+def slot_written(before: dict[int, int], tensors: list[torch.Tensor], slot: int) -> None:
+    """Log that `slot` of these buffers was written (their versions were `before`)."""
+    for t in tensors:
+        ptr, now = t.data_ptr(), t._version
+        if ptr in before and before[ptr] != now:
+            log = _writes.setdefault(ptr, [])
+            log.append((before[ptr], now, slot))
+            del log[:-WRITE_LOG]
+
+
+def _dirty_slots(built: tuple[int, ...], tensors: tuple[torch.Tensor, ...]) -> set[int] | None:
+    """Slots written since the versions `built`, or None when a buffer changed by a write that was not logged."""
+    slots: set[int] = set()
+    for t, version in zip(tensors, built):
+        now = t._version
+        if version == now:
+            continue
+        for before, after, slot in _writes.get(t.data_ptr(), ()):  # oldest first: one pass follows the chain
+            if before == version:
+                version = after
+                slots.add(slot)
+        if version != now:
+            return None
+    return slots
 
 
 def _version_key(tensors) -> tuple:
     return tuple((t.data_ptr(), t._version, tuple(t.shape)) for t in tensors)
+
+
+@dataclass
+class _Slot:
+    """One slot's part of a LayerWeights."""
+
+    a: torch.Tensor | None = None
+    b: torch.Tensor | None = None
+    ranks: tuple[int, ...] = ()
+    gated: GatedSlot | None = None
+    unsupported: bool = False
+
+    @property
+    def empty(self) -> bool:
+        return self.a is None and self.gated is None and not self.unsupported
+
+
+def _slot(a3: list[torch.Tensor], b3: list[torch.Tensor], slot: int, outs: list[int], dtype: torch.dtype) -> _Slot:
+    used = tuple(slot_rank(a, slot) for a in a3)
+    if not any(used):
+        return _Slot()  # empty (a gated composite has its header row)
+    gates = [slot_gate(a, slot) for a in a3]
+    if any(g is not None for g in gates):
+        if any(g is None for g in gates) or len({(g.kind, g.n, g.top_k) for g in gates}) != 1:  # type: ignore[union-attr]
+            return _Slot(unsupported=True)
+        return _Slot(gated=GatedSlot.build(gates, a3, b3, slot, outs, dtype))
+    used = tuple(slot_rank(a, slot) for a in a3)  # again: a header this engine could not read was zeroed
+    if not any(used):
+        return _Slot()
+    blocks = torch.zeros(sum(used), sum(outs), dtype=dtype)
+    row = col = 0
+    for b, r, out in zip(b3, used, outs):
+        blocks[row:row + r, col:col + out] = b[slot, :, :r].T
+        row, col = row + r, col + out
+    return _Slot(a=torch.cat([a[slot, :r] for a, r in zip(a3, used)]).T.contiguous().to(dtype), b=blocks, ranks=used)
+
+
+def _slots_of(weights: LayerWeights) -> dict[int, _Slot]:
+    out = {s: _Slot(a=weights.a[s], b=weights.b[s], ranks=weights.ranks[s]) for s in weights.a}
+    out.update({s: _Slot(gated=g) for s, g in weights.gated.items()})
+    out.update({s: _Slot(unsupported=True) for s in weights.unsupported})
+    return out
 
 
 def layer_weights(a_stacked, b_stacked, dtype: torch.dtype) -> LayerWeights:
@@ -247,40 +386,37 @@ def layer_weights(a_stacked, b_stacked, dtype: torch.dtype) -> LayerWeights:
     a3 = [t.squeeze(1) if t.dim() == 4 else t for t in a_stacked]  # (slots, rank, in)
     b3 = [t.squeeze(1) if t.dim() == 4 else t for t in b_stacked]  # (slots, out, rank)
     outs = [b.shape[1] for b in b3]
-    per_slice = [slot_gates(a) for a in a3]
-    gated, unsupported = {}, set()
-    for slot in set().union(*per_slice):
-        gates = [found.get(slot) for found in per_slice]
-        if any(g is None for g in gates) or len({(g.kind, g.n, g.top_k) for g in gates}) != 1:
-            unsupported.add(slot)
-        else:
-            gated[slot] = GatedSlot.build(gates, a3, b3, slot, outs, dtype)
-    ranks = [slot_ranks(a, 1) for a in a3]
-    a_by_slot, b_by_slot = {}, {}
-    for slot in range(a3[0].shape[0]):
-        used = [r[slot] for r in ranks]
-        if slot in gated or slot in unsupported or not any(used):
-            continue
-        a_by_slot[slot] = torch.cat([a[slot, :r] for a, r in zip(a3, used)]).T.contiguous().to(dtype)
-        blocks = torch.zeros(sum(used), sum(outs), dtype=dtype)
-        row = col = 0
-        for b, r, out in zip(b3, used, outs):
-            blocks[row:row + r, col:col + out] = b[slot, :, :r].T
-            row, col = row + r, col + out
-        b_by_slot[slot] = blocks
-    slots = sorted(a_by_slot)
-    width = a3[0].shape[2]
+    tensors = (*a_stacked, *b_stacked)
+    buffers = (tuple((t.data_ptr(), tuple(t.shape)) for t in tensors), dtype)
+    built_versions = tuple(t._version for t in tensors)
+    last = _latest.get(buffers)
+    dirty = _dirty_slots(last[0], tensors) if last is not None else None
+    if last is not None and dirty is not None:  # only these slots changed since `last` was built
+        before = _slots_of(last[1])
+        changed = {s: _slot(a3, b3, s, outs, dtype) for s in dirty}
+        if all(s not in before and d.empty for s, d in changed.items()):
+            # Empty before and after (an adapter with nothing on this module): the same weights.
+            _layers[key] = last[1]
+            _latest[buffers] = (built_versions, last[1])
+            return last[1]
+        per_slot = {s: d for s, d in before.items() if s not in dirty} | changed
+    else:
+        per_slot = {s: _slot(a3, b3, s, outs, dtype) for s in range(a3[0].shape[0])}
     found = LayerWeights(
-        a=a_by_slot, b=b_by_slot,
-        a_all=torch.cat([a_by_slot[s] for s in slots], dim=1) if slots else torch.zeros(width, 0, dtype=dtype),
-        b_all=torch.cat([b_by_slot[s] for s in slots]) if slots else torch.zeros(0, sum(outs), dtype=dtype),
-        column_slot=torch.repeat_interleave(torch.tensor(slots, dtype=torch.long),
-                                            torch.tensor([a_by_slot[s].shape[1] for s in slots], dtype=torch.long)),
-        layout=tuple((s, a_by_slot[s].shape[1]) for s in slots), gated=gated, unsupported=frozenset(unsupported),
-        ranks={s: tuple(r[s] for r in ranks) for s in slots}, outs=tuple(outs))
+        a={s: d.a for s, d in sorted(per_slot.items()) if d.a is not None},
+        b={s: d.b for s, d in sorted(per_slot.items()) if d.b is not None},
+        gated={s: d.gated for s, d in sorted(per_slot.items()) if d.gated is not None},
+        unsupported=frozenset(s for s, d in per_slot.items() if d.unsupported),
+        ranks={s: d.ranks for s, d in sorted(per_slot.items()) if d.a is not None}, outs=tuple(outs),
+        width=a3[0].shape[2], dtype=dtype)
+    if last is not None and dirty is not None:
+        found.kernel_weights_from(last[1], dirty)
     if len(_layers) > 4096:  # stale versions of every layer after many adapter loads
         _layers.clear()
+    if len(_latest) > 4096:
+        _latest.clear()
     _layers[key] = found
+    _latest[buffers] = (built_versions, found)
     return found
 
 
@@ -305,7 +441,7 @@ def apply(y: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, a_stacked, b_
     if not plan.slots:
         return True  # no adapter in the batch
     weights = layer_weights(a_stacked, b_stacked, y.dtype)
-    if plan.slots & weights.unsupported or weights.b_all.shape[1] != y.shape[1]:
+    if plan.slots & weights.unsupported or sum(weights.outs) != y.shape[1]:
         return False
     gated = [slot for slot in plan.slots if slot in weights.gated]
     gated_kernel = _kernel() if _takes_kernel(x2, y, GATED_KERNEL_MAX_TOKENS) else None
@@ -373,4 +509,6 @@ def _takes_kernel(x: torch.Tensor, y: torch.Tensor, max_tokens: int) -> bool:
 def clear_caches() -> None:
     global _plan, _plan_key
     _layers.clear()
+    _latest.clear()
+    _writes.clear()
     _plan, _plan_key = None, None

@@ -178,6 +178,29 @@ def _whole_layer(original):
     return add_lora_linear
 
 
+def _log_slot_writes() -> None:
+    """Wrap vLLM's LoRAModelManager.activate_adapter to tell lora_linear which slot of which stacked buffers it
+    wrote, so the whole-layer path rebuilds that slot's matrices alone instead of re-reading every slot of every
+    layer after each adapter change (docs/performance.md, "many experts")."""
+    from vllm.lora import model_manager
+
+    manager = model_manager.LoRAModelManager
+    if getattr(manager.activate_adapter, "flock_writes", False):
+        return
+    activate = manager.activate_adapter
+
+    def activate_adapter(self, lora_id: int) -> bool:
+        tensors = lora_linear.stacked_tensors(self.modules.values())
+        before = lora_linear.versions(tensors)
+        done = activate(self, lora_id)
+        if done:
+            lora_linear.slot_written(before, tensors, self.lora_index_to_id.index(lora_id))
+        return done
+
+    activate_adapter.flock_writes = True  # type: ignore[attr-defined]
+    manager.activate_adapter = activate_adapter  # type: ignore[method-assign]
+
+
 def _limit_spin(busy_ms: float) -> None:
     """vLLM's shared-memory queues spin (sched_yield) for 1 s after every read before sleeping on a socket.
     The engine core and the worker are both readers, so after each request they keep about a core busy for a
@@ -364,6 +387,7 @@ def register() -> None:
     # lora_whole_layer off keeps vLLM's slice-by-slice path (through the ops above): for A/B benchmarks.
     if settings.lora_whole_layer and not getattr(wrapper.add_lora_linear, "flock", False):
         wrapper.add_lora_linear = _whole_layer(wrapper.add_lora_linear)
+        _log_slot_writes()
     _limit_spin(settings.vllm_spin_ms)
     from vllm.platforms import current_platform
 

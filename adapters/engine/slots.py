@@ -80,6 +80,25 @@ def read_gate(a: torch.Tensor) -> SlotGate | None:
         rows=a[header.gate_start:last].float(), bias=header.bias())
 
 
+def slot_gate(a: torch.Tensor, slot: int) -> SlotGate | None:
+    """The gated composite in one slot of `a` (slots, rank, in), or None. A header this engine cannot apply:
+    served ungated, a composite would add every candidate's delta and the gate rows too, so the slot's LoRA is
+    removed here instead (its requests get the base layer) and the log says so."""
+    try:
+        return read_gate(a[slot])
+    except UnknownFormat as exc:
+        log.error("slot %d holds a gated composite this engine cannot apply (%s): its LoRA is removed", slot, exc)
+        a[slot].zero_()
+        return None
+
+
+def slot_rank(a: torch.Tensor, slot: int) -> int:
+    """Rank one slot of `a` (slots, rank, in) uses: its last nonzero row + 1 (0 when empty). Not cached: for
+    the one slot an adapter was just written into."""
+    nonzero = (a[slot].abs().amax(dim=1) > 0).nonzero()
+    return int(nonzero.max()) + 1 if nonzero.numel() else 0
+
+
 def slot_gates(a: torch.Tensor) -> dict[int, SlotGate]:
     """{slot: SlotGate} for the slots of `a` (slots, rank, in) that hold a gated composite; cached per version."""
     key = (a.data_ptr(), a._version, tuple(a.shape))
@@ -88,14 +107,7 @@ def slot_gates(a: torch.Tensor) -> dict[int, SlotGate]:
         return found
     found = {}
     for slot in range(a.shape[0]):
-        try:
-            gate = read_gate(a[slot])
-        except UnknownFormat as exc:
-            # Served ungated, a composite would add every candidate's delta and the gate rows too: remove this
-            # slot's LoRA here instead (its requests get the base layer) and say so.
-            log.error("slot %d holds a gated composite this engine cannot apply (%s): its LoRA is removed", slot, exc)
-            a[slot].zero_()
-            continue
+        gate = slot_gate(a, slot)
         if gate is not None:
             found[slot] = gate
     if len(_gate_cache) > 4096:
