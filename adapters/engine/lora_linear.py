@@ -163,7 +163,10 @@ class LayerWeights:
         n, rank = self._kernel_shape()
         if found is None or tuple(found[0].shape[:2]) != (n, rank):
             return
-        a, b, cols = (t.clone() for t in found)
+        # Taken over, not copied: `last` describes buffer versions that are gone (were it asked again, it would
+        # make its own).
+        del last.__dict__["kernel_weights"]
+        a, b, cols = found
         for slot in dirty:
             if slot < n:
                 a[slot], b[slot], cols[slot] = 0, 0, 0

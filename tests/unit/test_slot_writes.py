@@ -78,12 +78,13 @@ def test_logged_writes_rebuild_only_those_slots_and_match_a_full_rebuild(tmp_pat
     a, b = buffers()
     for slot in range(SLOTS - 1):  # the last slot stays empty
         write(a, b, slot, plain(slot, ranks=(slot + 1, 3 - slot % 3)))
-    lora_linear.layer_weights(a, b, torch.bfloat16)  # built once from scratch
+    assert lora_linear.layer_weights(a, b, torch.bfloat16).kernel_weights  # built once from scratch, kernel too
     built = []
     real_slot = lora_linear._slot
     monkeypatch.setattr(lora_linear, "_slot", lambda a3, b3, s, outs, dtype: built.append(s) or real_slot(
         a3, b3, s, outs, dtype))
     gated = gated_factors(tmp_path)
+    patched: list[bool] = []
     steps = [(2, plain(10, ranks=(8, 0))),  # another adapter, on one slice only
              (4, plain(11)),  # into the empty slot
              (0, gated),  # a gated composite replaces a plain adapter
@@ -95,11 +96,13 @@ def test_logged_writes_rebuild_only_those_slots_and_match_a_full_rebuild(tmp_pat
         logged_write(a, b, slot, factors)
         got = lora_linear.layer_weights(a, b, torch.bfloat16)
         assert built == [slot], "only the written slot is read again"
+        patched.append("kernel_weights" in got.__dict__)  # the kernel's matrices patched, not made anew
         monkeypatch.setattr(lora_linear, "_slot", real_slot)
         assert_same(got, full_rebuild(a, b))
-        lora_linear.layer_weights(a, b, torch.bfloat16)  # the real buffers' history starts again here
+        assert lora_linear.layer_weights(a, b, torch.bfloat16).kernel_weights  # history starts again here
         monkeypatch.setattr(lora_linear, "_slot", lambda a3, b3, s, outs, dtype: built.append(s) or real_slot(
             a3, b3, s, outs, dtype))
+    assert any(patched) and not all(patched), "patched where the shape held, made anew where a rank grew"
 
 
 def test_two_writes_before_a_forward_and_an_unlogged_write(monkeypatch):
