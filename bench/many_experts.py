@@ -381,10 +381,11 @@ async def run(settings: Settings, n: int, *, backend: str | None, quick: bool, s
             if placement_only:
                 return result
             result["registration"] = {}
-            for size in register_at:
+            for k, size in enumerate(register_at[:10]):  # a Redis database each: the pool is shared through it
                 say(f"registration with {size} experts registered (card vectors seeded)")
-                small = await registration(settings, size, work / f"reg-{size}", f"redis://127.0.0.1:{redis_port}/4",
-                                           fake, adapter, registrations=5 if quick else 9, cold=False)
+                small = await registration(settings, size, work / f"reg-{size}",
+                                           f"redis://127.0.0.1:{redis_port}/{4 + k}", fake, adapter,
+                                           registrations=5 if quick else 9, cold=False)
                 result[f"register_ms_p50_at_{size}"] = small["register_ms_p50"]
                 result[f"startup_s_warm_at_{size}"] = small["startup_warm_s"]
                 result["registration"][size] = small
