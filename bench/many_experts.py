@@ -537,7 +537,7 @@ def merged(results: list[dict]) -> dict:
     for r in results:
         out["dates"].append(r.get("date", "?"))
         for size, reg in (r.get("registration") or {}).items():
-            out["registration"][int(size)] = reg
+            out["registration"][int(size)] = {**reg, "date": r.get("date", "?")}
         for key, value in r.items():
             if key.startswith("router_ms_p50_at_") and isinstance(value, (int, float)):
                 out["routing"][int(key.split("_at_")[1].split("_")[0])] = value
@@ -545,6 +545,13 @@ def merged(results: list[dict]) -> dict:
             out["serving"] = {**r["serving"], "experts": r.get("experts"), "date": r.get("date", "?"),
                               "vllm_settings": r.get("vllm_settings", {})}
     return out
+
+
+def _when(date: str) -> float:
+    try:
+        return time.mktime(time.strptime(date, "%Y-%m-%d %H:%M:%S"))
+    except ValueError:
+        return 0.0
 
 
 def chart(results: list[dict], path: Path) -> bool:
@@ -571,9 +578,11 @@ def chart(results: list[dict], path: Path) -> bool:
     if reg:
         sizes = [k for k, _ in reg]
         axes[1].plot(sizes, [r["register_ms_p50"] for _, r in reg], marker="o", label="register one more, p50 (ms)")
-        for k, r in reg:
-            axes[1].annotate(f"{r['register_ms_p50']:.0f}", (k, r["register_ms_p50"]), textcoords="offset points",
-                             xytext=(0, 6), ha="center", fontsize=8)
+        latest = max(_when(r["date"]) for _, r in reg)
+        for k, r in reg:  # a point from a run hours earlier says which (the machine's load differs between runs)
+            note = "" if latest - _when(r["date"]) < 3600 else f"\n(run of {r['date']})"
+            axes[1].annotate(f"{r['register_ms_p50']:.0f}{note}", (k, r["register_ms_p50"]),
+                             textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
         axes[1].axhline(1000, color="#c33", linestyle=":", linewidth=1, label="goal at 1,000: 1,000 ms")
         twin = axes[1].twinx()
         twin.plot(sizes, [r.get("startup_warm_s", float("nan")) for _, r in reg], marker="s", color="#999",
