@@ -338,13 +338,24 @@ async def serving(settings: Settings, n: int, work: Path, redis_url: str, backen
             p.stop()
 
 
+ROUTING_SIZES = (10, 100, 1000, 10000)
+
+
 async def run(settings: Settings, n: int, *, backend: str | None, quick: bool, scale: int, serve: bool,
-              cold: bool = False, placement_only: bool = False) -> dict:
+              cold: bool = False, placement_only: bool = False, register_at: tuple[int, ...] = (),
+              placement: bool = True) -> dict:
+    """The whole bench; `register_at`: pool sizes at which registration is also timed (e.g. 10 and 100 for the
+    chart), before the one at `n`."""
     import tempfile
 
+    from bench.run import router_scaling
     from service.processes import ManagedProcess, free_port, redis_command, wait_http, wait_redis
 
     result: dict = {"experts": n, "quick": quick}
+    if not placement_only:
+        say(f"routing decision against synthetic pools of {', '.join(map(str, ROUTING_SIZES))} experts (in process)")
+        routing = router_scaling(ROUTING_SIZES, repeats=50 if quick else 200)
+        result.update({f"router_ms_p50_at_{k}_experts": routing[f"global_{k}"] for k in ROUTING_SIZES})
     with tempfile.TemporaryDirectory(prefix="flock-many-") as tmp:
         work = Path(tmp)
         redis_port, fake_port = free_port(), free_port()
@@ -358,16 +369,26 @@ async def run(settings: Settings, n: int, *, backend: str | None, quick: bool, s
             fake = f"http://127.0.0.1:{fake_port}"
             wait_http(f"{fake}/health", 60, procs[1])
             adapter = write_adapter(settings, work / "shared" / "adapter", seed=0)
-            say("placement: rendezvous vs LoRA affinity scorer, two modelled backends, Zipf traffic")
-            place = await placement(settings, work / "placement", f"redis://127.0.0.1:{redis_port}/3", adapter,
-                                    requests=400 if quick else 1000, rounds=1 if quick else 2)
-            result["placement"] = place
-            for policy in ("rendezvous", "scorer"):
-                result[f"placement_{policy}_loads_per_1000"] = place[f"{policy}_loads_per_1000"]
-                result[f"placement_{policy}_p95_ms"] = place[f"{policy}_p95_ms"]
-            say("so far: " + json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}))
+            if placement or placement_only:
+                say("placement: rendezvous vs LoRA affinity scorer, two modelled backends, Zipf traffic")
+                place = await placement_run(settings, work / "placement", f"redis://127.0.0.1:{redis_port}/3",
+                                            adapter, requests=400 if quick else 1000, rounds=1 if quick else 2)
+                result["placement"] = place
+                for policy in ("rendezvous", "scorer"):
+                    result[f"placement_{policy}_loads_per_1000"] = place[f"{policy}_loads_per_1000"]
+                    result[f"placement_{policy}_p95_ms"] = place[f"{policy}_p95_ms"]
+                say("so far: " + json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}))
             if placement_only:
                 return result
+            result["registration"] = {}
+            for k, size in enumerate(register_at[:10]):  # a Redis database each: the pool is shared through it
+                say(f"registration with {size} experts registered (card vectors seeded)")
+                small = await registration(settings, size, work / f"reg-{size}",
+                                           f"redis://127.0.0.1:{redis_port}/{4 + k}", fake, adapter,
+                                           registrations=5 if quick else 9, cold=False)
+                result[f"register_ms_p50_at_{size}"] = small["register_ms_p50"]
+                result[f"startup_s_warm_at_{size}"] = small["startup_warm_s"]
+                result["registration"][size] = small
             say(f"registration with {n} experts registered (instant fake backend)")
             reg = await registration(settings, n, work / f"reg-{n}", f"redis://127.0.0.1:{redis_port}/0", fake,
                                      adapter, registrations=5 if quick else 9, cold=cold)
@@ -375,7 +396,7 @@ async def run(settings: Settings, n: int, *, backend: str | None, quick: bool, s
             if cold:
                 result[f"startup_s_cold_at_{n}"] = reg["startup_cold_s"]
             result[f"startup_s_warm_at_{n}"] = reg["startup_warm_s"]
-            result["registration"] = {n: reg}
+            result["registration"][n] = reg
             say("so far: " + json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}))
             if serve:
                 say(f"Zipf traffic over {n} experts vs 8, through flock serve on vLLM")
@@ -447,7 +468,7 @@ async def timed_requests(gateway: str, names: list[str], concurrency: int) -> tu
     return latencies, errors
 
 
-async def placement(settings: Settings, work: Path, redis_url: str, adapter: Path, *, experts: int = 200,
+async def placement_run(settings: Settings, work: Path, redis_url: str, adapter: Path, *, experts: int = 200,
                     requests: int = 1000, concurrency: int = 32, rounds: int = 2) -> dict:
     """Rendezvous hashing vs the LoRA affinity scorer over two modelled multi-LoRA backends
     (bench/fake_lora_backend.py) under Zipf traffic: adapter loads (CPU cache misses and slot swaps) per 1,000
@@ -506,3 +527,91 @@ async def placement(settings: Settings, work: Path, redis_url: str, adapter: Pat
         out[f"{policy}_p95_ms"] = statistics.median(s["p95"])
         out[f"{policy}_p50_ms"] = statistics.median(s["p50"])
     return out
+
+
+# --- the chart ------------------------------------------------------------------------------------------
+def merged(results: list[dict]) -> dict:
+    """Several runs' results as one for the chart: registration by pool size and routing from any run (a later
+    run's figure replaces an earlier one's), serving from the last run that served; `dates` lists each run's."""
+    out: dict = {"registration": {}, "routing": {}, "serving": None, "dates": []}
+    for r in results:
+        out["dates"].append(r.get("date", "?"))
+        for size, reg in (r.get("registration") or {}).items():
+            out["registration"][int(size)] = {**reg, "date": r.get("date", "?")}
+        for key, value in r.items():
+            if key.startswith("router_ms_p50_at_") and isinstance(value, (int, float)):
+                out["routing"][int(key.split("_at_")[1].split("_")[0])] = value
+        if r.get("serving"):
+            out["serving"] = {**r["serving"], "experts": r.get("experts"), "date": r.get("date", "?"),
+                              "vllm_settings": r.get("vllm_settings", {})}
+    return out
+
+
+def _when(date: str) -> float:
+    try:
+        return time.mktime(time.strptime(date, "%Y-%m-%d %H:%M:%S"))
+    except ValueError:
+        return 0.0
+
+
+def chart(results: list[dict], path: Path) -> bool:
+    """docs/img/many_experts.png: what the number of experts costs. Routing decision and registration p50
+    against the pool size (log scales), and tokens/s of Zipf traffic over N experts against 8. False without
+    matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    m = merged(results)
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    routing = sorted(m["routing"].items())
+    if routing:
+        axes[0].plot([k for k, _ in routing], [v for _, v in routing], marker="o")
+        for k, v in routing:
+            axes[0].annotate(f"{v:.3f}", (k, v), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+    axes[0].set_yscale("log")
+    axes[0].set_title("routing decision p50 (ms), in process, embedding excluded", fontsize=10)
+    reg = sorted(m["registration"].items())
+    if reg:
+        sizes = [k for k, _ in reg]
+        axes[1].plot(sizes, [r["register_ms_p50"] for _, r in reg], marker="o", label="register one more, p50 (ms)")
+        latest = max(_when(r["date"]) for _, r in reg)
+        for k, r in reg:  # a point from a run hours earlier says which (the machine's load differs between runs)
+            note = "" if latest - _when(r["date"]) < 3600 else f"\n(run of {r['date']})"
+            axes[1].annotate(f"{r['register_ms_p50']:.0f}{note}", (k, r["register_ms_p50"]),
+                             textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+        axes[1].axhline(1000, color="#c33", linestyle=":", linewidth=1, label="goal at 1,000: 1,000 ms")
+        twin = axes[1].twinx()
+        twin.plot(sizes, [r.get("startup_warm_s", float("nan")) for _, r in reg], marker="s", color="#999",
+                  linestyle="--", label="start-up (s)")
+        twin.set_ylabel("start-up to /ready (s)", color="#777")
+        twin.set_yscale("log")
+        lines = axes[1].get_legend_handles_labels()
+        more = twin.get_legend_handles_labels()
+        axes[1].legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="upper left")
+    axes[1].set_title("registration through the API")
+    for ax in axes[:2]:
+        ax.set_xscale("log")
+        ax.set_xlabel("experts in pool")
+    srv = m["serving"]
+    if not srv:
+        axes[2].text(0.5, 0.5, "serving not run", ha="center", va="center", transform=axes[2].transAxes)
+    else:
+        labels = ["8 experts", f"{srv['experts']:,} experts"]
+        axes[2].bar(labels, [srv["few_tok_s"], srv["many_tok_s"]], color=["#888", "#2a7"])
+        for i, v in enumerate([srv["few_tok_s"], srv["many_tok_s"]]):
+            axes[2].annotate(f"{v:.1f}", (i, v), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=9)
+        vs = srv.get("vllm_settings", {})
+        axes[2].set_title(f"Zipf serving, tokens/s: ratio {srv['ratio']:.2f} (goal 0.85)", fontsize=10)
+        loads = f"load p50 {srv['adapter_load_ms_p50'] / 1e3:.2f} s, p99 {srv['adapter_load_ms_p99'] / 1e3:.1f} s"
+        axes[2].set_xlabel(f"max_loras {vs.get('max_loras')}, max_cpu_loras {vs.get('max_cpu_loras')}; adapter {loads}",
+                           fontsize=8)
+    fig.suptitle("flock: cost against the number of experts (`flock bench --many-experts`; runs of "
+                 + ", ".join(sorted(set(m["dates"]))) + ")", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    return True

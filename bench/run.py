@@ -607,6 +607,16 @@ def main(args, settings: Settings) -> int:
         return 0 if result["rss_flat"] and result["disk_flat"] else 1
     if getattr(args, "peer", None) and not getattr(args, "many_experts", None):
         return peer_main(args, settings)
+    if getattr(args, "chart_from", None):
+        from bench import many_experts
+
+        if not args.chart:
+            raise SystemExit("--chart-from needs --chart PNG")
+        results = [json.loads(Path(f).read_text()) for f in args.chart_from]
+        if not many_experts.chart(results, args.chart):
+            raise SystemExit("--chart needs matplotlib")
+        say(f"wrote {args.chart}")
+        return 0
     if getattr(args, "many_experts", None):
         from bench import many_experts, peer
 
@@ -615,7 +625,8 @@ def main(args, settings: Settings) -> int:
             return 2
         result = asyncio.run(many_experts.run(settings, args.many_experts, backend=args.backend, quick=args.quick,
                                               scale=args.scale, serve=not args.no_serve, cold=args.cold_start,
-                                              placement_only=args.placement))
+                                              placement_only=args.placement, register_at=_ints(args.register_at),
+                                              placement=not args.no_placement))
         if args.peer:  # the keys all in one JSON: the goal ratios on top, the peer run's figures inside
             beside = peer_run(args, settings)
             result.update({key: beside[key] for key, _, _ in peer.GOALS})
@@ -623,6 +634,8 @@ def main(args, settings: Settings) -> int:
         if args.out:
             Path(args.out).mkdir(parents=True, exist_ok=True)
             (Path(args.out) / "many_experts.json").write_text(json.dumps(result, indent=2) + "\n")
+        if args.chart and many_experts.chart([result], args.chart):
+            say(f"wrote {args.chart}")
         print(json.dumps(result, indent=2) if args.json else many_experts.table(result))
         return 0
     if args.decode_only:

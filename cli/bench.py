@@ -30,6 +30,17 @@ def register(sub) -> None:
                    help="with --many-experts: also time a cold start at N (every card embedded; slow on 2 cores)")
     p.add_argument("--placement", action="store_true",
                    help="with --many-experts: only the placement comparison (rendezvous vs scorer)")
+    p.add_argument("--no-placement", action="store_true",
+                   help="with --many-experts: skip the placement comparison")
+    p.add_argument("--register-at", default="",
+                   help="with --many-experts: also time registration at these pool sizes, comma-separated (e.g. "
+                        "10,100 for the chart's small pools)")
+    p.add_argument("--chart", type=Path, metavar="PNG",
+                   help="with --many-experts: draw the cost against the number of experts into this PNG (e.g. "
+                        "docs/img/many_experts.png)")
+    p.add_argument("--chart-from", type=Path, nargs="+", metavar="JSON",
+                   help="with --chart: draw from these saved --many-experts results instead of running (later "
+                        "files' figures replace earlier ones' at the same pool size)")
     p.add_argument("--composites", type=int, metavar="N",
                    help="N routed requests with random modes, alpha and top_k against an instant fake backend: "
                         "gateway RSS and composites on disk over time (bench/composites.py)")

@@ -76,7 +76,9 @@ class Settings(EngineSettings):
 
     # --- the vLLM engine that `flock serve` manages --------------------------------------------------
     vllm_port: int = Field(8100, description="Port of the managed vLLM server.")
-    vllm_max_loras: int = Field(8, description="Distinct adapters in one batch (vLLM --max-loras).")
+    vllm_max_loras: int = Field(
+        16, description="Distinct adapters in one batch (vLLM --max-loras). 16: Zipf traffic over 1,000 experts "
+        "at 16 concurrent requests no longer waits for a slot (docs/performance.md, many experts).")
     vllm_max_lora_rank: int = Field(
         64, description="Largest adapter rank, composites included (a gated composite of C rank-r experts has "
         "rank C·(r+1)+1: 51 for the 10 rank-4 experts of the default library).")

@@ -34,3 +34,23 @@ def test_histogram_quantile_reads_prometheus_buckets():
     assert 0.0 < histogram_quantile(text, "flock_adapter_load_seconds", 0.5) <= 0.1
     assert 0.1 < histogram_quantile(text, "flock_adapter_load_seconds", 0.9) <= 1
     assert 1 < histogram_quantile(text, "flock_adapter_load_seconds", 0.995) <= 10
+
+
+def test_chart_merges_runs_by_pool_size(tmp_path):
+    from bench.many_experts import chart, merged
+
+    big = {"date": "d1", "experts": 1000, "registration": {"1000": {"register_ms_p50": 704.0, "startup_warm_s": 102},
+                                                           "10000": {"register_ms_p50": 1573.0, "startup_warm_s": 580}},
+           "serving": {"ratio": 0.53, "many_tok_s": 44.8, "few_tok_s": 86.3, "adapter_load_ms_p50": 508,
+                       "adapter_load_ms_p99": 43950}, "vllm_settings": {"max_loras": 8, "max_cpu_loras": 16}}
+    small = {"date": "d2", "experts": 10, "router_ms_p50_at_10_experts": 0.005, "router_ms_p50_at_10000_experts": 0.13,
+             "registration": {10: {"register_ms_p50": 400.0, "startup_warm_s": 9},
+                              1000: {"register_ms_p50": 650.0, "startup_warm_s": 90}}}
+    m = merged([big, small])
+    assert sorted(m["registration"]) == [10, 1000, 10000]
+    assert m["registration"][1000]["register_ms_p50"] == 650.0, "the later run's figure at the same size"
+    assert m["routing"] == {10: 0.005, 10000: 0.13}
+    assert m["serving"]["ratio"] == 0.53 and m["serving"]["experts"] == 1000
+    assert m["dates"] == ["d1", "d2"]
+    assert chart([big, small], tmp_path / "img" / "many.png")
+    assert (tmp_path / "img" / "many.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
