@@ -195,7 +195,7 @@ def zipf_names(names: list[str], count: int, rng: random.Random, exponent: float
     return rng.choices(order, weights=weights, k=count)
 
 
-def metric_samples(text: str, name: str) -> dict[tuple, float]:
+def metric_samples(text: str, name: str) -> dict[str, float]:
     """{labels: value} of one metric family in Prometheus text format."""
     out = {}
     for line in text.splitlines():
@@ -327,7 +327,9 @@ async def serving(settings: Settings, n: int, work: Path, redis_url: str, backen
         out = await zipf_serving(gw.url, names, names[:8], rounds=rounds, requests=requests, concurrency=16,
                                  max_tokens=32)
         out["gateway_rss_mib"] = gw.rss_mib()
-        out["vllm_rss_mib"] = rss_mib(procs[0].proc.pid) if backend and procs[0] is not gw.proc else float("nan")
+        first = procs[0].proc
+        own_vllm = backend and first is not None and procs[0] is not gw.proc
+        out["vllm_rss_mib"] = rss_mib(first.pid) if own_vllm and first is not None else float("nan")
         out["startup_s"] = startup
         out["workload"] = {"experts": n, "few": 8, "zipf_exponent": 1.0, "rounds": rounds,
                            "requests_per_side_per_round": requests, "concurrency": 16, "max_tokens": 32,

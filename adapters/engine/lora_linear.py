@@ -357,7 +357,9 @@ def apply(y: torch.Tensor, x: torch.Tensor, plan: StepPlan, weights: LayerWeight
     if _takes_kernel(x2, y, KERNEL_MAX_TOKENS[plan.uniform]):
         a, b, cols = weights.kernel_weights
         if a.shape[1]:  # else none of the batch's adapters has weights on this layer
-            _kernel().sgmv_bf16(y, x2, plan.slots_long, a, b, cols, scale)  # gated slots' rows are padding
+            kernel = _kernel()
+            assert kernel is not None  # _takes_kernel checked it
+            kernel.sgmv_bf16(y, x2, plan.slots_long, a, b, cols, scale)  # gated slots' rows are padding
         return True
     if plan.uniform:
         (slot,) = plan.slots

@@ -190,8 +190,8 @@ def _limit_spin(busy_ms: float) -> None:
         cap = 10 if time.monotonic() - self.last_read < 1.0 else 50
         return original(self, cap if timeout_ms is None else min(timeout_ms, cap))
 
-    wait.flock = True
-    shm_broadcast.SpinCondition.wait = wait
+    wait.flock = True  # type: ignore[attr-defined]
+    shm_broadcast.SpinCondition.wait = wait  # type: ignore[method-assign]
 
 
 def gpu_gate_supported(version: str) -> bool:
@@ -231,14 +231,14 @@ def _engine_blocker() -> str | None:
 def install_cpu_wrapper(platform_cls: type) -> None:
     """Make `platform_cls` (vLLM's CPU platform) choose adapters/engine/punica_cpu.py's PunicaWrapperFlockCPU:
     vLLM's CPU wrapper with the whole-layer LoRA path. Re-entrant."""
-    if getattr(platform_cls.get_punica_wrapper, "flock", False):
+    if getattr(getattr(platform_cls, "get_punica_wrapper", None), "flock", False):
         return
 
     def get_punica_wrapper(cls) -> str:
         return CPU_WRAPPER
 
     get_punica_wrapper.flock = True  # type: ignore[attr-defined]
-    platform_cls.get_punica_wrapper = classmethod(get_punica_wrapper)  # type: ignore[method-assign]
+    platform_cls.get_punica_wrapper = classmethod(get_punica_wrapper)  # type: ignore[attr-defined]
 
 
 def slot_was_set(index: int, modules: dict[str, Any], wrappers: Iterable[Any]) -> None:
@@ -285,8 +285,8 @@ def install_gpu_gate(platform_cls: type, version: str) -> bool:
                   "serves no per-token routing mode (GET /flock/capabilities: gated false)",
                   ", ".join(GPU_TESTED_VLLM), version)
         return False
-    if not getattr(platform_cls.get_punica_wrapper, "flock", False):
-        original = platform_cls.get_punica_wrapper  # bound to platform_cls
+    if not getattr(getattr(platform_cls, "get_punica_wrapper", None), "flock", False):
+        original = platform_cls.get_punica_wrapper  # type: ignore[attr-defined]  # bound to platform_cls
 
         def get_punica_wrapper(cls) -> str:
             blocker = _engine_blocker()
@@ -297,7 +297,7 @@ def install_gpu_gate(platform_cls: type, version: str) -> bool:
             return original()
 
         get_punica_wrapper.flock = True  # type: ignore[attr-defined]
-        platform_cls.get_punica_wrapper = classmethod(get_punica_wrapper)  # type: ignore[method-assign]
+        platform_cls.get_punica_wrapper = classmethod(get_punica_wrapper)  # type: ignore[attr-defined]
     install_slot_hook()
     log.info("flock vLLM plugin: gated slots on CUDA go through %s (in eager mode)", GATED_WRAPPER)
     return True
@@ -377,7 +377,7 @@ def register() -> None:
                 setattr(module, name, fn)
     from vllm.lora import lora_model
 
-    lora_model.safetensors = types.SimpleNamespace(safe_open=BytesSafeOpen)  # the module's only use of it
+    lora_model.safetensors = types.SimpleNamespace(safe_open=BytesSafeOpen)  # type: ignore[assignment]  # its only use
     settings = EngineSettings()
     _limit_spin(settings.vllm_spin_ms)
     install_slot_hook()

@@ -127,7 +127,8 @@ class PunicaWrapperGated(PunicaWrapperGPU):  # type: ignore[misc]  # vLLM marks 
 
     def add_lora_linear(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: tuple[torch.Tensor, ...],
                         lora_b_stacked: tuple[torch.Tensor, ...], scale: float, output_slices: tuple[int, ...], *,
-                        buffer: torch.Tensor | None = None, **kwargs: Any) -> None:
+                        buffer: torch.Tensor | None = None, **kwargs: Any) -> None:  # type: ignore[override]
+        # (vLLM's GPU wrapper and its ABC type `buffer` differently; this follows the GPU wrapper's)
         super().add_lora_linear(y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs)
         if not self.batch_gated:
             return
