@@ -127,6 +127,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         gateway = build_gateway(settings, metrics)
+        unloaded = await gateway.backends.unload_from(settings.composites_dir)  # before their files go
+        if unloaded:
+            log.info("unloaded %d composites of this gateway's last run from the backends", len(unloaded))
         gateway.composites.clear()
         await gateway.router.rebuild_index()
         await gateway.backends.check_all()

@@ -258,6 +258,25 @@ class BackendPool:
                 except (aiohttp.ClientError, TimeoutError):
                     pass
 
+    async def unload_from(self, root: Path) -> list[str]:
+        """Unload, from every backend that answers, the adapters it loaded from files under `root` (names
+        unloaded). A restarted gateway calls it before it empties its composites folder: a backend that read
+        an adapter from a deleted folder again (vLLM does, inside a model step, when the adapter left its CPU
+        cache) ends its engine."""
+        unloaded = []
+        for backend in self.backends:
+            try:
+                async with self.session.get(f"{backend.url}/v1/models") as resp:
+                    listed = (await resp.json()).get("data", []) if resp.status == 200 else []
+                for model in listed:
+                    held = Path(str(model.get("root", ""))) if isinstance(model, dict) else root
+                    if held.is_relative_to(root) and held != root:
+                        await self._admin(backend, "unload_lora_adapter", {"lora_name": model["id"]})
+                        unloaded.append(str(model["id"]))
+            except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError):
+                continue  # down: it restarts without them
+        return unloaded
+
     async def _held_path(self, backend: Backend, name: str) -> str | None:
         """The path vLLM loaded adapter `name` from (its /v1/models lists each adapter's path as `root`), or None
         when it does not list it or does not answer."""

@@ -315,6 +315,28 @@ async def test_an_adapter_held_from_another_path_is_loaded_again():
                          "/v1/load_lora_adapter", "/v1/completions"]
 
 
+async def test_a_restarted_gateway_unloads_its_old_composites_before_deleting_them():
+    """A restarted replica empties its composites folder; a vLLM still holding one of them re-reads it from the
+    deleted folder inside a model step and its engine dies (the 21:00 20-minute soak). So those are unloaded
+    first; adapters from elsewhere (the library, the other replica's folder) stay."""
+    calls: list[tuple[str, bytes]] = []
+    listed = [{"id": "base", "root": "/models/base"}, {"id": "arith", "root": "/library/arith"},
+              {"id": "flock-merge-1", "root": "/state0/composites/flock-merge-1"},
+              {"id": "flock-gated-2", "root": "/state0/composites/gated/flock-gated-2"},
+              {"id": "flock-merge-3", "root": "/state1/composites/flock-merge-3"}]
+
+    async def vllm(head: bytes, body: bytes, writer: asyncio.StreamWriter) -> None:
+        route = head.split(b" ")[1].decode()
+        calls.append((route, body))
+        reply = json.dumps({"data": listed}).encode() if route == "/v1/models" else b'{"ok":true}'
+        writer.write(answer(200, reply))
+
+    async with server(vllm) as (url, _), pool_of(url, refused_url()) as pool:
+        assert await pool.unload_from(Path("/state0/composites")) == ["flock-merge-1", "flock-gated-2"]
+    unloads = [json.loads(body)["lora_name"] for route, body in calls if route == "/v1/unload_lora_adapter"]
+    assert unloads == ["flock-merge-1", "flock-gated-2"]
+
+
 async def test_adapter_load_refused_is_a_502():
     async def refuses(head: bytes, body: bytes, writer: asyncio.StreamWriter) -> None:
         writer.write(answer(400, b'{"message":"bad adapter"}'))
