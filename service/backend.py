@@ -238,7 +238,7 @@ class BackendPool:
             t0 = time.perf_counter()
             status, text = await self._admin(backend, "load_lora_adapter", body)
             if status == 400 and "already been loaded" in text:
-                if await self._held_path(backend, adapter.name) == str(adapter.path):
+                if (await self._held(backend)).get(adapter.name) == Path(adapter.path):
                     backend.loaded[adapter.name] = adapter.path
                     return
                 await self._admin(backend, "unload_lora_adapter", {"lora_name": adapter.name})
@@ -265,27 +265,24 @@ class BackendPool:
         cache) ends its engine."""
         unloaded = []
         for backend in self.backends:
-            try:
-                async with self.session.get(f"{backend.url}/v1/models") as resp:
-                    listed = (await resp.json()).get("data", []) if resp.status == 200 else []
-                for model in listed:
-                    held = Path(str(model.get("root", ""))) if isinstance(model, dict) else root
-                    if held.is_relative_to(root) and held != root:
-                        await self._admin(backend, "unload_lora_adapter", {"lora_name": model["id"]})
-                        unloaded.append(str(model["id"]))
-            except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError):
-                continue  # down: it restarts without them
+            for name, held in (await self._held(backend)).items():
+                if held.is_relative_to(root) and held != root:
+                    try:
+                        await self._admin(backend, "unload_lora_adapter", {"lora_name": name})
+                    except (aiohttp.ClientError, TimeoutError):
+                        break  # down: it restarts without them
+                    unloaded.append(name)
         return unloaded
 
-    async def _held_path(self, backend: Backend, name: str) -> str | None:
-        """The path vLLM loaded adapter `name` from (its /v1/models lists each adapter's path as `root`), or None
-        when it does not list it or does not answer."""
+    async def _held(self, backend: Backend) -> dict[str, Path]:
+        """{model name: the path vLLM loaded it from} (its /v1/models lists each one's path as `root`); empty
+        when the backend does not answer."""
         try:
             async with self.session.get(f"{backend.url}/v1/models") as resp:
                 listed = (await resp.json()).get("data", []) if resp.status == 200 else []
-        except (aiohttp.ClientError, TimeoutError, ValueError):
-            return None
-        return next((str(m.get("root")) for m in listed if isinstance(m, dict) and m.get("id") == name), None)
+        except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError):
+            return {}
+        return {str(m["id"]): Path(str(m.get("root", ""))) for m in listed if isinstance(m, dict) and "id" in m}
 
     async def _admin(self, backend: Backend, action: str, body: dict) -> tuple[int, str]:
         """POST to one of vLLM's adapter endpoints: (status, body text)."""
