@@ -453,7 +453,9 @@ class Router:
     def decide_scores(scores: np.ndarray, method: RoutingMethod, params: RoutingParams,
                       index: ExpertIndex) -> RoutingDecision:
         experts = method.choose(scores, index, params)
-        return RoutingDecision(mode=method.name, experts=experts, gate=method.gate(params) if experts else None)
+        # One expert is served as itself (service/resolve.py): a gate over one candidate would mix nothing.
+        return RoutingDecision(mode=method.name, experts=experts,
+                               gate=method.gate(params) if len(experts) > 1 else None)
 
 
 def visible_sets(experts: list[Expert]) -> dict[str, list[int]]:

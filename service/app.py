@@ -99,7 +99,8 @@ def method_configs(settings: Settings) -> dict[str, MethodConfig]:
             "merge": MergeConfig(top_k=settings.merge_top_k, temperature=settings.merge_temperature,
                                  weight_step=settings.merge_weight_step, max_rank=rank),
             "phatgoose": gated, "arrow": gated,
-            "glider": GateConfig(top_k=settings.gate_top_k, max_rank=rank, alpha=settings.glider_alpha)}
+            "glider": GateConfig(top_k=settings.gate_top_k, max_rank=rank, alpha=settings.glider_alpha,
+                                 solo_margin=settings.glider_solo_margin)}
 
 
 def build_gateway(settings: Settings, metrics: Metrics) -> Gateway:

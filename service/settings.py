@@ -122,6 +122,10 @@ class Settings(EngineSettings):
                             "glider).")
     glider_alpha: float = Field(100.0, description="Weight of the global score in glider mode "
                                 "(s = local + α·global).")
+    glider_solo_margin: float | None = Field(
+        None, ge=0, le=2, description="glider: the top expert answers alone when its global score beats the "
+        "runner-up's by at least this (the router is sure); the per-token mix is kept for the others. Empty: "
+        "always mix. docs/evaluation.md#a-mixture-that-helps.")
     abstain_threshold: float | None = Field(
         None, description="Fixed abstain threshold. Empty: calibrated from the pool's expert cards."
     )
@@ -166,9 +170,10 @@ class Settings(EngineSettings):
     max_messages: int = Field(256, description="Most chat messages accepted.")
     max_prompt_chars: int = Field(64_000, description="Longest prompt text accepted, in characters.")
 
-    @field_validator("vllm_chat_template", "base_model_dir", "embed_model_dir", "tenant_experts_dir", mode="before")
+    @field_validator("vllm_chat_template", "base_model_dir", "embed_model_dir", "tenant_experts_dir",
+                     "abstain_threshold", "glider_solo_margin", mode="before")
     @classmethod
-    def _empty_path(cls, value: object) -> object:
+    def _empty_none(cls, value: object) -> object:
         return None if value == "" else value  # FLOCK_VLLM_CHAT_TEMPLATE= (empty) means none
 
     @field_validator("expert_roots", "backend_urls", "api_keys", "admin_keys", "tenant_keys", mode="before")

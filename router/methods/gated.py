@@ -22,6 +22,9 @@ class GateConfig(MethodConfig):
     top_k: int = 2  # experts mixed per token
     alpha: float = 0.0  # weight of the global score (glider): s = local + α·global
     max_candidates: int = 16  # candidates in one gated composite
+    # glider: the top expert answers alone (no gate) when its global score beats the runner-up's by at least
+    # this; the per-token mix is kept for the queries the global router is unsure of. None: always mix.
+    solo_margin: float | None = None
 
 
 class GatedRouting(RoutingMethod):
@@ -40,8 +43,15 @@ class GatedRouting(RoutingMethod):
     def top_k(self, params: RoutingParams) -> int:
         return params.top_k or self.config.top_k
 
+    def solo_margin(self, params: RoutingParams) -> float | None:
+        if not self.uses_global:
+            return None
+        return params.solo_margin if params.solo_margin is not None else self.config.solo_margin
+
     def cache_params(self, params: RoutingParams) -> dict:
-        return {"alpha": self.alpha(params), "top_k": self.top_k(params)}
+        out = {"alpha": self.alpha(params), "top_k": self.top_k(params)}
+        margin = self.solo_margin(params)
+        return out if margin is None else {**out, "solo_margin": margin}
 
     def choose(self, scores: np.ndarray, index: ExpertIndex, params: RoutingParams) -> list[ExpertChoice]:
         order = [i for i in index.top(scores, len(scores)) if self.local in index.gates.get(index.names[i], ())]
@@ -54,6 +64,11 @@ class GatedRouting(RoutingMethod):
             if kept and rank > self.config.max_rank:
                 break
             kept.append(i)
+        margin = self.solo_margin(params)
+        if margin is not None and (len(order) == 1 or scores[order[0]] - scores[order[1]] >= margin):
+            # Sure: one expert, served as itself. The margin is taken over every expert with gates, not only
+            # the kept candidates, so a runner-up that did not fit the rank budget still counts.
+            return [ExpertChoice(name=index.names[order[0]], weight=1.0, score=round(float(scores[order[0]]), 6))]
         prior = np.exp(self.alpha(params) * (scores[kept] - scores[kept].max()))
         prior /= prior.sum()
         return [ExpertChoice(name=index.names[i], weight=round(float(w), 4), score=round(float(scores[i]), 6))

@@ -55,6 +55,26 @@ def test_per_token_modes(gateway, mode):
         assert r.headers["x-flock-mode"] == mode
 
 
+def test_glider_solo_margin_serves_a_sure_query_by_its_expert_alone(gateway):
+    question = f"How long should I boil an egg? ({uuid.uuid4().hex[:6]})"
+    with gateway.client() as c:
+        def route(margin: float) -> dict:
+            r = c.post("/v1/route", json={"prompt": question, "routing": {"mode": "glider", "solo_margin": margin}})
+            assert r.status_code == 200, r.text
+            return r.json()["routing"]
+
+        sure, mixed = route(0.0), route(2.0)  # every margin is >= 0; none reaches 2
+        assert [e["name"] for e in sure["experts"]] == ["cooking"] and sure["gate"] is None, sure
+        assert len(mixed["experts"]) >= 2 and mixed["gate"]["local"] == "phatgoose", mixed
+        r = c.post("/v1/chat/completions", json={
+            "model": "auto", "routing": {"mode": "glider", "solo_margin": 0.0}, "max_tokens": 4, "temperature": 0,
+            "messages": [{"role": "user", "content": question}]})
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == "cooking" and r.headers["x-flock-experts"] == "cooking=1"
+        bad = c.post("/v1/route", json={"prompt": question, "routing": {"mode": "glider", "solo_margin": -1}})
+        assert bad.status_code == 400 and bad.json()["error"]["param"], bad.text
+
+
 def test_mode_header_and_cache_status(gateway, chat):
     text = f"What can I bake with apples and flour? ({uuid.uuid4().hex[:6]})"
     with gateway.client() as c:

@@ -107,6 +107,25 @@ def test_gated_modes_pick_candidates_with_gates_within_the_rank_budget():
     assert create_method("phatgoose").choose(index.scores(unit(0, 1, 0)), index, RoutingParams()) == []  # abstain
 
 
+def test_glider_answers_alone_when_the_global_margin_is_wide_and_mixes_otherwise():
+    vectors = np.stack([unit(1, 0, 0), unit(0, 1, 0), unit(0, 0, 1)])
+    gates = {n: frozenset({"phatgoose"}) for n in "abc"}
+    index = ExpertIndex(names=["a", "b", "c"], vectors=vectors, threshold=0.5, ranks={n: 4 for n in "abc"},
+                        gates=gates)
+    glider = create_method("glider", alpha=10.0, top_k=2, solo_margin=0.3)
+    sure = index.scores(unit(1, 0.2, 0))  # a 0.98, b 0.20: margin 0.78
+    unsure = index.scores(unit(1, 0.8, 0))  # a 0.78, b 0.62: margin 0.16
+    assert [(c.name, c.weight) for c in glider.choose(sure, index, RoutingParams())] == [("a", 1.0)]
+    mixed = glider.choose(unsure, index, RoutingParams())
+    assert [c.name for c in mixed][:2] == ["a", "b"] and len(mixed) > 1
+    # a request's own margin wins over the config; it is part of the cache key; without one glider always mixes
+    assert len(glider.choose(sure, index, RoutingParams(solo_margin=1.0))) > 1
+    assert glider.cache_params(RoutingParams()) == {"alpha": 10.0, "top_k": 2, "solo_margin": 0.3}
+    assert len(create_method("glider", alpha=10.0).choose(sure, index, RoutingParams())) > 1
+    # the local-only modes ignore it (no global term to be sure with)
+    assert len(create_method("phatgoose").choose(sure, index, RoutingParams(solo_margin=0.1))) > 1
+
+
 def test_calibration_scores_each_example_against_its_centroid_without_it():
     from router.index import in_domain_best, unit_rows
 
