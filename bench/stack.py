@@ -29,10 +29,13 @@ def gateway_env(settings: Settings, *, library: Path, backend: str, redis_url: s
 
 
 class LocalStack:
-    """redis-server + vLLM (unless `backend` is given) + `flock serve` on the library in `library`."""
+    """redis-server + vLLM (unless `backend` is given) + `flock serve` on the library in `library`;
+    `gateway_env` overrides the gateway's environment (FLOCK_* settings)."""
 
-    def __init__(self, settings: Settings, library: Path, backend: str | None, work: Path):
+    def __init__(self, settings: Settings, library: Path, backend: str | None, work: Path,
+                 gateway_env: dict[str, str] | None = None):
         self.stack = ExitStack()
+        self.gateway_overrides = dict(gateway_env or {})
         try:
             self._start(settings, library, backend, work)
         except BaseException:
@@ -60,7 +63,7 @@ class LocalStack:
         self.vllm = backend.rstrip("/")
         port = free_port()
         env = gateway_env(settings, library=library, backend=self.vllm, redis_url=self.redis_url,
-                          state_dir=work / "state", port=port)
+                          state_dir=work / "state", port=port) | self.gateway_overrides
         gw = ManagedProcess("gateway", [sys.executable, "-m", "cli", "serve"], env,
                             log_file=work / "gateway.log")
         say(f"starting the gateway on the library {library} (log {work / 'gateway.log'})")

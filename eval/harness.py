@@ -109,7 +109,10 @@ async def run(args, settings: Settings) -> dict:
         llm_url = args.backend
         if not args.routing_only and gateway_url is None:
             say("starting the stack (redis-server, vLLM unless --backend, gateway on the library)")
-            s = LocalStack(settings, library, args.backend, work / "stack")
+            # One client asks for every per-token composite of the test set: the per-key build limit would
+            # turn the measurement into 429s, so the eval's own gateway has none.
+            s = LocalStack(settings, library, args.backend, work / "stack",
+                           gateway_env={"FLOCK_COMPOSITE_BUILDS_PER_MIN": "0"})
             stack.callback(s.close)
             gateway_url, llm_url = s.gateway, s.vllm
         llm_url = llm_url or gateway_url
