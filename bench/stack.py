@@ -35,14 +35,14 @@ class LocalStack:
     def __init__(self, settings: Settings, library: Path, backend: str | None, work: Path,
                  gateway_env: dict[str, str] | None = None):
         self.stack = ExitStack()
-        self.gateway_overrides = dict(gateway_env or {})
         try:
-            self._start(settings, library, backend, work)
+            self._start(settings, library, backend, work, gateway_env or {})
         except BaseException:
             self.stack.close()
             raise
 
-    def _start(self, settings: Settings, library: Path, backend: str | None, work: Path) -> None:
+    def _start(self, settings: Settings, library: Path, backend: str | None, work: Path,
+               overrides: dict[str, str]) -> None:
         work.mkdir(parents=True, exist_ok=True)
         self.library = Path(library)
         self.settings = settings
@@ -63,7 +63,7 @@ class LocalStack:
         self.vllm = backend.rstrip("/")
         port = free_port()
         env = gateway_env(settings, library=library, backend=self.vllm, redis_url=self.redis_url,
-                          state_dir=work / "state", port=port) | self.gateway_overrides
+                          state_dir=work / "state", port=port) | overrides
         gw = ManagedProcess("gateway", [sys.executable, "-m", "cli", "serve"], env,
                             log_file=work / "gateway.log")
         say(f"starting the gateway on the library {library} (log {work / 'gateway.log'})")

@@ -57,6 +57,11 @@ class GatedRouting(RoutingMethod):
         order = [i for i in index.top(scores, len(scores)) if self.local in index.gates.get(index.names[i], ())]
         if not order or scores[index.top(scores, 1)[0]] < index.threshold:
             return []
+        margin = self.solo_margin(params)
+        if margin is not None and (len(order) == 1 or scores[order[0]] - scores[order[1]] >= margin):
+            # Sure: one expert, served as itself. The margin is taken over every expert with gates, not only
+            # the kept candidates, so a runner-up that did not fit the rank budget still counts.
+            return [ExpertChoice(name=index.names[order[0]], weight=1.0, score=round(float(scores[order[0]]), 6))]
         kept: list[int] = []
         rank = 1
         for i in order[: self.config.max_candidates]:
@@ -64,11 +69,6 @@ class GatedRouting(RoutingMethod):
             if kept and rank > self.config.max_rank:
                 break
             kept.append(i)
-        margin = self.solo_margin(params)
-        if margin is not None and (len(order) == 1 or scores[order[0]] - scores[order[1]] >= margin):
-            # Sure: one expert, served as itself. The margin is taken over every expert with gates, not only
-            # the kept candidates, so a runner-up that did not fit the rank budget still counts.
-            return [ExpertChoice(name=index.names[order[0]], weight=1.0, score=round(float(scores[order[0]]), 6))]
         prior = np.exp(self.alpha(params) * (scores[kept] - scores[kept].max()))
         prior /= prior.sum()
         return [ExpertChoice(name=index.names[i], weight=round(float(w), 4), score=round(float(scores[i]), 6))

@@ -16,7 +16,7 @@ _OPS = {"+": ("plus", lambda a, b: a + b), "-": ("minus", lambda a, b: a - b), "
 def _arithmetic_item(rng: random.Random) -> Item:
     # Sized to what a rank-4 LoRA on a 135M model learns in minutes of CPU training: sums and differences of
     # numbers up to 99, products from the times tables up to 12 x 12. The earlier range (sums up to 999, a
-    # number up to 99 times one digit) plateaued near 30% on its dev split (docs/evaluation.md).
+    # number up to 99 times one digit) stayed under 45% on its dev split (docs/evaluation.md).
     op = rng.choice("+-*")
     if op == "*":
         a, b = rng.randint(0, 12), rng.randint(0, 12)
