@@ -94,37 +94,53 @@ class GatedSlot:
 
 @dataclass
 class LayerWeights:
-    """One LoRA layer's adapters, rearranged for a single shrink and a single expand."""
+    """One LoRA layer's adapters, rearranged for a single shrink and a single expand. Made again whenever a slot
+    is set, so it holds only the per-slot matrices; what joins every slot is made on first use by the path that
+    needs it (a slot change under Zipf traffic must not pay for all the slots: docs/performance.md)."""
 
     a: dict[int, torch.Tensor]  # slot -> (in, Σr): every slice's A, transposed and concatenated
     b: dict[int, torch.Tensor]  # slot -> (Σr, Σout): every slice's B, block-diagonal
-    a_all: torch.Tensor  # (in, C): the columns of every slot in `a`
-    b_all: torch.Tensor  # (C, Σout)
-    column_slot: torch.Tensor  # (C,): the slot each column belongs to
-    layout: tuple  # ((slot, columns), ...): layers with the same layout share a step's mask
     gated: dict[int, GatedSlot]  # slots holding a gated composite
     unsupported: frozenset[int]  # gated slots whose slices disagree (left to the slice-by-slice path)
-    ranks: dict[int, tuple[int, ...]] = field(default_factory=dict)  # slot -> the rank it uses on each slice
-    outs: tuple[int, ...] = ()  # each slice's output width
+    ranks: dict[int, tuple[int, ...]]  # slot -> the rank it uses on each slice
+    outs: tuple[int, ...]  # each slice's output width
+    width: int  # input features
+    dtype: torch.dtype
+    kernel_rows: KernelRows | None = None  # the layer's kernel rows, kept up to date slot by slot (None: made here)
     stacks: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    @functools.cached_property
+    def a_all(self) -> torch.Tensor:
+        """(in, C): the columns of every slot in `a`, in slot order."""
+        if not self.a:
+            return torch.zeros(self.width, 0, dtype=self.dtype)
+        return torch.cat([self.a[s] for s in sorted(self.a)], dim=1)
+
+    @functools.cached_property
+    def b_all(self) -> torch.Tensor:
+        """(C, Σout)."""
+        if not self.b:
+            return torch.zeros(0, sum(self.outs), dtype=self.dtype)
+        return torch.cat([self.b[s] for s in sorted(self.b)])
+
+    @functools.cached_property
+    def layout(self) -> tuple:
+        """((slot, columns), ...): layers with the same layout share a step's mask."""
+        return tuple((s, self.a[s].shape[1]) for s in sorted(self.a))
+
+    @functools.cached_property
+    def column_slot(self) -> torch.Tensor:
+        """(C,): the slot each column of a_all belongs to."""
+        return torch.repeat_interleave(torch.tensor([s for s, _ in self.layout], dtype=torch.long),
+                                       torch.tensor([c for _, c in self.layout], dtype=torch.long))
 
     @functools.cached_property
     def kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """For adapters/engine/sgmv.cpp: (slots, R, in) shrink rows, (slots, R, Σout) expand rows and each rank row's
         output columns [c0, c1) (int32; c0 == c1 for padding). Gated and weightless slots are all padding."""
-        n, rank = max(self.a, default=-1) + 1, max((w.shape[1] for w in self.a.values()), default=0)
-        a = self.a_all.new_zeros(n, rank, self.a_all.shape[0])
-        b = self.b_all.new_zeros(n, rank, self.b_all.shape[1])
-        cols = torch.zeros(n, rank, 2, dtype=torch.int32)
-        bounds = [0, *itertools.accumulate(self.outs)]
-        for slot, w in self.a.items():
-            a[slot, :w.shape[1]] = w.T
-            b[slot, :w.shape[1]] = self.b[slot]
-            row = 0
-            for i, used in enumerate(self.ranks[slot]):
-                cols[slot, row:row + used, 0], cols[slot, row:row + used, 1] = bounds[i], bounds[i + 1]
-                row += used
-        return a, b, cols
+        if self.kernel_rows is not None:
+            return self.kernel_rows.get(self)
+        return kernel_rows_of(self, max(self.a, default=-1) + 1)
 
     @functools.cached_property
     def packed_all(self) -> tuple:
@@ -139,8 +155,8 @@ class LayerWeights:
         found = self.stacks.get(slots)
         if found is None:
             rank = max([self.a[s].shape[1] for s in slots if s in self.a], default=0)
-            a3 = self.a_all.new_zeros(len(slots), self.a_all.shape[0], rank)
-            b3 = self.b_all.new_zeros(len(slots), rank, self.b_all.shape[1])
+            a3 = torch.zeros(len(slots), self.width, rank, dtype=self.dtype)
+            b3 = torch.zeros(len(slots), rank, sum(self.outs), dtype=self.dtype)
             for i, s in enumerate(slots):
                 if s in self.a:
                     r = self.a[s].shape[1]
@@ -150,6 +166,58 @@ class LayerWeights:
                 self.stacks.pop(next(iter(self.stacks)))
             found = self.stacks[slots] = (a3, b3)
         return found
+
+
+def kernel_rows_of(weights: LayerWeights, slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kernel's (a, b, cols) for `slots` slots, R the widest rank among `weights`' plain slots."""
+    rank = max((w.shape[1] for w in weights.a.values()), default=0)
+    a = torch.zeros(slots, rank, weights.width, dtype=weights.dtype)
+    b = torch.zeros(slots, rank, sum(weights.outs), dtype=weights.dtype)
+    cols = torch.zeros(slots, rank, 2, dtype=torch.int32)
+    for slot in weights.a:
+        _write_kernel_slot((a, b, cols), weights, slot)
+    return a, b, cols
+
+
+def _write_kernel_slot(rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor], weights: LayerWeights, slot: int
+                       ) -> None:
+    a, b, cols = rows
+    w = weights.a[slot]
+    a[slot, :w.shape[1]] = w.T
+    b[slot, :w.shape[1]] = weights.b[slot]
+    bounds, row = [0, *itertools.accumulate(weights.outs)], 0
+    for i, used in enumerate(weights.ranks[slot]):
+        cols[slot, row:row + used, 0], cols[slot, row:row + used, 1] = bounds[i], bounds[i + 1]
+        row += used
+
+
+class KernelRows:
+    """One layer's kernel rows (LayerWeights.kernel_weights), kept across slot changes: a change rewrites that
+    slot's rows in place instead of laying out every slot again (the whole layout cost some 20 ms per change
+    over a 30-layer model at 16 slots, a change Zipf traffic over many experts makes several times a second).
+    Laid out whole on first use and whenever the widest rank changes (the kernel reads R rows per token)."""
+
+    def __init__(self, slots: int):
+        self.slots = slots
+        self.rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def get(self, weights: LayerWeights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.rows is None:
+            self.rows = kernel_rows_of(weights, self.slots)
+        return self.rows
+
+    def slot_changed(self, weights: LayerWeights, slot: int) -> None:
+        """`weights` (the layer's new weights) differ from the last ones in `slot` only."""
+        if self.rows is None:
+            return  # not laid out yet: made whole on first use
+        rank = max((w.shape[1] for w in weights.a.values()), default=0)
+        if rank != self.rows[0].shape[1]:
+            self.rows = None
+            return
+        for t in self.rows:
+            t[slot].zero_()
+        if slot in weights.a:
+            _write_kernel_slot(self.rows, weights, slot)
 
 
 def _mm(x: torch.Tensor, w: torch.Tensor, packed) -> torch.Tensor:
@@ -266,6 +334,7 @@ class LayerSlots:
         self.plain: dict[int, PlainSlot] = {}
         self.gated: dict[int, GatedSlot] = {}
         self.unsupported: set[int] = set()  # gated slots whose slices disagree (left to the slice-by-slice path)
+        self.kernel_rows = KernelRows(self.a3[0].shape[0])
         for slot in range(self.a3[0].shape[0]):
             self._read(slot)
         self._rebuild()
@@ -274,6 +343,11 @@ class LayerSlots:
         """Slot `index` was just written (an adapter set into it, or reset): read it again."""
         self._read(index)
         self._rebuild()
+        self.kernel_rows.slot_changed(self.weights, index)
+
+    def holds_nothing(self, index: int) -> bool:
+        """Slot `index` has no weights on this layer."""
+        return index not in self.plain and index not in self.gated and index not in self.unsupported
 
     def for_dtype(self, dtype: torch.dtype) -> LayerWeights:
         """The layer's matrices for activations of `dtype`."""
@@ -311,20 +385,15 @@ class LayerSlots:
                                      b=blocks, ranks=tuple(used))
 
     def _rebuild(self) -> None:
-        self.weights = self._weights(self.plain, self.gated, self.dtype)
+        self.weights = self._weights(self.plain, self.gated, self.dtype, self.kernel_rows)
         self._converted: dict[torch.dtype, LayerWeights] = {}
 
-    def _weights(self, plain: dict[int, PlainSlot], gated: dict[int, GatedSlot], dtype: torch.dtype) -> LayerWeights:
+    def _weights(self, plain: dict[int, PlainSlot], gated: dict[int, GatedSlot], dtype: torch.dtype,
+                 kernel_rows: KernelRows | None = None) -> LayerWeights:
         slots = sorted(plain)
-        width = self.a3[0].shape[2]
-        return LayerWeights(
-            a={s: plain[s].a for s in slots}, b={s: plain[s].b for s in slots},
-            a_all=torch.cat([plain[s].a for s in slots], dim=1) if slots else torch.zeros(width, 0, dtype=dtype),
-            b_all=torch.cat([plain[s].b for s in slots]) if slots else torch.zeros(0, sum(self.outs), dtype=dtype),
-            column_slot=torch.repeat_interleave(torch.tensor(slots, dtype=torch.long),
-                                                torch.tensor([plain[s].a.shape[1] for s in slots], dtype=torch.long)),
-            layout=tuple((s, plain[s].a.shape[1]) for s in slots), gated=dict(gated),
-            unsupported=frozenset(self.unsupported), ranks={s: plain[s].ranks for s in slots}, outs=self.outs)
+        return LayerWeights(a={s: plain[s].a for s in slots}, b={s: plain[s].b for s in slots}, gated=dict(gated),
+                            unsupported=frozenset(self.unsupported), ranks={s: plain[s].ranks for s in slots},
+                            outs=self.outs, width=self.a3[0].shape[2], dtype=dtype, kernel_rows=kernel_rows)
 
 
 def apply(y: torch.Tensor, x: torch.Tensor, plan: StepPlan, weights: LayerWeights, scale: float) -> bool:
@@ -336,7 +405,7 @@ def apply(y: torch.Tensor, x: torch.Tensor, plan: StepPlan, weights: LayerWeight
         return False
     if not plan.slots:
         return True  # no adapter in the batch
-    if plan.slots & weights.unsupported or weights.b_all.shape[1] != y.shape[1]:
+    if plan.slots & weights.unsupported or sum(weights.outs) != y.shape[1]:
         return False
     gated = [slot for slot in plan.slots if slot in weights.gated]
     gated_kernel = _kernel() if _takes_kernel(x2, y, GATED_KERNEL_MAX_TOKENS) else None

@@ -241,16 +241,18 @@ def install_cpu_wrapper(platform_cls: type) -> None:
     platform_cls.get_punica_wrapper = classmethod(get_punica_wrapper)  # type: ignore[attr-defined]
 
 
-def slot_was_set(index: int, modules: dict[str, Any], wrappers: Iterable[Any]) -> None:
+def slot_was_set(index: int, modules: dict[str, Any], wrappers: Iterable[Any], cleared: frozenset[str] = frozenset()
+                 ) -> None:
     """vLLM just wrote slot `index` of every LoRA module: prepare the slot's per-slot data. A punica wrapper with
     a `slot_set` (flock's CPU and CUDA wrappers) prepares the modules it serves, its own tables with them; the
-    buffers of any other module (vLLM's own wrapper: FLOCK_LORA_WHOLE_LAYER off) are updated here, for the ops."""
+    buffers of any other module (vLLM's own wrapper: FLOCK_LORA_WHOLE_LAYER off) are updated here, for the ops.
+    `cleared`: the modules vLLM reset (the adapter has no weights there): known empty, not read back."""
     preparing = {id(w): w for w in wrappers if hasattr(w, "slot_set")}
     for wrapper in preparing.values():
-        wrapper.slot_set(index, modules)
-    for module in modules.values():
+        wrapper.slot_set(index, modules, cleared)
+    for name, module in modules.items():
         if id(getattr(module, "punica_wrapper", None)) not in preparing:
-            slot_data.set_module_slot(module, index)
+            slot_data.set_module_slot(module, index, cleared=name in cleared)
 
 
 def install_slot_hook() -> None:
@@ -268,7 +270,13 @@ def install_slot_hook() -> None:
     def activate_adapter(self, lora_id: int) -> bool:
         done = activate(self, lora_id)
         if done:  # the slot's weights are written
-            slot_was_set(self.lora_index_to_id.index(lora_id), self.modules, self.punica_wrapper_mapping.values())
+            # The modules vLLM reset rather than set (the same test as its activate_adapter's): most modules for
+            # an adapter on a few target modules, whose buffers need no reading back.
+            lora_model = self._registered_adapters[lora_id]
+            cleared = frozenset(name for name in self.modules
+                                if not self._get_lora_layer_weights(lora_model, name))
+            slot_was_set(self.lora_index_to_id.index(lora_id), self.modules, self.punica_wrapper_mapping.values(),
+                         cleared)
         return done
 
     activate_adapter.flock = True  # type: ignore[attr-defined]
@@ -305,15 +313,24 @@ def install_gpu_gate(platform_cls: type, version: str) -> bool:
 
 LAST_GOOD_BYTES = 512 << 20  # adapters kept in case their file breaks while vLLM still serves them
 _last_good: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+_last_good_bytes = 0  # kept as it changes: summing every kept tensor on each read cost more than the read
+# (a third of an adapter change's time with 1,000 adapters read: docs/performance.md, many experts)
+
+
+def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.nbytes for t in tensors.values())
 
 
 def _remember(path: str, tensors: dict[str, torch.Tensor]) -> None:
-    _last_good.pop(path, None)
+    global _last_good_bytes
+    old = _last_good.pop(path, None)
+    if old is not None:
+        _last_good_bytes -= _nbytes(old)
     _last_good[path] = tensors
-    total = sum(t.nbytes for ts in _last_good.values() for t in ts.values())
-    while total > LAST_GOOD_BYTES and len(_last_good) > 1:
+    _last_good_bytes += _nbytes(tensors)
+    while _last_good_bytes > LAST_GOOD_BYTES and len(_last_good) > 1:
         _, dropped = _last_good.popitem(last=False)
-        total -= sum(t.nbytes for t in dropped.values())
+        _last_good_bytes -= _nbytes(dropped)
 
 
 class BytesSafeOpen:

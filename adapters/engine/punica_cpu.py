@@ -41,17 +41,19 @@ class PunicaWrapperFlockCPU(PunicaWrapperCPU):
             found = self.layers[id(a_stacked)] = lora_linear.LayerSlots(a_stacked, b_stacked)
         return found
 
-    def slot_set(self, index: int, modules: dict[str, Any]) -> None:
-        """vLLM just wrote slot `index` of every LoRA layer (set_lora or reset_lora): prepare that slot's data in
-        each layer this wrapper serves."""
-        for module in modules.values():
+    def slot_set(self, index: int, modules: dict[str, Any], cleared: frozenset[str] = frozenset()) -> None:
+        """vLLM just wrote slot `index` of every LoRA layer (set_lora or reset_lora, for the `cleared` ones):
+        prepare that slot's data in each layer this wrapper serves."""
+        for name, module in modules.items():
             if getattr(module, "punica_wrapper", None) is not self:
                 continue
-            set_module_slot(module, index)
+            set_module_slot(module, index, cleared=name in cleared)
             a, b = getattr(module, "lora_a_stacked", None), getattr(module, "lora_b_stacked", None)
             if isinstance(a, tuple) and isinstance(b, tuple):  # a linear layer (the whole-layer path's)
                 found = self.layers.get(id(a))
                 if found is not None and found.a_stacked is a:
+                    if name in cleared and found.holds_nothing(index):
+                        continue  # empty before, empty now (most layers, for an adapter on a few modules)
                     found.set_slot(index)
                 else:
                     self.layer(a, b)  # reads every slot, this one included

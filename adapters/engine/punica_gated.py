@@ -93,14 +93,14 @@ class PunicaWrapperGated(PunicaWrapperGPU):  # type: ignore[misc]  # vLLM marks 
             found = self.layers[id(a_stacked)] = GatedLayer(a_stacked)
         return found
 
-    def slot_set(self, index: int, modules: dict[str, Any]) -> None:
+    def slot_set(self, index: int, modules: dict[str, Any], cleared: frozenset[str] = frozenset()) -> None:
         """Prepare slot `index`'s per-layer gate tables after vLLM wrote an adapter's weights into it (or reset
-        the slot): every LoRA linear layer that this wrapper serves."""
+        the slot: the `cleared` modules): every LoRA linear layer that this wrapper serves."""
         gated = False
-        for module in modules.values():
+        for name, module in modules.items():
             if getattr(module, "punica_wrapper", None) is not self:
                 continue
-            set_module_slot(module, index)
+            set_module_slot(module, index, cleared=name in cleared)
             stacked = getattr(module, "lora_a_stacked", None)
             if isinstance(stacked, tuple):
                 gated |= self.layer(stacked).set_slot(index)

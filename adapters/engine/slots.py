@@ -43,15 +43,16 @@ class SlotGate:
     bias: torch.Tensor  # (n,) α·global (gaps to the best); -inf for a candidate with no LoRA on this module
 
 
-def read_gate(a: torch.Tensor) -> SlotGate | None:
+def read_gate(a: torch.Tensor, rank: int | None = None) -> SlotGate | None:
     """The gated-composite header of one slot's A rows (rank, in), or None for a plain (or empty) adapter.
-    UnknownFormat for a header this engine cannot apply (another format version, a bad kind, ranks that do not
-    match its position). Reads the weights back (a device sync): called when an adapter is set into a slot,
-    never per step."""
-    rows = (a.abs().amax(dim=1) > 0).nonzero()
-    if not rows.numel():
+    `rank`: the slot's used rank where the caller has read it already. UnknownFormat for a header this engine
+    cannot apply (another format version, a bad kind, ranks that do not match its position). Reads the weights
+    back (a device sync): called when an adapter is set into a slot, never per step."""
+    if rank is None:
+        rank = _rank_of(a, "a")
+    if rank == 0:
         return None
-    last = int(rows.max())
+    last = rank - 1
     if not is_header(a[last]):
         return None
     header = decode_header(a[last])
@@ -99,18 +100,19 @@ def _read_slot(data: BufferSlots, view: torch.Tensor, index: int) -> None:
     delta and the gate rows too; its requests get the base layer instead."""
     data.gates.pop(index, None)
     data.refused.discard(index)
-    if data.side == "a":
+    rank = _rank_of(view[index], data.side)
+    if data.side == "a" and rank:
         try:
-            gate = read_gate(view[index])
+            gate = read_gate(view[index], rank)
         except UnknownFormat as exc:
             log.error("slot %d holds a gated composite this engine cannot apply (%s): its LoRA is removed",
                       index, exc)
             view[index].zero_()
             data.refused.add(index)
-            gate = None
+            gate, rank = None, 0
         if gate is not None:
             data.gates[index] = gate
-    data.ranks[index] = _rank_of(view[index], data.side)
+    data.ranks[index] = rank
 
 
 def buffer_slots(weights: torch.Tensor, side: Side) -> BufferSlots:
@@ -147,7 +149,39 @@ def stacked_buffers(module: Any) -> list[tuple[torch.Tensor, Side]]:
     return found
 
 
-def set_module_slot(module: Any, index: int) -> None:
-    """vLLM's `set_lora` / `reset_lora` just wrote slot `index` of this LoRA layer: update its buffers' data."""
-    for weights, side in stacked_buffers(module):
-        set_slot(weights, side, index)
+def clear_slot(weights: torch.Tensor, side: Side, index: int) -> BufferSlots:
+    """Slot `index` of `weights` was just reset (zeroed) by vLLM: known empty, nothing to read back."""
+    found: BufferSlots | None = getattr(weights, ATTR, None)
+    if found is None:
+        return buffer_slots(weights, side)
+    found.gates.pop(index, None)
+    found.refused.discard(index)
+    found.ranks[index] = 0
+    return found
+
+
+def set_module_slot(module: Any, index: int, *, cleared: bool = False) -> None:
+    """vLLM's `set_lora` / `reset_lora` just wrote slot `index` of this LoRA layer: update its buffers' data.
+    `cleared`: it was `reset_lora` (every buffer of the slot zeroed), so nothing is read back.
+
+    A plain adapter's B slices are not read back: vLLM writes each slice's A rows and B columns with the one rank
+    of that slice, so B's used rank is A's (reading B too was a third of a slot change's cost). A gated slot's B is
+    read: its gate rows and header have no B columns, and the slice-by-slice expand must not reach them."""
+    buffers = stacked_buffers(module)
+    if cleared:
+        for weights, side in buffers:
+            clear_slot(weights, side, index)
+        return
+    a_side = [w for w, side in buffers if side == "a"]
+    b_side = [w for w, side in buffers if side == "b"]
+    a_data = [set_slot(w, "a", index) for w in a_side]
+    if len(a_side) != len(b_side):
+        for w in b_side:
+            set_slot(w, "b", index)
+        return
+    for a, w in zip(a_data, b_side):
+        found: BufferSlots | None = getattr(w, ATTR, None)
+        if found is None or index in a.gates or index in a.refused:
+            set_slot(w, "b", index)
+        else:
+            found.ranks[index] = a.ranks[index]

@@ -70,11 +70,14 @@ def test_activated_adapters_reach_the_wrapper(monkeypatch):
     monkeypatch.setattr(model_manager.LoRAModelManager, "activate_adapter", activate)
     plugin.install_gpu_gate(type("Cuda", (FakeCudaPlatform,), {}), "0.32.0")
     seen = []
-    wrapper = SimpleNamespace(slot_set=lambda index, modules: seen.append((index, modules)))
-    manager = SimpleNamespace(lora_index_to_id=[5, None, None], modules={"m": 1},
-                              punica_wrapper_mapping={"language_model": wrapper, "lm": wrapper})
+    wrapper = SimpleNamespace(slot_set=lambda index, modules, cleared: seen.append((index, modules, cleared)))
+    weights = {"m": "lora of m"}  # the adapter's weights by module: "n" has none, so vLLM reset it
+    manager = SimpleNamespace(lora_index_to_id=[5, None, None], modules={"m": 1, "n": 2},
+                              punica_wrapper_mapping={"language_model": wrapper, "lm": wrapper},
+                              _registered_adapters={9: "model 9"},
+                              _get_lora_layer_weights=lambda model, name: weights.get(name))
     assert model_manager.LoRAModelManager.activate_adapter(manager, 9)
-    assert seen == [(1, {"m": 1})]
+    assert seen == [(1, {"m": 1, "n": 2}, frozenset({"n"}))]
 
 
 def test_untested_vllm_gets_no_gated_path(monkeypatch, caplog):

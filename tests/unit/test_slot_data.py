@@ -195,3 +195,37 @@ def test_with_vllms_own_wrapper_the_hook_updates_the_buffers(monkeypatch):
     assert activate(engine, plain(3, 8)) == 1
     assert buffer_slots(a0, "a").ranks == [3, 8, 0]
     assert torch.allclose(ops_delta(engine, x, slots)[1::2], plain_delta(engine, x[1::2], 1)[:, :OUTS[0]], atol=1e-4)
+
+
+def test_kernel_rows_are_rewritten_slot_by_slot(engine):
+    """The per-token kernel's rows are laid out once and then rewritten one slot at a time (laid out whole again
+    only when the widest rank changes): after every set they equal a layout of every slot from scratch."""
+    from adapters.engine.lora_linear import kernel_rows_of
+
+    def check() -> tuple:
+        rows = engine.wrapper.layers[id(engine.layer.lora_a_stacked)].weights.kernel_weights
+        for got, want in zip(rows, kernel_rows_of(engine.wrapper.layers[id(engine.layer.lora_a_stacked)].weights,
+                                                  SLOTS)):
+            assert torch.equal(got, want)
+        return rows
+
+    assert [activate(engine, ad) for ad in (plain(1, 5), plain(2, 3), plain(3, 2))] == [0, 1, 2]
+    first = check()
+    assert first[0].shape[1] == 10  # two slices of rank 5
+    deactivate(engine, 2)
+    assert activate(engine, plain(4, 4)) == 1  # same widest rank: rewritten in place
+    assert check()[0] is first[0]
+    deactivate(engine, 3)
+    assert activate(engine, no_weights_here(5)) == 2  # reset: its rows become padding, in place
+    assert check()[0] is first[0] and not first[2][2].any()
+    deactivate(engine, 1)
+    assert activate(engine, plain(6, 8)) == 0  # a wider rank: laid out again
+    assert check()[0].shape[1] == 16
+    check_plain_rows(engine, [0, 1, 2, -1, 1, 0], {0, 1, 2})
+    deactivate(engine, 5)
+    assert activate(engine, no_weights_here(7)) == 2  # empty before, empty after: nothing to prepare
+    check()
+    deactivate(engine, 7)
+    assert activate(engine, plain(8, 3)) == 2  # and an adapter with weights there again
+    check()
+    check_plain_rows(engine, [0, 1, 2, -1, 1, 0], {0, 1, 2})

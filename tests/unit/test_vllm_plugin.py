@@ -319,3 +319,19 @@ def test_prepacked_all_slot_matrices_give_the_same_bf16_result(monkeypatch):
     assert lora_linear.apply(plain, x, lora_linear.StepPlan.of(idx.clone()), weights, 1.0)
     assert weights.packed_all == (None, None)
     assert torch.equal(y, plain) and y.abs().sum() > 0
+
+
+def test_last_good_adapters_are_counted_as_they_change(monkeypatch):
+    """The kept last-good tensors stay within LAST_GOOD_BYTES, least recently read out first, with the running
+    byte count equal to what is kept (re-reading a path replaces its entry, not adds to it)."""
+    from collections import OrderedDict
+
+    monkeypatch.setattr(ours, "_last_good", OrderedDict())
+    monkeypatch.setattr(ours, "_last_good_bytes", 0)
+    monkeypatch.setattr(ours, "LAST_GOOD_BYTES", 3000)
+    for path in ("a", "b", "a", "c", "d"):  # 1,000 bytes each; "a" read again before "c" and "d"
+        ours._remember(path, {"w": torch.zeros(250)})
+    assert list(ours._last_good) == ["a", "c", "d"]
+    assert ours._last_good_bytes == sum(t.nbytes for ts in ours._last_good.values() for t in ts.values()) == 3000
+    ours._remember("e", {"w": torch.zeros(500)})  # 2,000 bytes: two out
+    assert list(ours._last_good) == ["d", "e"] and ours._last_good_bytes == 3000
