@@ -135,6 +135,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await gateway.router.rebuild_index()
         await gateway.backends.check_all()
         gateway.backends.start()
+        gateway.preloader.start()
         gateway.router.embedder.start()
         health = asyncio.get_running_loop().create_task(gateway.watch_quarantined())
         if settings.redis_url:
@@ -159,6 +160,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                  settings.backend_urls, "on" if gateway.router.cache else "off")
         yield
         health.cancel()
+        await gateway.preloader.close()
         await gateway.router.drain()
         if gateway.shared is not None:
             await gateway.shared.close()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -121,6 +121,7 @@ class BackendPool:
         self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s, sock_read=read_timeout_s)
         self._session: aiohttp.ClientSession | None = None
         self._health_task: asyncio.Task | None = None
+        self.on_up: Callable[[], None] | None = None  # called when a backend comes up (and has lost its adapters)
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -138,6 +139,7 @@ class BackendPool:
         """Refused connections eject a backend after EJECT_AFTER_FAILURES checks; a slow answer (a CPU
         backend busy with a full batch answers /health late) only after EJECT_AFTER_TIMEOUTS."""
         failure: float
+        came_up = False
         try:
             async with self.session.get(f"{backend.url}/health", timeout=self.health_timeout) as resp:
                 await resp.read()
@@ -152,9 +154,12 @@ class BackendPool:
                 log.info("backend %s is up", backend.url)
                 backend.loaded.clear()
                 backend.caps = None  # a restarted backend may be another vLLM
+                came_up = True
             if backend.caps is None:
                 backend.caps = await self.read_capabilities(backend)
             backend.healthy, backend.failures = True, 0
+            if came_up and self.on_up is not None:
+                self.on_up()
         else:
             backend.failures += failure
             if backend.failures >= EJECT_AFTER_FAILURES:

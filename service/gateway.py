@@ -36,6 +36,7 @@ from service.backend import Adapter, BackendPool
 from service.errors import APIError
 from service.limits import BuildLimiter, Generation, check_limits
 from service.metrics import Metrics
+from service.preload import Preloader
 from service.protocol import ResponsesRequest, dumps, loads
 from service.query import query_text
 from service.relay import StreamObserver, relay
@@ -70,6 +71,8 @@ class Gateway:
         self.metrics = metrics
         self.shared: SharedPool | None = None  # the registry shared with other replicas (Redis), if any
         self.responses = ResponseStore(settings.redis_url, settings.responses_ttl_s)  # previous_response_id
+        self.preloader = Preloader(pool, backends, settings.preload_experts)  # load ahead of need
+        backends.on_up = self.preloader.wake
 
     async def _composites_evicted(self, names: list[str]) -> None:
         for name in names:
@@ -82,6 +85,7 @@ class Gateway:
         for name in removed:
             await self.backends.unload_everywhere(name)
         self.metrics.pool_size.set(len(self.pool))
+        self.preloader.wake()
 
     async def add_expert(self, path: str, card: ExpertCard, *, replace: bool, tenant: str | None = None,
                          who: Principal | None = None, action: str | None = None) -> Expert:

@@ -70,6 +70,10 @@ class Settings(EngineSettings):
     )
     backend_timeout_s: float = Field(300.0, description="Read timeout of one backend request.")
     backend_connect_timeout_s: float = Field(1.0, description="Connect timeout: an unreachable backend fails fast.")
+    preload_experts: int = Field(
+        1000, ge=0, description="Experts (in pool order) loaded onto their backend ahead of need: at start, on "
+        "registration and when a backend comes back, one at a time in the background, so no expert's first request "
+        "waits for the load (docs/performance.md, many experts). 0: loaded on first use only. Rendezvous placement.")
     placement: Literal["rendezvous", "scorer"] = Field(
         "rendezvous", description="How a backend is chosen for an adapter: `rendezvous` (hashing, each adapter's "
         "owner) or `scorer` (LoRA affinity on what each backend holds; see docs/performance.md).")

@@ -66,7 +66,10 @@ async def stack(tmp_path_factory) -> AsyncIterator[Stack]:
         settings = settings.model_copy(update={
             "backend_urls": [fake.url], "redis_url": None, "state_dir": tmp_path_factory.mktemp("state"),
             "library_dir": root / "no-library", "expert_roots": [root], "api_keys": [USER], "admin_keys": [ADMIN],
-            "max_messages": 4, "max_prompt_chars": 200, "max_tokens_limit": 64})
+            "max_messages": 4, "max_prompt_chars": 200, "max_tokens_limit": 64,
+            # These tests meet each adapter's load on a request's path (a broken file, a removal mid-load); loading
+            # ahead of need has its own tests (test_preload.py).
+            "preload_experts": 0})
         app = create_app(settings)
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
