@@ -275,8 +275,12 @@ def install_slot_hook() -> None:
             lora_model = self._registered_adapters[lora_id]
             cleared = frozenset(name for name in self.modules
                                 if not self._get_lora_layer_weights(lora_model, name))
-            slot_was_set(self.lora_index_to_id.index(lora_id), self.modules, self.punica_wrapper_mapping.values(),
-                         cleared)
+            # vLLM sets adapters both inside model steps (inference mode) and in its add_lora utility call
+            # (outside): tables made in one and updated in place in the other must not meet as inference tensors
+            # outside inference mode, so they are always made and updated inside it.
+            with torch.inference_mode():
+                slot_was_set(self.lora_index_to_id.index(lora_id), self.modules,
+                             self.punica_wrapper_mapping.values(), cleared)
         return done
 
     activate_adapter.flock = True  # type: ignore[attr-defined]
