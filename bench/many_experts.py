@@ -168,6 +168,9 @@ async def registration(settings: Settings, n: int, work: Path, redis_url: str, b
         async with httpx.AsyncClient(timeout=600) as client:
             ready = (await client.get(f"{gw.url}/ready")).json()
             out["pool_at_start"] = ready.get("pool", {}).get("experts")
+            # Registrations are timed on a settled gateway: after it has loaded its experts ahead of need.
+            out["preload_s"], out["preloaded"] = await wait_preloaded(client, gw.url)
+            say(f"  {n} experts: {out['preloaded']:.0f} loaded ahead of need in {out['preload_s']:.1f} s")
             for k in range(registrations):
                 fields = card_fields(10 * n + k + 7, examples)
                 t0 = time.perf_counter()
@@ -205,13 +208,22 @@ def metric_samples(text: str, name: str) -> dict[str, float]:
     return out
 
 
-def histogram_quantile(text: str, name: str, q: float) -> float:
-    """Quantile of a Prometheus histogram summed over its label sets (linear within a bucket)."""
+def _buckets(text: str, name: str) -> dict[float, float]:
     buckets: dict[float, float] = {}
     for key, value in metric_samples(text, f"{name}_bucket").items():
         le = key.split('le="')[1].split('"')[0]
         bound = float("inf") if le == "+Inf" else float(le)
         buckets[bound] = buckets.get(bound, 0) + value
+    return buckets
+
+
+def histogram_quantile(text: str, name: str, q: float, since: str | None = None) -> float:
+    """Quantile of a Prometheus histogram summed over its label sets (linear within a bucket); with `since` (an
+    earlier scrape), of the observations made after it only."""
+    buckets = _buckets(text, name)
+    if since is not None:
+        before = _buckets(since, name)
+        buckets = {b: v - before.get(b, 0) for b, v in buckets.items()}
     if not buckets:
         return float("nan")
     bounds = sorted(buckets)
@@ -256,16 +268,38 @@ async def zipf_load(client: httpx.AsyncClient, gateway: str, names: list[str], c
     return tokens / (time.perf_counter() - t0), errors, tokens
 
 
+def adapter_loads(metrics: str) -> float:
+    return sum(metric_samples(metrics, "flock_adapter_loads_total").values())
+
+
+async def wait_preloaded(client: httpx.AsyncClient, gateway: str, timeout_s: float = 900) -> tuple[float, float]:
+    """(seconds, loads) until the gateway's loading ahead of need (service/preload.py) is done: its load count
+    has stopped moving for 3 s. Timed from the gateway's readiness."""
+    t0, last, still = time.perf_counter(), -1.0, time.perf_counter()
+    while time.perf_counter() - t0 < timeout_s:
+        loads = adapter_loads((await client.get(f"{gateway}/metrics")).text)
+        if loads != last:
+            last, still = loads, time.perf_counter()
+        elif time.perf_counter() - still >= 3.0:
+            return still - t0, loads
+        await asyncio.sleep(0.25)
+    return float("nan"), last
+
+
 async def zipf_serving(gateway: str, many: list[str], few: list[str], rounds: int, requests: int,
                        concurrency: int, max_tokens: int, seed: int = 0) -> dict:
-    """Tokens/s of Zipf traffic over `many` experts vs the same load over `few`, interleaved round by round."""
+    """Tokens/s of Zipf traffic over `many` experts vs the same load over `few`, interleaved round by round,
+    once the gateway has loaded what it loads ahead of need."""
     rng = random.Random(seed)
     ratios, many_tok_s, few_tok_s, errors = [], [], [], 0
     distinct = set()
     # Idle connections dropped after 1 s, well before uvicorn's 5 s keep-alive ends: a request is never sent on a
     # connection the server is closing (an httpx ReadError that would count as an error of the gateway).
     async with httpx.AsyncClient(timeout=900, limits=httpx.Limits(keepalive_expiry=1.0)) as client:
+        preload_s, preloaded = await wait_preloaded(client, gateway)
+        say(f"  loaded ahead of need: {preloaded:.0f} adapters in {preload_s:.1f} s")
         await zipf_load(client, gateway, few * 2, concurrency, 2)  # the 8 experts loaded once, not counted
+        before = (await client.get(f"{gateway}/metrics")).text
         for r in range(rounds):
             draw_many, draw_few = zipf_names(many, requests, rng), zipf_names(few, requests, rng)
             distinct |= set(draw_many)
@@ -281,12 +315,16 @@ async def zipf_serving(gateway: str, many: list[str], few: list[str], rounds: in
             say(f"  zipf round {r + 1}/{rounds}: {len(many)} experts {results['many']:.1f} tok/s, {len(few)} experts "
                 f"{results['few']:.1f} tok/s, ratio {ratios[-1]:.3f} ({len(set(draw_many))} distinct experts)")
         metrics = (await client.get(f"{gateway}/metrics")).text
-    loads = sum(v for k, v in metric_samples(metrics, "flock_adapter_loads_total").items())
+    load = "flock_adapter_load_seconds"
     return {"ratio": statistics.median(ratios), "ratios": ratios, "many_tok_s": statistics.median(many_tok_s),
             "few_tok_s": statistics.median(few_tok_s), "errors": errors, "distinct_experts_drawn": len(distinct),
-            "adapter_loads": loads,
-            "adapter_load_ms_p50": histogram_quantile(metrics, "flock_adapter_load_seconds", 0.5) * 1e3,
-            "adapter_load_ms_p99": histogram_quantile(metrics, "flock_adapter_load_seconds", 0.99) * 1e3}
+            "preload_s": preload_s, "preloaded": preloaded, "adapter_loads": adapter_loads(metrics),
+            "adapter_loads_in_rounds": adapter_loads(metrics) - adapter_loads(before),
+            # every load through the API (ahead of need, then on first use), and those the timed rounds waited for
+            "adapter_load_ms_p50": histogram_quantile(metrics, load, 0.5) * 1e3,
+            "adapter_load_ms_p99": histogram_quantile(metrics, load, 0.99) * 1e3,
+            "adapter_load_ms_p50_in_rounds": histogram_quantile(metrics, load, 0.5, since=before) * 1e3,
+            "adapter_load_ms_p99_in_rounds": histogram_quantile(metrics, load, 0.99, since=before) * 1e3}
 
 
 # --- the run --------------------------------------------------------------------------------------------
@@ -323,7 +361,7 @@ async def serving(settings: Settings, n: int, work: Path, redis_url: str, backen
         procs.append(gw.proc)
         say(f"  gateway up with {n} experts in {startup:.1f} s")
         names = [c["name"] for c in cards]
-        rounds, requests = (2, 32) if quick else (5, 64)
+        rounds, requests = (2, 32) if quick else (7, 64)
         out = await zipf_serving(gw.url, names, names[:8], rounds=rounds, requests=requests, concurrency=16,
                                  max_tokens=32)
         out["gateway_rss_mib"] = gw.rss_mib()
@@ -408,6 +446,7 @@ async def run(settings: Settings, n: int, *, backend: str | None, quick: bool, s
                 result["many_experts_errors"] = srv["errors"]
                 result["adapter_load_ms_p50"] = srv["adapter_load_ms_p50"]
                 result["adapter_load_ms_p99"] = srv["adapter_load_ms_p99"]
+                result["preload_s"] = srv["preload_s"]
                 result["gateway_rss_mib"] = srv["gateway_rss_mib"]
                 result["vllm_rss_mib"] = srv["vllm_rss_mib"]
                 result["serving"] = srv
@@ -498,7 +537,7 @@ async def placement_run(settings: Settings, work: Path, redis_url: str, adapter:
                                        env, log_file=run_dir / f"backend{i}.log") for i, p in enumerate(ports)]
             urls = [f"http://127.0.0.1:{p}" for p in ports]
             gw = Gateway(settings, run_dir, urls, redis_url, adapter.parent, name=f"gateway-{policy}",
-                         extra_env={"FLOCK_PLACEMENT": policy})
+                         extra_env={"FLOCK_PLACEMENT": policy, "FLOCK_PRELOAD_EXPERTS": "0"})
             try:
                 for b, url in zip(backends, urls):
                     b.start()
