@@ -1,9 +1,9 @@
 """Load ahead of need: each expert is loaded onto the backend that will serve it before a request asks for it.
 
 Otherwise an expert's first request on a backend waits for vLLM's `load_lora_adapter`, which vLLM runs between
-engine steps: under a full batch that is a step or more (a p50 of 155 ms, a p99 of 482 ms in the 1,000-expert
-bench), while the request's client waits and its place in the batch stays empty. Loaded ahead, vLLM only reads the
-adapter back from disk inside a step if it has left its CPU LoRA cache since (about 2 ms).
+engine steps: under a full batch that is a step or more, while the request's client waits and its place in the
+batch stays empty (docs/performance.md, many experts). Loaded ahead, vLLM only reads the adapter back from disk
+inside a step if it has left its CPU LoRA cache since, which costs milliseconds.
 
 One background task walks the pool whenever it may have something to do: at start, after a pool change, and when a
 backend comes up (a restarted vLLM has lost its runtime adapters). It loads one adapter at a time, so a backend
