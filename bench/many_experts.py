@@ -315,11 +315,11 @@ async def zipf_serving(gateway: str, many: list[str], few: list[str], rounds: in
             say(f"  zipf round {r + 1}/{rounds}: {len(many)} experts {results['many']:.1f} tok/s, {len(few)} experts "
                 f"{results['few']:.1f} tok/s, ratio {ratios[-1]:.3f} ({len(set(draw_many))} distinct experts)")
         metrics = (await client.get(f"{gateway}/metrics")).text
-    load = "flock_adapter_load_seconds"
+    load, loads = "flock_adapter_load_seconds", adapter_loads(metrics)
     return {"ratio": statistics.median(ratios), "ratios": ratios, "many_tok_s": statistics.median(many_tok_s),
             "few_tok_s": statistics.median(few_tok_s), "errors": errors, "distinct_experts_drawn": len(distinct),
-            "preload_s": preload_s, "preloaded": preloaded, "adapter_loads": adapter_loads(metrics),
-            "adapter_loads_in_rounds": adapter_loads(metrics) - adapter_loads(before),
+            "preload_s": preload_s, "preloaded": preloaded, "adapter_loads": loads,
+            "adapter_loads_in_rounds": loads - adapter_loads(before),
             # every load through the API (ahead of need, then on first use), and those the timed rounds waited for
             "adapter_load_ms_p50": histogram_quantile(metrics, load, 0.5) * 1e3,
             "adapter_load_ms_p99": histogram_quantile(metrics, load, 0.99) * 1e3,

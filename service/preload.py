@@ -33,7 +33,6 @@ class Preloader:
         self.pool = pool
         self.backends = backends
         self.limit = limit
-        self.loaded = 0  # adapters this task loaded (tests, logs)
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
 
@@ -83,6 +82,5 @@ class Preloader:
                 continue
             done += 1
         if done:
-            self.loaded += done
             log.info("loaded %d experts onto their backends ahead of need", done)
         return done

@@ -214,13 +214,12 @@ class KernelRows:
         if rank != self.rows[0].shape[1]:
             self.rows = None
             return
-        # Rows first laid out in a model step are inference tensors, and vLLM also sets adapters outside any
-        # step (its add_lora utility call): written in place under inference mode either way.
-        with torch.inference_mode():
-            for t in self.rows:
-                t[slot].zero_()
-            if slot in weights.a:
-                _write_kernel_slot(self.rows, weights, slot)
+        # In place: rows laid out in a model step are inference tensors, so this runs under inference mode, as
+        # every slot change does (plugin.install_slot_hook).
+        for t in self.rows:
+            t[slot].zero_()
+        if slot in weights.a:
+            _write_kernel_slot(self.rows, weights, slot)
 
 
 def _mm(x: torch.Tensor, w: torch.Tensor, packed) -> torch.Tensor:
