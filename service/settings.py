@@ -105,6 +105,8 @@ class Settings(EngineSettings):
     # --- training (flock train, flock train-gates) ----------------------------------------------------
     train_threads: int = Field(2, ge=1, description="Torch threads of a training process (two 1-thread "
                                "processes beat one 2-thread process when they share the cores).")
+    train_device: str = Field("auto", description="Torch device of `flock train` / `flock train-gates`: auto "
+                              "(CUDA when torch sees a GPU, else the CPU), cpu, cuda or cuda:N.")
 
     # --- routing -------------------------------------------------------------------------------------
     default_mode: str = Field("global", description="Routing mode when a request names none.")

@@ -1,4 +1,4 @@
-"""PHATGOOSE post-hoc gate training for one expert (ROUTING.md; r-three/phatgoose), on CPU.
+"""PHATGOOSE post-hoc gate training for one expert (ROUTING.md; r-three/phatgoose), on the CPU or a GPU.
 
 Every LoRA-wrapped linear of the base model becomes y = W u + sigmoid(v·u) · s B A u, with one gate vector v
 per module initialised to zeros; base and LoRA are frozen and only the v's are trained with the ordinary LM
@@ -35,10 +35,11 @@ class SigmoidGatedLoRA(nn.Module):
     def __init__(self, base: nn.Linear, A: torch.Tensor, B: torch.Tensor, scale: float):
         super().__init__()
         self.base = base
-        self.register_buffer("A", A.to(base.weight.dtype), persistent=False)  # [r, d_in]
-        self.register_buffer("B", B.to(base.weight.dtype), persistent=False)  # [d_out, r]
+        w = base.weight
+        self.register_buffer("A", A.to(w.device, w.dtype), persistent=False)  # [r, d_in]
+        self.register_buffer("B", B.to(w.device, w.dtype), persistent=False)  # [d_out, r]
         self.scale = scale
-        self.gate = nn.Parameter(torch.zeros(A.shape[1], dtype=base.weight.dtype))  # v, [d_in]
+        self.gate = nn.Parameter(torch.zeros(A.shape[1], dtype=w.dtype, device=w.device))  # v, [d_in]
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         g = torch.sigmoid(u @ self.gate).unsqueeze(-1)  # [..., 1]
@@ -94,7 +95,8 @@ def train_phatgoose_gates(
     recipe = {"method": "phatgoose", "steps": steps, "batch_size": batch_size, "lr": lr, "optimizer": "AdamW",
               "weight_decay": 0.0, "schedule": "constant", "warmup_frac": warmup_frac, "grad_clip": 1.0,
               "seed": seed, "task": task_name, "train_examples": len(encoded), "gate_init": "zeros",
-              "loss": "assistant answer + end-of-turn tokens", "dtype": "float32"}
+              "loss": "assistant answer + end-of-turn tokens", "dtype": "float32",
+              "device": next(model.parameters()).device.type}
 
     gated: dict[str, SigmoidGatedLoRA] = {}
     originals: dict[str, nn.Module] = {}
@@ -116,7 +118,7 @@ def train_phatgoose_gates(
         final_loss, seconds = run_training(
             model, encoded, params, steps=steps, batch_size=batch_size, lr=lr, pad_id=tokenizer.pad_token_id,
             label=name, what="gates ", progress=progress, warmup_frac=warmup_frac, schedule="constant")
-        gates = {m: g.gate.detach().clone() for m, g in gated.items()}
+        gates = {m: g.gate.detach().cpu().clone() for m, g in gated.items()}
     finally:
         for target, linear in originals.items():
             swap_module(model, target, linear)

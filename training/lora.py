@@ -29,13 +29,21 @@ BASE_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_BASE_DIR = get_settings().resolved_base_model_dir
 END_OF_TURN = "<|im_end|>"
 NUM_THREADS = get_settings().train_threads
+TRAIN_DEVICE = get_settings().train_device
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Example queries written into the card: the router's centroid for this expert (train-split prompts only).
 CARD_EXAMPLES = 32
 
 
-def load_base(base_dir: Path = DEFAULT_BASE_DIR):
-    """(model, tokenizer) of the base checkpoint in float32, eval mode."""
+def resolve_device(name: str = TRAIN_DEVICE) -> torch.device:
+    """`auto` is CUDA when torch sees a GPU, else the CPU; anything else is passed to torch.device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_base(base_dir: Path = DEFAULT_BASE_DIR, device: str = TRAIN_DEVICE):
+    """(model, tokenizer) of the base checkpoint in float32, eval mode, on `device` (see resolve_device)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(NUM_THREADS)
@@ -43,6 +51,7 @@ def load_base(base_dir: Path = DEFAULT_BASE_DIR):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = END_OF_TURN
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    model.to(resolve_device(device))  # type: ignore[arg-type]  # transformers types .to as its own wrapper
     model.eval()
     return model, tokenizer
 
@@ -89,7 +98,7 @@ def generate_answers(
     try:
         for start in range(0, len(prompts), batch_size):
             texts = [_chat_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             gen = model.generate(
                 **enc,
                 do_sample=False,
@@ -152,12 +161,13 @@ def run_training(
     warmup = max(1, round(warmup_frac * steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, steps, warmup, schedule))
     model.train()
+    device = params[0].device
     t0 = time.perf_counter()
     window_loss, window_n, window_tokens, window_t = 0.0, 0, 0, t0
     final_loss = float("nan")
     for step in range(steps):
         batch = [encoded[(step * batch_size + i) % len(encoded)] for i in range(batch_size)]
-        inputs = _collate(batch, pad_id)
+        inputs = {k: v.to(device) for k, v in _collate(batch, pad_id).items()}
         loss = model(**inputs).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -253,7 +263,7 @@ def generate_description(model, tokenizer, examples: Sequence[Example]) -> str:
     import contextlib
 
     text = tokenizer.apply_chat_template(describe_messages(examples), add_generation_prompt=True, tokenize=False)
-    enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    enc = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(model.device)
     eot = tokenizer.convert_tokens_to_ids(END_OF_TURN)
     off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
     with off:
@@ -295,6 +305,7 @@ def train_expert(
     test_n: int = 0,
     init_from: Path | None = None,
     max_minutes: float | None = None,
+    device: str = TRAIN_DEVICE,
 ) -> dict:
     """Train a LoRA expert for `task_name`, score it on the dev split and save it (bf16) with a card in `out_dir`.
 
@@ -329,9 +340,10 @@ def train_expert(
         "optimizer": "AdamW", "weight_decay": weight_decay, "warmup_frac": warmup_frac, "schedule": schedule,
         "train_examples": steps * batch_size, "dtype": "float32", "saved_dtype": "bfloat16",
         "loss": "assistant answer + end-of-turn tokens", "dev_n": dev_n, "max_new_tokens": max_new_tokens,
+        "device": resolve_device(device).type,
     }
 
-    model, tokenizer = load_base(base_dir)
+    model, tokenizer = load_base(base_dir, device)
     if init_from is not None:
         # Warm start: continue training an existing adapter (its rank, alpha and targets win).
         from peft import PeftModel
@@ -454,12 +466,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--init-from", type=Path, default=None, help="adapter dir to continue training from")
     parser.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget of the training loop")
     parser.add_argument("--stop-n", type=int, default=48, help="dev examples scored by the stopping rule")
+    parser.add_argument("--device", default=TRAIN_DEVICE, help="auto (CUDA when there is a GPU), cpu, cuda")
     args = parser.parse_args(argv)
     summary = train_expert(
         args.task, args.out_dir, steps=args.steps, rank=args.rank, alpha=args.alpha, lr=args.lr,
         batch_size=args.batch_size, seed=args.seed, dev_n=args.dev_n, schedule=args.schedule,
         base_dir=args.base_dir, eval_every=args.eval_every, patience=args.patience, stop_at=args.stop_at,
         test_n=args.test_n, init_from=args.init_from, max_minutes=args.max_minutes, stop_n=args.stop_n,
+        device=args.device,
     )
     print(json.dumps(summary, indent=2))
 

@@ -129,7 +129,7 @@ def served(gated, vllm_url, prompts) -> Callable[[str], list[dict]]:
 def reference_base():
     from training.lora import load_base
 
-    model, tokenizer = load_base(Settings().resolved_base_model_dir)
+    model, tokenizer = load_base(Settings().resolved_base_model_dir, device="cpu")
     return model, tokenizer
 
 

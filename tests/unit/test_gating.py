@@ -171,7 +171,7 @@ def test_gate_file_round_trip(tmp_path, shape):
 
 @pytest.fixture(scope="module")
 def base(base_model_dir):
-    return load_base(base_model_dir)
+    return load_base(base_model_dir, device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -64,3 +64,14 @@ def test_deadline_stops_with_one_last_evaluation() -> None:
                  progress=lambda _: None, eval_every=500, on_eval=lambda s, l_: calls.append(s) or False,
                  deadline=time.time() - 1)
     assert calls == [1]  # past the deadline: stop after the first step, scoring the weights reached
+
+
+def test_device_auto_is_the_cpu_without_a_gpu_and_names_pass_through(monkeypatch) -> None:
+    from training.lora import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device("cpu") == torch.device("cpu") and resolve_device("cuda:1") == torch.device("cuda", 1)
+
