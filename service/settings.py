@@ -99,7 +99,8 @@ class Settings(EngineSettings):
         REPO_ROOT / "service" / "chat_templates" / "smollm2_tools.jinja",
         description="Chat template of the managed vLLM: SmolLM2's own, plus tools in the Hermes format. For "
         "another base model, a template of that model that renders `tools`; empty: the model's own.")
-    vllm_dtype: str = Field("bfloat16", description="Weights and activations dtype of the engine.")
+    vllm_dtype: str = Field("bfloat16", description="Weights and activations dtype of the engine. On a CPU "
+                            "without AVX-512 BF16, float32 serves several times faster (docs/operations.md).")
     # lora_kernel, lora_whole_layer, vllm_spin_ms: the engine's own settings (EngineSettings).
 
     # --- training (flock train, flock train-gates) ----------------------------------------------------
