@@ -460,7 +460,7 @@ async def run(settings: Settings, backend: str | None, quick: bool) -> dict:
             "threads_bind": settings.vllm_threads, "kvcache_gib": settings.vllm_kvcache_gib,
             "max_loras": settings.vllm_max_loras, "max_lora_rank": settings.vllm_max_lora_rank,
             "max_cpu_loras": settings.vllm_max_cpu_loras, "max_num_seqs": settings.vllm_max_num_seqs,
-            "max_model_len": settings.vllm_max_model_len, "dtype": settings.vllm_dtype,
+            "max_model_len": settings.vllm_max_model_len, "dtype": settings.resolved_vllm_dtype,
             "spin_ms": settings.vllm_spin_ms,
             "lora_kernel": settings.lora_kernel,
             "external_backend": backend,

@@ -28,7 +28,7 @@ def vllm_command(settings: Settings, port: int | None = None) -> tuple[list[str]
         "--model", str(settings.resolved_base_model_dir),
         "--served-model-name", settings.base_model_name,
         "--host", "127.0.0.1", "--port", str(port or settings.vllm_port),
-        "--dtype", settings.vllm_dtype,
+        "--dtype", settings.resolved_vllm_dtype,
         "--max-model-len", str(settings.vllm_max_model_len),
         "--max-num-seqs", str(settings.vllm_max_num_seqs),
         "--enable-lora", "--max-loras", str(settings.vllm_max_loras),

@@ -28,6 +28,22 @@ def _split_csv(value: object) -> object:
     return value
 
 
+BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})  # x86 (/proc/cpuinfo flags), Arm (Features)
+
+
+def auto_vllm_dtype(cpuinfo: Path = Path("/proc/cpuinfo"), gpus: Path = Path("/proc/driver/nvidia/gpus")) -> str:
+    """bfloat16 where it runs natively (an NVIDIA GPU, or a CPU with bf16 instructions), else float32: without
+    them vLLM's CPU backend emulates bf16 at about a tenth of its float32 speed. Reads /proc, imports no torch
+    (the gateway that starts vLLM does not load it)."""
+    if gpus.is_dir() and any(gpus.iterdir()):
+        return "bfloat16"
+    try:
+        words = set(cpuinfo.read_text().split())
+    except OSError:
+        return "bfloat16"
+    return "bfloat16" if words & BF16_CPU_FLAGS else "float32"
+
+
 class Settings(EngineSettings):
     model_config = SettingsConfigDict(env_prefix="FLOCK_", env_file=None, extra="ignore")
 
@@ -99,8 +115,9 @@ class Settings(EngineSettings):
         REPO_ROOT / "service" / "chat_templates" / "smollm2_tools.jinja",
         description="Chat template of the managed vLLM: SmolLM2's own, plus tools in the Hermes format. For "
         "another base model, a template of that model that renders `tools`; empty: the model's own.")
-    vllm_dtype: str = Field("bfloat16", description="Weights and activations dtype of the engine. On a CPU "
-                            "without AVX-512 BF16, float32 serves several times faster (docs/operations.md).")
+    vllm_dtype: str = Field("auto", description="Weights and activations dtype of the engine. auto: bfloat16 "
+                            "on a GPU or a CPU with bf16 instructions (AVX-512 BF16, AMX, Arm BF16), else float32, "
+                            "which serves several times faster there (docs/operations.md).")
     # lora_kernel, lora_whole_layer, vllm_spin_ms: the engine's own settings (EngineSettings).
 
     # --- training (flock train, flock train-gates) ----------------------------------------------------
@@ -192,6 +209,10 @@ class Settings(EngineSettings):
     @property
     def resolved_base_model_dir(self) -> Path:
         return self.base_model_dir or self.cache_dir / "models" / self.base_model_name
+
+    @property
+    def resolved_vllm_dtype(self) -> str:
+        return self.vllm_dtype if self.vllm_dtype != "auto" else auto_vllm_dtype()
 
     @property
     def resolved_expert_roots(self) -> list[Path]:
