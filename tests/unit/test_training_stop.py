@@ -74,4 +74,3 @@ def test_device_auto_is_the_cpu_without_a_gpu_and_names_pass_through(monkeypatch
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("auto") == torch.device("cuda")
     assert resolve_device("cpu") == torch.device("cpu") and resolve_device("cuda:1") == torch.device("cuda", 1)
-
