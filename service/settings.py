@@ -100,8 +100,8 @@ class Settings(EngineSettings):
         16, description="Distinct adapters in one batch (vLLM --max-loras). 16: Zipf traffic over 1,000 experts "
         "at 16 concurrent requests no longer waits for a slot (docs/performance.md, many experts).")
     vllm_max_lora_rank: int = Field(
-        64, description="Largest adapter rank, composites included (a gated composite of C rank-r experts has "
-        "rank C·(r+1)+1: 51 for the 10 rank-4 experts of the default library).")
+        64, description="Largest adapter rank, composites included (a gated composite of C experts of ranks r has "
+        "rank Σr + C + 1: 55 for the default library's ten, nine of rank 4 and arithmetic of rank 8).")
     vllm_max_cpu_loras: int = Field(16, description="Adapters kept in host memory (vLLM --max-cpu-loras).")
     vllm_max_model_len: int = Field(2048, description="Context length served.")
     vllm_max_num_seqs: int = Field(32, description="Sequences in one batch.")
