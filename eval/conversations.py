@@ -28,7 +28,7 @@ from router.calibration import DEV_GENERAL_TURNS
 from router.conversation import ConversationConfig, step
 from router.decision import RoutingParams
 from router.query import Query
-from training.tasks import HELD_IN, TASKS, split_of
+from training.tasks import HELD_IN, TASKS
 from training.tasks.base import Item
 from training.tasks.ood import OOD_PROMPTS
 
@@ -100,7 +100,7 @@ def _item(task: str, split: str, rng: random.Random) -> Item:
     t = TASKS[task]
     for _ in range(10_000):
         item = t.sampler(rng)
-        if not t.split_items or split_of(task, item.key) == split:
+        if t.in_split(item, split, rng):
             return item
     raise RuntimeError(f"no {split} item for {task}")
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from router.calibration import OUT_OF_DOMAIN_PROMPTS
-from training.tasks import TASKS, Task, normalize
+from training.tasks import TASKS, Task, normalize, split_of
 from training.tasks.lexicon import ANTONYM_PAIRS, EN_ES, EN_FR
 from training.tasks.numeric import number_to_words
 from training.tasks.ood import OOD_PROMPTS
@@ -77,10 +77,16 @@ def test_test_only_phrasings(name: str) -> None:
     assert test_ids & task.test_only_ids  # the test split does use them
 
 
+# A task's shared vocabulary (Task.shared_item) is in every split by design.
+SHARED_ANSWERS = {"number_words": {number_to_words(n) for n in range(20)}}
+
+
 @pytest.mark.parametrize("name", SPLIT)
 def test_splits_disjoint(name: str) -> None:
     task = TASKS[name]
-    prompts = {s: {e.prompt for e in task.generate(s, N, seed=0)} for s in ("train", "dev", "test")}
+    shared = SHARED_ANSWERS.get(name, set())
+    prompts = {s: {e.prompt for e in task.generate(s, N, seed=0) if e.answer not in shared}
+               for s in ("train", "dev", "test")}
     assert not prompts["train"] & prompts["dev"]
     assert not prompts["train"] & prompts["test"]
     assert not prompts["dev"] & prompts["test"]
@@ -90,7 +96,8 @@ def test_splits_disjoint(name: str) -> None:
 @pytest.mark.parametrize("name", ["iso_date", "time_24h", "text_to_sql", "number_words", "words_to_number"])
 def test_split_items_disjoint(name: str) -> None:
     task = TASKS[name]
-    answers = {s: {e.answer for e in task.generate(s, N, seed=0)} for s in ("train", "dev", "test")}
+    shared = SHARED_ANSWERS.get(name, set())
+    answers = {s: {e.answer for e in task.generate(s, N, seed=0)} - shared for s in ("train", "dev", "test")}
     assert not answers["train"] & answers["dev"]
     assert not answers["train"] & answers["test"]
     assert not answers["dev"] & answers["test"]
@@ -122,6 +129,22 @@ def test_normalize() -> None:
     assert normalize("  Positive.\nBecause...") == "positive"
     assert normalize("'chien'") == "chien"
     assert normalize("") == ""
+
+
+def test_number_words_vocabulary_is_in_every_split() -> None:
+    # 12 and 13 hash to the test split; an expert that never saw "twelve" answered "twenty-two".
+    task = TASKS["number_words"]
+    assert {split_of("number_words", str(n)) for n in (12, 13)} == {"test"}
+    for split in ("train", "dev", "test"):
+        answers = {e.answer for e in task.generate(split, 3000, seed=0)}
+        assert {"twelve", "thirteen", "zero"} <= answers, split
+    # ... and as often as any other item: 0-19 stay a small share of every split (the sampler draws 0-99 one
+    # time in four), not the bulk of the small dev and test splits.
+    for split in ("train", "test"):
+        small = sum(len(e.answer.split()) == 1 and "-" not in e.answer for e in task.generate(split, 3000, seed=0))
+        assert small / 3000 < 0.12, (split, small)
+    train = {e.answer for e in task.generate("train", 3000, seed=0)}
+    assert not train & {number_to_words(n) for n in range(20, 10_000) if split_of("number_words", str(n)) == "test"}
 
 
 def test_number_words() -> None:

@@ -3,7 +3,8 @@
 A task draws *items* (the underlying thing to solve: a number triple, a date, a word) from a seeded
 `random.Random` and renders each as a user prompt through one of its phrasing templates. Items are assigned to
 a split by a stable hash of their key, so train, dev and test never share an item when the item space is large;
-tasks over a small fixed lexicon set `split_items=False` and share items across splits (said where they do).
+tasks over a small fixed lexicon set `split_items=False` and share items across splits (said where they do), and
+`shared_item` marks the few items of a large space that are vocabulary every split needs.
 Each prompt comes from a *phrasing family*: one of the task's templates in one of the surface styles of
 `training.tasks.phrasing` (wrappers, casing, typos, context, chat turns). Families with one of the last
 `n_test_only` templates or a held-out style are reserved for the test split; train and dev only use the others.
@@ -80,6 +81,19 @@ class Task:
     split_items: bool = True
     # False: templates are used as written (one family per template, no styles).
     styles: bool = True
+    # Items every split draws although split_items is on: a vocabulary the task cannot be learned without
+    # (number words 0-19: "twelve" cannot be inferred from the other numbers, so holding it out tests nothing).
+    shared_item: Callable[[Item], bool] | None = None
+
+    def in_split(self, item: Item, split: str, rng: random.Random) -> bool:
+        """Whether `split` may draw `item`. A shared item passes as often as a split's share of the keys (a
+        fresh draw each time), so shared items keep the sampler's proportions in every split."""
+        if not self.split_items:
+            return True
+        if self.shared_item is not None and self.shared_item(item):
+            lo, hi = _SPLIT_CUTS[split]
+            return lo <= rng.randrange(100) < hi
+        return split_of(self.name, item.key) == split
 
     @property
     def n_styles(self) -> int:
@@ -132,7 +146,7 @@ class Task:
             if attempts > max_attempts * 2:
                 raise RuntimeError(f"task {self.name}: cannot draw {n} {split} examples")
             item = self.sampler(rng)
-            if self.split_items and split_of(self.name, item.key) != split:
+            if not self.in_split(item, split, rng):
                 continue
             pid = rng.choice(ids)
             prompt = self.render(pid, item.fields, rng)
