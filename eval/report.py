@@ -48,6 +48,19 @@ def per_task_table(modes: dict[str, dict], tasks: list[tuple[str, str]]) -> str:
     return "\n".join(rows)
 
 
+def phrasing_table(summary: dict) -> str:
+    """Held-in tasks in one mode: accuracy on training's phrasing families vs families never trained on."""
+    split = summary.get("held_in_by_phrasing") or {}
+    seen, only = split.get("seen") or {}, split.get("test_only") or {}
+    n_seen, n_only = split.get("n_seen") or {}, split.get("n_test_only") or {}
+    rows = ["| held-in task | training phrasings | held-out phrasings | all |", "|---|---|---|---|"]
+    for task in sorted(set(seen) | set(only)):
+        rows.append(f"| {task} | {fmt_pct(seen.get(task))} (n={n_seen.get(task, 0)}) | "
+                    f"{fmt_pct(only.get(task))} (n={n_only.get(task, 0)}) | "
+                    f"{fmt_pct((summary.get('accuracy_per_task') or {}).get(task))} |")
+    return "\n".join(rows)
+
+
 def variants_table(variants: dict[str, dict]) -> str:
     rows = ["| variant | top-1 held-in | top-1 test-only phrasings | held-in abstain | ood abstain | "
             "held-out routed to | threshold | latency ms p50 |",
@@ -115,6 +128,12 @@ def render_markdown(results: dict) -> str:
                   "(routing and adapter choice before forwarding).", "", modes_table(modes)]
         tasks = [(t, k) for t, k in (results.get("tasks") or []) if k != "ood"]
         parts += ["", "### Per-task accuracy", "", per_task_table(modes, tasks)]
+        split_mode = "oracle" if "oracle" in modes else None
+        if split_mode and (modes[split_mode].get("held_in_by_phrasing") or {}).get("seen"):
+            parts += ["", f"### Held-in tasks by phrasing family ({split_mode})", "",
+                      "Each expert on its own test items, in the phrasing families its training used and in families "
+                      "kept out of training (eval/testset.py's test-only phrasings).", "",
+                      phrasing_table(modes[split_mode])]
     for mode, why in (results.get("skipped_modes") or {}).items():
         parts.append(f"\nmode `{mode}` skipped: {why}")
     routing = results.get("routing") or {}

@@ -120,6 +120,9 @@ def test_mode_summary_and_relative_numbers():
     assert r["held_out_distribution"] == {"c": {"a": 1.0}}
     assert glob["gateway_ms_p50"] == 2.5
     assert glob["held_in_mean_test_only_phrasings"] == 1.0  # i == 0 is always correct here
+    split = oracle["held_in_by_phrasing"]  # per expert: training's phrasing families vs test-only ones
+    assert split["seen"] == {"a": 1.0, "b": pytest.approx(1 / 3)} and split["test_only"] == {"a": 1.0, "b": 1.0}
+    assert split["n_seen"] == {"a": 3, "b": 3} and split["n_test_only"] == {"a": 1, "b": 1}  # held-out c: none
 
 
 # --- markdown -------------------------------------------------------------------------------------------
@@ -152,6 +155,11 @@ def test_markdown_rendering():
     assert not any(line.startswith("| ood |") for line in lines)  # ood has no accuracy row
     assert "| description | 90.0% | 80.0% | 5.0% | 80.0% | c: a 60%, base 30% | 0.312 | 5.25 |" in lines
     assert "- **glider** skipped: no LLM" in lines
+    assert "### Held-in tasks by phrasing family" not in md  # no oracle mode: no split table
+    results["modes"]["oracle"] = {"accuracy_per_task": {"a": 0.75, "b": 1.0}, "held_in_by_phrasing": {
+        "seen": {"a": 1.0, "b": 1.0}, "test_only": {"a": 0.5}, "n_seen": {"a": 2, "b": 4}, "n_test_only": {"a": 2}}}
+    lines = report.render_markdown(results).splitlines()
+    assert "| a | 100.0% (n=2) | 50.0% (n=2) | 75.0% |" in lines and "| b | 100.0% (n=4) | – (n=0) | 100.0% |" in lines
     # every table row has as many cells as its header
     for block in md.split("\n\n"):
         rows = [ln for ln in block.splitlines() if ln.startswith("|")]
