@@ -17,9 +17,10 @@ PROMPTS = ["Write SQL that lists the cooks in the employees table.",
            "SQL query: count employees who bake bread.",
            "How do I cook rice? Answer with an SQL query.",
            "Select the salaries of all chefs."]
-# bf16 engine vs fp32 PEFT on strong random LoRAs: the largest |Δ logprob| over the top 5 tokens (measured
-# 0.08-0.16 on these prompts).
-TOL = 0.3
+# The engine (FLOCK_VLLM_DTYPE=auto) vs fp32 PEFT on strong random LoRAs: the largest |Δ logprob| over the top 5
+# tokens (measured 0.08-0.16 on these prompts on an AVX2 CPU; 0.32 in bf16 on a CPU with AVX-512 BF16, whose
+# native bf16 matmuls round differently). The margin below is what tells a wrong merge apart.
+TOL = 0.5
 # A wrong merge is at least this many times further from what is served than the right one (measured: swapped
 # weights 0.37-3.6 nats, closest at weights 0.55/0.45; unnormalised 4.7-8.8; the top expert alone 1.5-3.5).
 MARGIN = 2.0
