@@ -104,14 +104,15 @@ def mode_summary(records: list[dict], held_in: Iterable[str], held_out: Iterable
     per_task = per_task_accuracy(scored)
     hi_only = [r for r in scored if r["task"] in held_in and r["test_only"]]
     hi_seen = [r for r in scored if r["task"] in held_in and not r["test_only"]]
+    only_per_task = per_task_accuracy(hi_only)
     out = {
         "accuracy_per_task": per_task,
         # The two goals per expert: its test split in training's phrasing families, and families never trained on.
-        "held_in_by_phrasing": {"seen": per_task_accuracy(hi_seen), "test_only": per_task_accuracy(hi_only),
+        "held_in_by_phrasing": {"seen": per_task_accuracy(hi_seen), "test_only": only_per_task,
                                 "n_seen": dict(Counter(r["task"] for r in hi_seen)),
                                 "n_test_only": dict(Counter(r["task"] for r in hi_only))},
         "held_in_mean": tasks_mean(per_task, held_in),
-        "held_in_mean_test_only_phrasings": tasks_mean(per_task_accuracy(hi_only), held_in) if hi_only else None,
+        "held_in_mean_test_only_phrasings": tasks_mean(only_per_task, held_in) if hi_only else None,
         "held_out_mean": tasks_mean(per_task, held_out),
         "gateway_ms_p50": p50(r.get("gateway_ms") for r in records),
         "errors": sum(1 for r in records if r.get("error")),

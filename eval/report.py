@@ -128,12 +128,12 @@ def render_markdown(results: dict) -> str:
                   "(routing and adapter choice before forwarding).", "", modes_table(modes)]
         tasks = [(t, k) for t, k in (results.get("tasks") or []) if k != "ood"]
         parts += ["", "### Per-task accuracy", "", per_task_table(modes, tasks)]
-        split_mode = "oracle" if "oracle" in modes else None
-        if split_mode and (modes[split_mode].get("held_in_by_phrasing") or {}).get("seen"):
-            parts += ["", f"### Held-in tasks by phrasing family ({split_mode})", "",
+        oracle = modes.get("oracle") or {}
+        if (oracle.get("held_in_by_phrasing") or {}).get("seen"):
+            parts += ["", "### Held-in tasks by phrasing family (oracle)", "",
                       "Each expert on its own test items, in the phrasing families its training used and in families "
                       "kept out of training (eval/testset.py's test-only phrasings).", "",
-                      phrasing_table(modes[split_mode])]
+                      phrasing_table(oracle)]
     for mode, why in (results.get("skipped_modes") or {}).items():
         parts.append(f"\nmode `{mode}` skipped: {why}")
     routing = results.get("routing") or {}
