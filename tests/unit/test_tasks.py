@@ -77,15 +77,17 @@ def test_test_only_phrasings(name: str) -> None:
     assert test_ids & task.test_only_ids  # the test split does use them
 
 
-# A task's shared vocabulary (Task.shared_item) is in every split by design.
-SHARED_ANSWERS = {"number_words": {number_to_words(n) for n in range(20)}}
+# A task's shared vocabulary (Task.shared_item) is in every split by design; these answers mark it.
+_SMALL_WORDS = {number_to_words(n) for n in range(20)}
+SHARED_ANSWER = {"number_words": lambda answer: answer in _SMALL_WORDS,
+                 "unit_convert": lambda answer: answer.endswith((" min", " h"))}
 
 
 @pytest.mark.parametrize("name", SPLIT)
 def test_splits_disjoint(name: str) -> None:
     task = TASKS[name]
-    shared = SHARED_ANSWERS.get(name, set())
-    prompts = {s: {e.prompt for e in task.generate(s, N, seed=0) if e.answer not in shared}
+    shared = SHARED_ANSWER.get(name, lambda answer: False)
+    prompts = {s: {e.prompt for e in task.generate(s, N, seed=0) if not shared(e.answer)}
                for s in ("train", "dev", "test")}
     assert not prompts["train"] & prompts["dev"]
     assert not prompts["train"] & prompts["test"]
@@ -96,8 +98,9 @@ def test_splits_disjoint(name: str) -> None:
 @pytest.mark.parametrize("name", ["iso_date", "time_24h", "text_to_sql", "number_words", "words_to_number"])
 def test_split_items_disjoint(name: str) -> None:
     task = TASKS[name]
-    shared = SHARED_ANSWERS.get(name, set())
-    answers = {s: {e.answer for e in task.generate(s, N, seed=0)} - shared for s in ("train", "dev", "test")}
+    shared = SHARED_ANSWER.get(name, lambda answer: False)
+    answers = {s: {e.answer for e in task.generate(s, N, seed=0) if not shared(e.answer)}
+               for s in ("train", "dev", "test")}
     assert not answers["train"] & answers["dev"]
     assert not answers["train"] & answers["test"]
     assert not answers["dev"] & answers["test"]
@@ -145,6 +148,18 @@ def test_number_words_vocabulary_is_in_every_split() -> None:
         assert small / 3000 < 0.12, (split, small)
     train = {e.answer for e in task.generate("train", 3000, seed=0)}
     assert not train & {number_to_words(n) for n in range(20, 10_000) if split_of("number_words", str(n)) == "test"}
+
+
+def test_unit_convert_time_table_is_in_every_split() -> None:
+    # 8.75 h hashes to test; an expert that never saw it answered 495 min for 525 min.
+    task = TASKS["unit_convert"]
+    assert split_of("unit_convert", "8.75h>min") == "test"
+    is_time = SHARED_ANSWER["unit_convert"]
+    for split in ("train", "dev", "test"):
+        examples = task.generate(split, 3000, seed=0)
+        assert "525 min" in {e.answer for e in examples}, split
+        # Kept at the sampler's share (2 of 20 unit pairs), not the bulk of the small splits.
+        assert 0.07 < sum(is_time(e.answer) for e in examples) / 3000 < 0.13, split
 
 
 def test_number_words() -> None:

@@ -293,6 +293,9 @@ UNIT_CONVERT = Task(
     ),
     sampler=_unit_item,
     scorer=_score_quantity,
+    # Hours <-> minutes is a table of 112 quarter-hour items, not a decimal shift: an item the split held out
+    # asks for a multiplication by 60 the expert never saw (8.75 h came back as 495 min), so every split draws it.
+    shared_item=lambda item: item.key.endswith(("min>h", "h>min")),
 )
 
 # ------------------------------------------------------------------------------------------ largest_number
