@@ -1,7 +1,7 @@
 """Local gate signals of an expert, computed once and stored beside it in `gates.safetensors`.
 
-Keys (float32 as written; the default library's were converted to bf16 to halve its size; read as float32.
-One [d_in] vector per LoRA-wrapped module, named by PEFT's module name):
+Keys (stored in float32 or bfloat16, `write_gates(dtype=...)`; the default library's are bf16, half the size;
+always read as float32. One [d_in] vector per LoRA-wrapped module, named by PEFT's module name):
     arrow.<module>      Arrow prototype: top right-singular vector of B·A (adapters.engine.gating.arrow_prototype)
     phatgoose.<module>  PHATGOOSE gate vector v, trained post hoc (training.gates)
 e.g. `arrow.base_model.model.model.layers.0.self_attn.q_proj`. The file's metadata holds, per kind, a JSON
@@ -31,6 +31,9 @@ from adapters.validate import CONFIG_FILE, WEIGHTS_FILE
 GATES_FILE = "gates.safetensors"
 KINDS = ("arrow", "phatgoose")
 PEFT_PREFIX = "base_model.model."
+# Storage dtypes by name (`flock train-gates --dtype`); bf16 halves the file, and the engine gates in the
+# serving dtype anyway.
+GATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def base_module_name(peft_module: str) -> str:
@@ -64,16 +67,20 @@ def _read_all(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return tensors, dict(metadata)
 
 
-def write_gates(expert_dir: Path, kind: str, gates: dict[str, torch.Tensor], info: dict | None = None) -> Path:
-    """Replace the `kind` keys of the expert's gates file with `gates` ({PEFT module name: [d_in]}), keeping the
-    other kind's keys; atomic. `info` (JSON-able) is stored in the metadata under `kind`."""
+def write_gates(expert_dir: Path, kind: str, gates: dict[str, torch.Tensor], info: dict | None = None, *,
+                dtype: torch.dtype = torch.float32) -> Path:
+    """Replace the `kind` keys of the expert's gates file with `gates` ({PEFT module name: [d_in]}) stored in
+    `dtype`, keeping the other kind's keys as they are; atomic. `info` (JSON-able) is stored in the metadata
+    under `kind`."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}")
+    if dtype not in GATE_DTYPES.values():
+        raise ValueError(f"gates are stored as one of {sorted(GATE_DTYPES)}, not {dtype}")
     expert_dir = Path(expert_dir)
     path = expert_dir / GATES_FILE
     tensors, metadata = _read_all(path)
     tensors = {k: v for k, v in tensors.items() if not k.startswith(f"{kind}.")}
-    tensors.update({f"{kind}.{m}": v.detach().to(torch.float32).contiguous().clone() for m, v in gates.items()})
+    tensors.update({f"{kind}.{m}": v.detach().to(dtype).contiguous().clone() for m, v in gates.items()})
     metadata.update({"format": "pt", kind: json.dumps(info or {}),
                      f"{kind}.adapter_sha256": adapter_sha256(expert_dir)})
     tmp = expert_dir / f".{GATES_FILE}.tmp{os.getpid()}"
@@ -127,13 +134,15 @@ def arrow_gates(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[s
     return dict(sorted(out.items()))
 
 
-def compute_arrow_gates(expert_dir: Path, *, write: bool = True) -> dict[str, torch.Tensor]:
-    """Arrow prototypes of an expert (no training, no base model), written to its gates file unless write=False."""
+def compute_arrow_gates(expert_dir: Path, *, write: bool = True,
+                        dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Arrow prototypes of an expert (no training, no base model), written to its gates file in `dtype` unless
+    write=False."""
     t0 = time.perf_counter()
     factors, _ = load_lora(Path(expert_dir))
     gates = arrow_gates(factors)
     if write:
         write_gates(Path(expert_dir), "arrow", gates,
                     {"method": "top right-singular vector of B·A via QR + SVD of the r×r core",
-                     "seconds": round(time.perf_counter() - t0, 4)})
+                     "seconds": round(time.perf_counter() - t0, 4)}, dtype=dtype)
     return gates

@@ -19,12 +19,14 @@ def register(sub) -> None:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--force", action="store_true", help="recompute gates that already exist")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                   help="storage dtype of the gate vectors (bfloat16: half the size, as the default library)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     """Arrow prototypes (seconds) and PHATGOOSE gates (trained, ~100 steps) for experts of the library."""
-    from adapters.gates import compute_arrow_gates, has_gates
+    from adapters.gates import GATE_DTYPES, compute_arrow_gates, has_gates
     from training.gates import train_phatgoose_gates
     from training.lora import load_base
 
@@ -41,11 +43,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         print(f"no expert {missing} in {library}; experts: {', '.join(available) or 'none'}", file=sys.stderr)
         return 2
     base = None
+    dtype = GATE_DTYPES[args.dtype]
     for name in names:
         expert_dir = library / name
         t0 = time.perf_counter()
         if args.force or not has_gates(expert_dir, "arrow"):
-            compute_arrow_gates(expert_dir)
+            compute_arrow_gates(expert_dir, dtype=dtype)
             print(f"[{name}] arrow prototypes computed ({time.perf_counter() - t0:.2f}s)", flush=True)
         else:
             print(f"[{name}] arrow prototypes already computed; skipping", flush=True)
@@ -53,7 +56,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         if args.force or not has_gates(expert_dir, "phatgoose"):
             base = base or load_base(settings.resolved_base_model_dir)
             result = train_phatgoose_gates(expert_dir, steps=args.steps, batch_size=args.batch_size, base=base,
-                                           progress=lambda line: print(line, flush=True))
+                                           progress=lambda line: print(line, flush=True), dtype=dtype)
             summary.update({k: result[k] for k in ("task", "final_loss", "seconds", "seconds_per_step")})
         else:
             print(f"[{name}] PHATGOOSE gates already trained; skipping (--force to redo)", flush=True)

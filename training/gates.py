@@ -68,6 +68,7 @@ def train_phatgoose_gates(
     base: tuple | None = None,
     base_dir: Path = DEFAULT_BASE_DIR,
     write: bool = True,
+    dtype: torch.dtype = torch.float32,
 ) -> dict:
     """Train the expert's PHATGOOSE gate vectors and (write=True) store them beside it.
 
@@ -75,7 +76,7 @@ def train_phatgoose_gates(
     task, see expert_task_name) generated with `seed`. `base` is an already loaded (model, tokenizer) from
     training.lora.load_base, used in place and restored afterwards; without it the base is loaded from
     `base_dir`. Returns a summary: expert, task, final_loss, seconds, seconds_per_step, recipe, gates
-    ({PEFT module name: v [d_in]}).
+    ({PEFT module name: v [d_in]}). Trained in float32; stored in `dtype`.
     """
     expert_dir = Path(expert_dir)
     name = expert_dir.name
@@ -96,6 +97,7 @@ def train_phatgoose_gates(
               "weight_decay": 0.0, "schedule": "constant", "warmup_frac": warmup_frac, "grad_clip": 1.0,
               "seed": seed, "task": task_name, "train_examples": len(encoded), "gate_init": "zeros",
               "loss": "assistant answer + end-of-turn tokens", "dtype": "float32",
+              "saved_dtype": str(dtype).removeprefix("torch."),
               "device": next(model.parameters()).device.type}
 
     gated: dict[str, SigmoidGatedLoRA] = {}
@@ -130,6 +132,6 @@ def train_phatgoose_gates(
                "seconds_per_step": seconds / max(1, steps), "recipe": recipe}
     if write:
         write_gates(expert_dir, "phatgoose", gates, {**recipe, "final_loss": final_loss,
-                                                    "seconds": round(seconds, 2)})
+                                                    "seconds": round(seconds, 2)}, dtype=dtype)
         progress(f"[{name}] PHATGOOSE gates written to {expert_dir / 'gates.safetensors'} ({seconds:.0f}s)")
     return {**summary, "gates": gates}

@@ -158,6 +158,21 @@ def test_gate_file_round_trip(tmp_path, shape):
     assert has_gates(expert, "arrow") and has_gates(expert, "phatgoose")
     assert gates_info(expert, "phatgoose") == {"method": "random (test)"}
     assert not list(expert.glob(f".{GATES_FILE}.tmp*"))  # atomic write left no temp file
+
+
+def test_gates_stored_in_bf16_read_back_as_float32(tmp_path, shape):
+    expert = _expert(tmp_path, "e0", shape, 0, targets=("q_proj",))
+    arrow = compute_arrow_gates(expert, dtype=torch.bfloat16)
+    pg = _random_phatgoose(expert, 1)  # float32, beside the bf16 arrow keys
+    stored = load_file(str(expert / GATES_FILE))
+    assert {v.dtype for k, v in stored.items() if k.startswith("arrow.")} == {torch.bfloat16}
+    assert {v.dtype for k, v in stored.items() if k.startswith("phatgoose.")} == {torch.float32}
+    back = read_gates(expert, "arrow")
+    assert all(back[m].dtype == torch.float32 and torch.equal(back[m], arrow[m].bfloat16().float()) for m in arrow)
+    assert all(torch.equal(read_gates(expert, "phatgoose")[m], pg[m]) for m in pg)
+    assert has_gates(expert, "arrow")
+    with pytest.raises(ValueError, match="stored as one of"):
+        write_gates(expert, "arrow", arrow, dtype=torch.float16)
     # new adapter weights: the stored gates are stale and read as missing
     tensors = load_file(str(expert / WEIGHTS_FILE))
     key = next(iter(tensors))
@@ -344,6 +359,9 @@ def test_cli_train_gates(tmp_path, shape, capsys):
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["expert"] == "arithmetic" and summary["task"] == "arithmetic"
     assert has_gates(tmp_path / "arithmetic", "arrow") and has_gates(tmp_path / "arithmetic", "phatgoose")
+    # stored as the default library is: bf16 (the recipe says so); read back as float32
+    assert {v.dtype for v in load_file(str(tmp_path / "arithmetic" / GATES_FILE)).values()} == {torch.bfloat16}
+    assert gates_info(tmp_path / "arithmetic", "phatgoose")["saved_dtype"] == "bfloat16"
     assert main(args + ["--all"]) == 0
     assert "already trained; skipping" in capsys.readouterr().out
     assert main(args + ["nope"]) == 2
