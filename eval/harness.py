@@ -115,6 +115,9 @@ async def run(args, settings: Settings) -> dict:
                            gateway_env={"FLOCK_COMPOSITE_BUILDS_PER_MIN": "0"})
             stack.callback(s.close)
             gateway_url, llm_url = s.gateway, s.vllm
+            if args.backend is None:
+                # bf16 and float32 engines differ by a prompt or two of greedy output: keep the one measured.
+                results["config"]["vllm_dtype"] = settings.resolved_vllm_dtype
         llm_url = llm_url or gateway_url
 
         glider = None

@@ -118,7 +118,8 @@ def render_markdown(results: dict) -> str:
     parts = ["# flock eval", ""]
     parts.append(f"{cfg.get('n_per_task', '?')} test-split examples per task (seed {cfg.get('seed', '?')}), "
                  f"{len(cfg.get('experts') or [])} experts in the pool ({cfg.get('library', '?')}). "
-                 f"{cfg.get('date', '')}")
+                 + (f"vLLM dtype {cfg['vllm_dtype']}. " if cfg.get("vllm_dtype") else "")
+                 + f"{cfg.get('date', '')}")
     modes = results.get("modes") or {}
     if modes:
         parts += ["", "## Task accuracy by mode (through the gateway)", "",

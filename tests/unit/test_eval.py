@@ -155,6 +155,9 @@ def test_markdown_rendering():
     assert not any(line.startswith("| ood |") for line in lines)  # ood has no accuracy row
     assert "| description | 90.0% | 80.0% | 5.0% | 80.0% | c: a 60%, base 30% | 0.312 | 5.25 |" in lines
     assert "- **glider** skipped: no LLM" in lines
+    assert "experts in the pool (/lib). today" in md and "dtype" not in lines[2]  # an external engine: unknown
+    results["config"]["vllm_dtype"] = "bfloat16"
+    assert "experts in the pool (/lib). vLLM dtype bfloat16. today" in report.render_markdown(results)
     assert "### Held-in tasks by phrasing family" not in md  # no oracle mode: no split table
     results["modes"]["oracle"] = {"accuracy_per_task": {"a": 0.75, "b": 1.0}, "held_in_by_phrasing": {
         "seen": {"a": 1.0, "b": 1.0}, "test_only": {"a": 0.5}, "n_seen": {"a": 2, "b": 4}, "n_test_only": {"a": 2}}}
