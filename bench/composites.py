@@ -53,8 +53,8 @@ def counter(metrics: str, name: str) -> float:
 def random_body(rng: random.Random) -> dict:
     """A routed request a client could send: any per-token or merge mode, α log-uniform over its whole range."""
     routing: dict = {"mode": rng.choice(MODES), "top_k": rng.randint(1, 4)}
-    if routing["mode"] == "glider":
-        routing["alpha"] = round(10 ** rng.uniform(-1, 3), 6)
+    if routing["mode"] == "glider":  # always mixed (no margin reaches 2): each α is a composite to build
+        routing.update(alpha=round(10 ** rng.uniform(-1, 3), 6), solo_margin=2.0)
     return {"model": "auto", "max_tokens": 1, "routing": routing,
             "messages": [{"role": "user", "content": rng.choice(PROMPTS)}]}
 

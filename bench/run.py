@@ -212,7 +212,9 @@ async def decode_throughput(stack: LocalStack, batches: tuple[int, ...], *, expe
     out: dict = {}
     bodies: dict[str, dict] = {"base": {"model": stack.settings.base_model_name}, "expert": {"model": expert},
               "merge": {"model": "auto", "routing": {"mode": "merge"}},
-              "glider": {"model": "auto", "routing": {"mode": "glider"}}}
+              # solo_margin 2 (no margin reaches it): the gated composite is what is measured, even for a
+              # prompt the router is sure of
+              "glider": {"model": "auto", "routing": {"mode": "glider", "solo_margin": 2.0}}}
     async with httpx.AsyncClient(timeout=600) as client:
         url = f"{stack.gateway}/v1/chat/completions"
         requests = {label: {**_body("", prompt), **bodies[label]} for label in DECODE_MODES}

@@ -296,7 +296,12 @@ class Traffic:
         if kind.startswith("auto:"):
             mode = kind.split(":", 1)[1]
             body["model"] = "auto"
-            body["routing"] = {"mode": mode} | ({"top_k": rng.choice([2, 3])} if mode != "global" else {})
+            routing: dict = {"mode": mode}
+            if mode != "global":
+                routing["top_k"] = rng.choice([2, 3])
+            if mode == "glider":
+                routing["solo_margin"] = 2.0  # a gated composite, not the one expert a sure query gets
+            body["routing"] = routing
         elif kind == "expert":
             body["model"] = rng.choice(self.experts)
         elif kind == "victim":

@@ -147,8 +147,8 @@ class Settings(EngineSettings):
     glider_alpha: float = Field(100.0, description="Weight of the global score in glider mode "
                                 "(s = local + α·global).")
     glider_solo_margin: float | None = Field(
-        None, ge=0, le=2, description="glider: the top expert answers alone when its global score beats the "
-        "runner-up's by at least this (the router is sure); the per-token mix is kept for the others. Empty: "
+        0.05, ge=0, le=2, description="glider: the top expert answers alone when its global score beats the "
+        "runner-up's by at least this (the router is sure); the per-token mix is kept for the near-ties. Empty: "
         "always mix. docs/evaluation.md#a-mixture-that-helps.")
     abstain_threshold: float | None = Field(
         None, description="Fixed abstain threshold. Empty: calibrated from the pool's expert cards."

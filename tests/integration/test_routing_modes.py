@@ -13,6 +13,7 @@ import pytest
 
 from adapters.composite import COMPOSITE_PREFIX
 from adapters.gated_composite import GATED_PREFIX
+from service.settings import Settings
 from tests.conftest import BASE
 
 pytestmark = pytest.mark.integration
@@ -32,8 +33,10 @@ def metric(text: str, name: str, **labels: str) -> float:
 @pytest.mark.parametrize("mode", ["glider", "arrow", "phatgoose"])
 def test_per_token_modes(gateway, mode):
     question = f"How long should I boil an egg? ({uuid.uuid4().hex[:6]})"
+    # glider serves a query its router is sure of by one expert (FLOCK_GLIDER_SOLO_MARGIN); no margin reaches 2
+    routing = {"mode": mode} | ({"solo_margin": 2.0} if mode == "glider" else {})
     with gateway.client() as c:
-        r = c.post("/v1/route", json={"prompt": question, "routing": {"mode": mode}})
+        r = c.post("/v1/route", json={"prompt": question, "routing": routing})
         assert r.status_code == 200, r.text
         decision = r.json()["routing"]
         assert decision["mode"] == mode
@@ -42,7 +45,7 @@ def test_per_token_modes(gateway, mode):
         names = [e["name"] for e in decision["experts"]]
         assert names[0] == "cooking" and len(names) >= 2, decision  # candidates, best global score first
         r = c.post("/v1/chat/completions", json={
-            "model": "auto", "routing": {"mode": mode}, "max_tokens": 6, "temperature": 0,
+            "model": "auto", "routing": routing, "max_tokens": 6, "temperature": 0,
             "messages": [{"role": "user", "content": question}]})
         assert r.status_code == 200, r.text
         body = r.json()
@@ -58,14 +61,21 @@ def test_per_token_modes(gateway, mode):
 def test_glider_solo_margin_serves_a_sure_query_by_its_expert_alone(gateway):
     question = f"How long should I boil an egg? ({uuid.uuid4().hex[:6]})"
     with gateway.client() as c:
-        def route(margin: float) -> dict:
-            r = c.post("/v1/route", json={"prompt": question, "routing": {"mode": "glider", "solo_margin": margin}})
+        def route(margin: float | None) -> dict:
+            routing = {"mode": "glider"} | ({} if margin is None else {"solo_margin": margin})
+            r = c.post("/v1/route", json={"prompt": question, "routing": routing})
             assert r.status_code == 200, r.text
             return r.json()["routing"]
 
         sure, mixed = route(0.0), route(2.0)  # every margin is >= 0; none reaches 2
         assert [e["name"] for e in sure["experts"]] == ["cooking"] and sure["gate"] is None, sure
         assert len(mixed["experts"]) >= 2 and mixed["gate"]["local"] == "phatgoose", mixed
+        # The default (FLOCK_GLIDER_SOLO_MARGIN): alone exactly when the top score leads by that much.
+        margin = Settings().glider_solo_margin
+        assert margin == 0.05
+        lead = mixed["experts"][0]["score"] - mixed["experts"][1]["score"]
+        default = route(None)
+        assert (default["gate"] is None) == (lead >= margin), (lead, default)
         r = c.post("/v1/chat/completions", json={
             "model": "auto", "routing": {"mode": "glider", "solo_margin": 0.0}, "max_tokens": 4, "temperature": 0,
             "messages": [{"role": "user", "content": question}]})
