@@ -115,6 +115,9 @@ async def run(args, settings: Settings) -> dict:
                            gateway_env={"FLOCK_COMPOSITE_BUILDS_PER_MIN": "0"})
             stack.callback(s.close)
             gateway_url, llm_url = s.gateway, s.vllm
+            # A mode without parameters runs with the gateway's defaults: keep the ones that served it.
+            results["config"]["glider_defaults"] = {"alpha": settings.glider_alpha,
+                                                    "solo_margin": settings.glider_solo_margin}
             if args.backend is None:
                 # bf16 and float32 engines differ by a prompt or two of greedy output: keep the one measured.
                 results["config"]["vllm_dtype"] = settings.resolved_vllm_dtype

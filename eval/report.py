@@ -113,12 +113,19 @@ def long_prompts_table(long: dict) -> str:
     return "\n".join(rows)
 
 
+def _glider_defaults(defaults: dict) -> str:
+    margin = defaults.get("solo_margin")
+    return (f"glider without parameters: α {defaults['alpha']:g}, "
+            + ("always mixing. " if margin is None else f"solo margin {margin:g}. "))
+
+
 def render_markdown(results: dict) -> str:
     cfg = results.get("config", {})
     parts = ["# flock eval", ""]
     parts.append(f"{cfg.get('n_per_task', '?')} test-split examples per task (seed {cfg.get('seed', '?')}), "
                  f"{len(cfg.get('experts') or [])} experts in the pool ({cfg.get('library', '?')}). "
                  + (f"vLLM dtype {cfg['vllm_dtype']}. " if cfg.get("vllm_dtype") else "")
+                 + (_glider_defaults(cfg["glider_defaults"]) if cfg.get("glider_defaults") else "")
                  + f"{cfg.get('date', '')}")
     modes = results.get("modes") or {}
     if modes:

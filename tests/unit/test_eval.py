@@ -158,6 +158,10 @@ def test_markdown_rendering():
     assert "experts in the pool (/lib). today" in md and "dtype" not in lines[2]  # an external engine: unknown
     results["config"]["vllm_dtype"] = "bfloat16"
     assert "experts in the pool (/lib). vLLM dtype bfloat16. today" in report.render_markdown(results)
+    results["config"]["glider_defaults"] = {"alpha": 100.0, "solo_margin": None}
+    assert "bfloat16. glider without parameters: α 100, always mixing. today" in report.render_markdown(results)
+    results["config"]["glider_defaults"]["solo_margin"] = 0.05
+    assert "glider without parameters: α 100, solo margin 0.05. today" in report.render_markdown(results)
     assert "### Held-in tasks by phrasing family" not in md  # no oracle mode: no split table
     results["modes"]["oracle"] = {"accuracy_per_task": {"a": 0.75, "b": 1.0}, "held_in_by_phrasing": {
         "seen": {"a": 1.0, "b": 1.0}, "test_only": {"a": 0.5}, "n_seen": {"a": 2, "b": 4}, "n_test_only": {"a": 2}}}
