@@ -31,8 +31,7 @@ from adapters.validate import CONFIG_FILE, WEIGHTS_FILE
 GATES_FILE = "gates.safetensors"
 KINDS = ("arrow", "phatgoose")
 PEFT_PREFIX = "base_model.model."
-# Storage dtypes by name (`flock train-gates --dtype`); bf16 halves the file, and the engine gates in the
-# serving dtype anyway.
+# Storage dtypes by name (`flock train-gates --dtype`); bf16 halves the file.
 GATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
