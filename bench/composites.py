@@ -22,6 +22,7 @@ import httpx
 from adapters.composite_cache import dir_bytes
 from bench.many_experts import metric_samples, rss_mib
 from bench.stack import gateway_env, say
+from router.decision import ALWAYS_MIX
 from service.processes import ManagedProcess, free_port, redis_command, wait_http, wait_redis
 from service.settings import Settings
 
@@ -53,8 +54,8 @@ def counter(metrics: str, name: str) -> float:
 def random_body(rng: random.Random) -> dict:
     """A routed request a client could send: any per-token or merge mode, α log-uniform over its whole range."""
     routing: dict = {"mode": rng.choice(MODES), "top_k": rng.randint(1, 4)}
-    if routing["mode"] == "glider":  # always mixed (no margin reaches 2): each α is a composite to build
-        routing.update(alpha=round(10 ** rng.uniform(-1, 3), 6), solo_margin=2.0)
+    if routing["mode"] == "glider":  # always mixed: each α is a composite to build
+        routing.update(alpha=round(10 ** rng.uniform(-1, 3), 6), solo_margin=ALWAYS_MIX)
     return {"model": "auto", "max_tokens": 1, "routing": routing,
             "messages": [{"role": "user", "content": rng.choice(PROMPTS)}]}
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from bench.stack import LocalStack
+from router.decision import ALWAYS_MIX
 from service.settings import Settings
 
 MAX_TOKENS = 32
@@ -212,9 +213,8 @@ async def decode_throughput(stack: LocalStack, batches: tuple[int, ...], *, expe
     out: dict = {}
     bodies: dict[str, dict] = {"base": {"model": stack.settings.base_model_name}, "expert": {"model": expert},
               "merge": {"model": "auto", "routing": {"mode": "merge"}},
-              # solo_margin 2 (no margin reaches it): the gated composite is what is measured, even for a
-              # prompt the router is sure of
-              "glider": {"model": "auto", "routing": {"mode": "glider", "solo_margin": 2.0}}}
+              # the gated composite is what is measured, even for a prompt the router is sure of
+              "glider": {"model": "auto", "routing": {"mode": "glider", "solo_margin": ALWAYS_MIX}}}
     async with httpx.AsyncClient(timeout=600) as client:
         url = f"{stack.gateway}/v1/chat/completions"
         requests = {label: {**_body("", prompt), **bodies[label]} for label in DECODE_MODES}

@@ -37,6 +37,7 @@ from pathlib import Path
 import httpx
 
 from bench.stack import gateway_env, say
+from router.decision import ALWAYS_MIX
 from service.processes import ManagedProcess, free_port, redis_command, wait_http, wait_redis
 from service.settings import Settings
 from training.tasks import TASKS
@@ -300,7 +301,7 @@ class Traffic:
             if mode != "global":
                 routing["top_k"] = rng.choice([2, 3])
             if mode == "glider":
-                routing["solo_margin"] = 2.0  # a gated composite, not the one expert a sure query gets
+                routing["solo_margin"] = ALWAYS_MIX  # a gated composite, not the one expert a sure query gets
             body["routing"] = routing
         elif kind == "expert":
             body["model"] = rng.choice(self.experts)

@@ -28,6 +28,10 @@ class RoutingDecision(BaseModel):
     cached: bool = False
 
 
+# A solo margin no lead reaches (cosine scores differ by at most 2): glider always mixes the candidates.
+ALWAYS_MIX = 2.0
+
+
 class RoutingParams(BaseModel):
     """The optional `routing` field of a request. Methods read the parameters they understand."""
 
@@ -37,7 +41,7 @@ class RoutingParams(BaseModel):
     alpha: float | None = Field(None, ge=0, le=1000, allow_inf_nan=False,
                                 description="Weight of the global score in per-token gating (GLIDER used 3-1000); "
                                 "kept to two significant digits.")
-    solo_margin: float | None = Field(None, ge=0, le=2, allow_inf_nan=False,
+    solo_margin: float | None = Field(None, ge=0, le=ALWAYS_MIX, allow_inf_nan=False,
                                       description="glider: the top expert answers alone when its global score "
                                       "beats the runner-up's by at least this; below it the experts are mixed "
                                       "per token. Default: FLOCK_GLIDER_SOLO_MARGIN.")

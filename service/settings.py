@@ -17,6 +17,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from adapters.engine.settings import EngineSettings
+from router.decision import ALWAYS_MIX
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "flock"
@@ -147,7 +148,7 @@ class Settings(EngineSettings):
     glider_alpha: float = Field(100.0, description="Weight of the global score in glider mode "
                                 "(s = local + α·global).")
     glider_solo_margin: float | None = Field(
-        0.05, ge=0, le=2, description="glider: the top expert answers alone when its global score beats the "
+        0.05, ge=0, le=ALWAYS_MIX, description="glider: the top expert answers alone when its global score beats the "
         "runner-up's by at least this (the router is sure); the per-token mix is kept for the near-ties. Empty: "
         "always mix. docs/evaluation.md#a-mixture-that-helps.")
     abstain_threshold: float | None = Field(
